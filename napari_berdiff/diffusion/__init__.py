@@ -1,0 +1,33 @@
+"""Diffusion maths: schedules, the Bernoulli and Gaussian kernels, and the streaming sampler.
+
+Torch only: nothing here imports Qt or napari.
+"""
+
+from .bernoulli import BernoulliKernel
+from .config import DiffusionConfig
+from .device import available_devices, select_device
+from .gaussian import GaussianKernel
+from .sampler import Frame, SampleResult, run_to_end, sample_stream
+from .schedules import Schedule, betas_for, timestep_subsequence
+
+
+def make_kernel(config: DiffusionConfig) -> BernoulliKernel | GaussianKernel:
+    """The kernel for a :class:`DiffusionConfig`."""
+    return BernoulliKernel(config) if config.kind == "bernoulli" else GaussianKernel(config)
+
+
+__all__ = [
+    "BernoulliKernel",
+    "DiffusionConfig",
+    "Frame",
+    "GaussianKernel",
+    "SampleResult",
+    "Schedule",
+    "available_devices",
+    "betas_for",
+    "make_kernel",
+    "run_to_end",
+    "sample_stream",
+    "select_device",
+    "timestep_subsequence",
+]

@@ -1,0 +1,73 @@
+"""Diffusion settings shared by the kernels, the sampler, presets and checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+KINDS = ("bernoulli", "gaussian")
+SCHEDULES = ("cosine", "linear", "alpha_bar_linear")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """How a model diffuses its mask.
+
+    Parameters
+    ----------
+    kind
+        ``"bernoulli"`` (BerDiff / HiDiff) or ``"gaussian"`` (Wolleb et al.).
+    timesteps
+        Length T of the training chain.
+    schedule
+        ``"cosine"``, ``"linear"`` or ``"alpha_bar_linear"``.
+    prediction
+        What the network predicts: ``"eps"`` (flip probability for Bernoulli, noise for
+        Gaussian) or ``"x0"`` (Bernoulli only).
+    learn_sigma
+        Gaussian only: the network has a second output channel ``v`` that interpolates the
+        log-variance (improved DDPM's learned range).
+    default_steps
+        Number of visited steps used when the caller does not say.
+    sampler
+        Gaussian only: ``"ddim"`` or ``"ddpm"``. Bernoulli always uses its accelerated step.
+    """
+
+    kind: str = "bernoulli"
+    timesteps: int = 1000
+    schedule: str = "cosine"
+    prediction: str = "eps"
+    learn_sigma: bool = False
+    default_steps: int = 10
+    sampler: str = "ddim"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown diffusion kind {self.kind!r}; expected one of {KINDS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        if self.timesteps < 1:
+            raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
+        if self.prediction not in ("eps", "x0"):
+            raise ValueError(f"prediction must be 'eps' or 'x0', got {self.prediction!r}")
+        if self.kind == "gaussian" and self.prediction != "eps":
+            raise ValueError("the Gaussian kernel supports only prediction='eps'")
+        if self.kind == "bernoulli" and self.learn_sigma:
+            raise ValueError("learn_sigma applies to the Gaussian kernel only")
+        if self.sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
+        if not 1 <= self.default_steps <= self.timesteps:
+            raise ValueError(
+                f"default_steps must lie in 1..{self.timesteps}, got {self.default_steps}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiffusionConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown diffusion settings: {', '.join(unknown)}")
+        return cls(**d)

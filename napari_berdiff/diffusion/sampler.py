@@ -1,0 +1,416 @@
+"""The streaming sampler: one generator for both kernels, yielding a frame per step.
+
+The N samples run as one batch (chunked to stay within a memory budget). The random
+draws for a step are made for the whole batch at once on the CPU from one seeded
+generator, so a seed reproduces its samples exactly, whatever the chunking or device.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .device import select_device
+from .schedules import timestep_subsequence
+
+DEFAULT_MEMORY_BUDGET_MB = 1536
+Roi = tuple[int, int, int, int]
+CancelLike = Callable[[], bool] | threading.Event | None
+
+
+class Kernel(Protocol):
+    """What the sampler needs from a diffusion kernel."""
+
+    kind: str
+    config: Any
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor: ...
+    def init(self, noise: torch.Tensor, prior: Any = ...) -> torch.Tensor: ...
+    def denoise(
+        self, x_t: torch.Tensor, net_out: torch.Tensor, t: int, s: int, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def probabilities(self, x0_hat: torch.Tensor) -> torch.Tensor: ...
+    def binary(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class ConditionalNet(Protocol):
+    """The condition-once network interface (DESIGN §4)."""
+
+    def encode(self, image: torch.Tensor) -> Any: ...
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+
+def _maps(masks: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
+    from ..uncertainty import uncertainty_maps
+
+    return uncertainty_maps(masks, probs)
+
+
+class Frame:
+    """The state after one reverse step. Arrays are converted to numpy on first access,
+    so a consumer that displays only some frames pays the host copy only for those.
+
+    Attributes
+    ----------
+    step, n_steps
+        0-based position in the visited sequence, and its length.
+    t
+        The timestep index the network was evaluated at.
+    roi
+        ``(y0, x0, y1, x1)`` of the sampled region within the full image.
+    """
+
+    def __init__(
+        self, step: int, n_steps: int, t: int, states: torch.Tensor, x0_hat: torch.Tensor,
+        roi: Roi, elapsed: float,
+    ):
+        self.step, self.n_steps, self.t, self.roi, self.elapsed = step, n_steps, t, roi, elapsed
+        self._states, self._x0 = states, x0_hat
+
+    @property
+    def final(self) -> bool:
+        return self.step == self.n_steps - 1
+
+    @cached_property
+    def states(self) -> np.ndarray:
+        """Current binary states, (N, H, W) uint8 (at the last step: the final masks)."""
+        return self._states[:, 0].to("cpu", torch.uint8).numpy()
+
+    @cached_property
+    def x0_prob(self) -> np.ndarray:
+        """Current ``x̂_0`` probabilities, (N, H, W) float32."""
+        return self._x0[:, 0].to("cpu", torch.float32).numpy()
+
+    @cached_property
+    def masks(self) -> np.ndarray:
+        """Current predicted masks ``x̂_0 > 0.5``, (N, H, W) uint8."""
+        return (self.x0_prob > 0.5).astype(np.uint8)
+
+    @cached_property
+    def maps(self) -> dict[str, np.ndarray]:
+        """Running uncertainty maps of the current predictions (frequency, variance, …)."""
+        return _maps(self.masks, self.x0_prob)
+
+    def __repr__(self) -> str:
+        return f"Frame(step={self.step + 1}/{self.n_steps}, t={self.t})"
+
+
+@dataclass
+class SampleResult:
+    """What a finished (or cancelled) run returns.
+
+    ``probs``/``masks`` are (N, H, W) over the region of interest, or ``None`` when the
+    run was cancelled before its first step completed.
+    """
+
+    probs: np.ndarray | None
+    masks: np.ndarray | None
+    timesteps: list[int]
+    steps_done: int
+    seed: int
+    device: str
+    roi: Roi
+    cancelled: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    chunk_size: int = 0
+
+    @cached_property
+    def maps(self) -> dict[str, np.ndarray]:
+        if self.masks is None:
+            return {}
+        return _maps(self.masks, self.probs)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _is_cancelled(cancel: CancelLike) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def prepare_image(image: np.ndarray | torch.Tensor, channels: int | None = None) -> np.ndarray:
+    """Validate an image and return it as float32 (C, H, W).
+
+    Raises
+    ------
+    ValueError
+        For a dimension other than (H, W) or (C, H, W), non-finite values, an empty image,
+        or a channel count other than ``channels``.
+    """
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(
+            f"the image must be 2D (H, W) or 3D (C, H, W); got shape {tuple(arr.shape)}. "
+            "For a volume, sample one slice at a time."
+        )
+    if min(arr.shape[1:]) < 1:
+        raise ValueError(f"the image is empty: shape {tuple(arr.shape)}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"the image must hold real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(
+            f"the image contains {int(bad.sum())} NaN or infinite values; "
+            "fill or mask them before sampling"
+        )
+    if channels is not None and arr.shape[0] != channels:
+        raise ValueError(
+            f"the model takes {channels} image channel(s) but the image has {arr.shape[0]}"
+        )
+    return arr
+
+
+def check_roi(roi: Roi | None, shape: tuple[int, int]) -> Roi:
+    """Return a validated ``(y0, x0, y1, x1)`` box (the whole image when ``roi`` is None)."""
+    h, w = shape
+    if roi is None:
+        return (0, 0, h, w)
+    if len(roi) != 4:
+        raise ValueError(f"a region of interest is (y0, x0, y1, x1); got {roi!r}")
+    y0, x0, y1, x1 = (int(v) for v in roi)
+    if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+        raise ValueError(
+            f"region of interest {(y0, x0, y1, x1)} is empty or outside the {h}x{w} image"
+        )
+    return (y0, x0, y1, x1)
+
+
+def estimate_bytes_per_sample(net: Any, h: int, w: int) -> int | None:
+    """Rough float32 activation memory of one sample's forward pass, or None if unknown.
+
+    Counts the skip activations a UNet keeps alive, a working set at full resolution and
+    the attention matrices. Networks may override with an ``activation_bytes(h, w)`` method.
+    """
+    own = getattr(net, "activation_bytes", None)
+    if callable(own):
+        return int(own(h, w))
+    cfg = getattr(net, "config", None)
+    mc = getattr(cfg, "model_channels", None)
+    mult = getattr(cfg, "channel_mult", None)
+    nrb = getattr(cfg, "num_res_blocks", None)
+    if mc is None or mult is None or nrb is None:
+        return None
+    floats = 0.0
+    attn = 0.0
+    att_res = set(getattr(cfg, "attention_resolutions", ()) or ())
+    heads = max(int(getattr(cfg, "num_heads", 1) or 1), 1)
+    for level, m in enumerate(mult):
+        pix = (h / 2**level) * (w / 2**level)
+        floats += (nrb + 1) * mc * m * pix
+        if 2**level in att_res:
+            attn += heads * pix * pix
+    floats += 8 * mc * mult[0] * h * w
+    return int(4 * (floats + 2 * attn))
+
+
+def choose_chunk(
+    net: Any, n: int, h: int, w: int, max_batch: int | None, memory_budget_mb: float | None
+) -> int:
+    """How many samples to push through the network at once."""
+    chunk = n if max_batch is None else max(1, min(n, int(max_batch)))
+    if memory_budget_mb:
+        per = estimate_bytes_per_sample(net, h, w)
+        if per:
+            chunk = max(1, min(chunk, int(memory_budget_mb * 2**20 // per)))
+    return chunk
+
+
+def _uses_channels_last(net: Any) -> bool:
+    if not isinstance(net, torch.nn.Module):
+        return False
+    for p in net.parameters():
+        if p.dim() == 4 and min(p.shape[2:]) > 1:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+def _prepare_prior(
+    prior: np.ndarray | float | None, kernel: Kernel, shape: tuple[int, int], box: Roi
+) -> torch.Tensor | float:
+    """Validate the prior map p and crop it to the region of interest."""
+    if prior is None:
+        return 0.5
+    if kernel.kind != "bernoulli":
+        raise ValueError("a prior map applies only to the Bernoulli kernel")
+    pr = np.asarray(prior, dtype=np.float32)
+    if not np.isfinite(pr).all() or pr.min() < 0 or pr.max() > 1:
+        raise ValueError("the prior must hold probabilities in [0, 1] with no NaN")
+    if pr.ndim == 0:
+        return float(pr)
+    if pr.shape != tuple(shape):
+        raise ValueError(
+            f"the prior's shape {tuple(pr.shape)} does not match the image's {tuple(shape)}"
+        )
+    y0, x0, y1, x1 = box
+    return torch.from_numpy(np.ascontiguousarray(pr[y0:y1, x0:x1]))[None, None]
+
+
+# ---------------------------------------------------------------------------- the sampler
+def sample_stream(
+    net: ConditionalNet,
+    kernel: Kernel,
+    image: np.ndarray | torch.Tensor,
+    *,
+    n: int = 16,
+    steps: int | str | None = None,
+    seed: int = 0,
+    prior: np.ndarray | float | None = None,
+    roi: Roi | None = None,
+    device: str | torch.device | None = "auto",
+    max_batch: int | None = None,
+    memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
+    cancel: CancelLike = None,
+    image_channels: int | None = None,
+    profile: bool = False,
+) -> Generator[Frame, None, SampleResult]:
+    """Validate the arguments, then return a generator that runs the reverse process for ``n`` samples, yielding a :class:`Frame` per step.
+
+    Parameters
+    ----------
+    net
+        A network with ``encode(image) -> cond`` and ``predict(x_t, t, cond)``; it must
+        already be on ``device``.
+    kernel
+        A :class:`~napari_berdiff.diffusion.BernoulliKernel` or ``GaussianKernel``.
+    image
+        (H, W) or (C, H, W), already normalised the way the model expects.
+    n, steps, seed
+        Sample count, visited steps (an int or a spec such as ``"ddimuni10"``; the
+        kernel's default when None) and the seed that makes the run reproducible.
+    prior
+        Bernoulli only: the prior probability map p (H, W) of the full image, or a scalar;
+        1/2 when None.
+    roi
+        ``(y0, x0, y1, x1)``: sample only this box of the image (and of the prior).
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"`` or a torch device.
+    max_batch, memory_budget_mb
+        Chunk the batch to at most ``max_batch`` samples and to the memory budget.
+    cancel
+        A ``threading.Event`` or a callable; checked before every step, so cancelling
+        takes effect at the next step.
+    image_channels
+        The channel count the network takes, to check the image against.
+    profile
+        Synchronise the device around network calls so ``timings['network_s']`` is exact
+        on GPUs (it always is on the CPU).
+
+    Returns
+    -------
+    Generator
+        Yields a :class:`Frame` per visited step and returns a :class:`SampleResult`
+        (``result = yield from sample_stream(...)``, or :func:`run_to_end`). Bad arguments
+        raise ``ValueError`` here, before any work starts.
+    """
+    t_start = time.perf_counter()
+    if int(n) != n or n < 1:
+        raise ValueError(f"the number of samples must be a whole number >= 1, got {n!r}")
+    n = int(n)
+    T = kernel.config.timesteps
+    spec = kernel.config.default_steps if steps is None else steps
+    if isinstance(spec, (int, np.integer)) and spec > T:
+        raise ValueError(f"steps={spec} exceeds the model's chain length T={T}")
+    visited = timestep_subsequence(spec, T)
+    full = prepare_image(image, image_channels)
+    box = check_roi(roi, full.shape[1:])
+    y0, x0, y1, x1 = box
+    img = np.ascontiguousarray(full[:, y0:y1, x0:x1])
+    h, w = img.shape[1:]
+    dev = select_device(device)
+    prior_t = _prepare_prior(prior, kernel, full.shape[1:], box)
+
+    chunk = choose_chunk(net, n, h, w, max_batch, memory_budget_mb)
+    return _stream(net, kernel, img, n, visited, int(seed), prior_t, box, dev, chunk, cancel,
+                   profile, t_start)
+
+
+def _stream(
+    net: ConditionalNet, kernel: Kernel, img: np.ndarray, n: int, visited: list[int], seed: int,
+    prior_t: torch.Tensor | float, box: Roi, dev: torch.device, chunk: int, cancel: CancelLike,
+    profile: bool, t_start: float,
+) -> Generator[Frame, None, SampleResult]:
+    """The generator behind :func:`sample_stream`, which has validated every argument."""
+    order = visited[::-1]
+    h, w = img.shape[1:]
+    channels_last = _uses_channels_last(net)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, 1, h, w)
+    sync = profile and dev.type in ("cuda", "mps")
+
+    def _sync() -> None:
+        if sync:
+            getattr(torch, dev.type).synchronize()
+
+    with torch.inference_mode():
+        cond = net.encode(torch.from_numpy(img)[None].to(dev))
+        x = kernel.init(kernel.noise(shape, gen), prior_t).to(dev)
+    net_seconds = 0.0
+    first_frame = None
+    x0_hat: torch.Tensor | None = None
+    done = 0
+    for k, t in enumerate(order):
+        if _is_cancelled(cancel):
+            break
+        s = order[k + 1] if k + 1 < len(order) else -1
+        noise = kernel.noise(shape, gen).to(dev) if s >= 0 else None
+        with torch.inference_mode():
+            outs_x, outs_x0 = [], []
+            for a in range(0, n, chunk):
+                xb = x[a : a + chunk]
+                tb = torch.full((xb.shape[0],), t, dtype=torch.long, device=dev)
+                xin = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
+                _sync()
+                tic = time.perf_counter()
+                out = net.predict(xin, tb, cond)
+                _sync()
+                net_seconds += time.perf_counter() - tic
+                nb = noise[a : a + chunk] if noise is not None else None
+                xs, x0b = kernel.denoise(xb, out.float(), t, s, nb)
+                outs_x.append(xs)
+                outs_x0.append(kernel.probabilities(x0b))
+            x = outs_x[0] if len(outs_x) == 1 else torch.cat(outs_x)
+            x0_hat = outs_x0[0] if len(outs_x0) == 1 else torch.cat(outs_x0)
+            states = kernel.binary(x)
+        done = k + 1
+        elapsed = time.perf_counter() - t_start
+        if first_frame is None:
+            first_frame = elapsed
+        yield Frame(k, len(order), t, states, x0_hat, box, elapsed)
+
+    total = time.perf_counter() - t_start
+    timings = {
+        "total_s": total,
+        "network_s": net_seconds,
+        "overhead_s": total - net_seconds,
+        "first_frame_s": first_frame if first_frame is not None else float("nan"),
+    }
+    probs = masks = None
+    if x0_hat is not None:
+        probs = x0_hat[:, 0].to("cpu", torch.float32).numpy()
+        masks = (probs > 0.5).astype(np.uint8)
+    return SampleResult(
+        probs=probs, masks=masks, timesteps=visited, steps_done=done, seed=seed,
+        device=str(dev), roi=box, cancelled=done < len(order), timings=timings,
+        chunk_size=chunk,
+    )
+
+
+def run_to_end(stream: Generator[Frame, None, SampleResult]) -> SampleResult:
+    """Drain a sampler stream and return its :class:`SampleResult`."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as stop:
+            return stop.value

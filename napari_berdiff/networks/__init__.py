@@ -1,0 +1,43 @@
+"""Networks: the conditional UNet in the official BerDiff / Wolleb state-dict layout.
+
+Torch only — nothing here imports Qt or napari.
+"""
+
+from __future__ import annotations
+
+from .blocks import (
+    AttentionBlock,
+    Downsample,
+    GroupNorm32,
+    ResBlock,
+    TimestepEmbedSequential,
+    Upsample,
+    qkv_attention,
+    timestep_embedding,
+)
+from .presets import (
+    NETWORK_PRESETS,
+    build_network,
+    get_network_preset,
+    official_attention_ds,
+    tiny_config,
+)
+from .unet import ConditionalUNet, UNetConfig
+
+__all__ = [
+    "AttentionBlock",
+    "ConditionalUNet",
+    "Downsample",
+    "GroupNorm32",
+    "NETWORK_PRESETS",
+    "ResBlock",
+    "TimestepEmbedSequential",
+    "UNetConfig",
+    "Upsample",
+    "build_network",
+    "get_network_preset",
+    "official_attention_ds",
+    "qkv_attention",
+    "timestep_embedding",
+    "tiny_config",
+]
