@@ -159,9 +159,9 @@ class BernoulliKernel:
         """Per-sample losses.
 
         Returns a dict of (N,) tensors: ``vb`` (KL to the true posterior for t > 0, the
-        negative log-likelihood of ``x_0`` at t = 0, in bits per pixel), ``bce`` (binary
-        cross-entropy, or focal loss with ``focal=True``, on the prediction target, in
-        nats per pixel) and ``loss = vb + bce_weight * bce``.
+        negative log-likelihood of ``x_0`` at t = 0), ``bce`` (binary cross-entropy, or focal
+        loss with ``focal=True``, on the prediction target) and ``loss = vb + bce_weight *
+        bce``, all in bits per pixel, like the official "mix" loss.
         """
         t = torch.as_tensor(t, device=x0.device).long().reshape(-1)
         if t.numel() == 1:
@@ -181,5 +181,5 @@ class BernoulliKernel:
             bce = -((1 - pt) ** gamma) * pt.log()
         else:
             bce = F.binary_cross_entropy(pred, target, reduction="none")
-        bce = bce.flatten(1).mean(1)
+        bce = bce.flatten(1).mean(1) / LN2
         return {"vb": vb, "bce": bce, "loss": vb + bce_weight * bce}

@@ -257,6 +257,26 @@ def _prepare_prior(
     return torch.from_numpy(np.ascontiguousarray(pr[y0:y1, x0:x1]))[None, None]
 
 
+def _size_multiple(net: Any) -> int:
+    return int(getattr(getattr(net, "config", None), "size_multiple", 1) or 1)
+
+
+def _pad_to_multiple(
+    img: np.ndarray, prior: torch.Tensor | float, m: int
+) -> tuple[np.ndarray, torch.Tensor | float]:
+    """Pad (by edge replication, bottom and right) to sizes the network can take.
+
+    Every frame and the result are cropped back, so callers never see the padding.
+    """
+    ph, pw = (-img.shape[1]) % m, (-img.shape[2]) % m
+    if not (ph or pw):
+        return img, prior
+    img = np.pad(img, ((0, 0), (0, ph), (0, pw)), mode="edge")
+    if isinstance(prior, torch.Tensor):
+        prior = torch.nn.functional.pad(prior, (0, pw, 0, ph), mode="replicate")
+    return img, prior
+
+
 # ---------------------------------------------------------------------------- the sampler
 def sample_stream(
     net: ConditionalNet,
@@ -344,9 +364,10 @@ def _stream(
     """The generator behind :func:`sample_stream`, which has validated every argument."""
     order = visited[::-1]
     h, w = img.shape[1:]
+    img, prior_t = _pad_to_multiple(img, prior_t, _size_multiple(net))
     channels_last = _uses_channels_last(net)
     gen = torch.Generator().manual_seed(seed)
-    shape = (n, 1, h, w)
+    shape = (n, 1, *img.shape[1:])
     sync = profile and dev.type in ("cuda", "mps")
 
     def _sync() -> None:
@@ -387,7 +408,7 @@ def _stream(
         elapsed = time.perf_counter() - t_start
         if first_frame is None:
             first_frame = elapsed
-        yield Frame(k, len(order), t, states, x0_hat, box, elapsed)
+        yield Frame(k, len(order), t, states[..., :h, :w], x0_hat[..., :h, :w], box, elapsed)
 
     total = time.perf_counter() - t_start
     timings = {
@@ -398,7 +419,7 @@ def _stream(
     }
     probs = masks = None
     if x0_hat is not None:
-        probs = x0_hat[:, 0].to("cpu", torch.float32).numpy()
+        probs = x0_hat[:, 0, :h, :w].to("cpu", torch.float32).numpy()
         masks = (probs > 0.5).astype(np.uint8)
     return SampleResult(
         probs=probs, masks=masks, timesteps=visited, steps_done=done, seed=seed,

@@ -50,7 +50,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, max_period: float = 10000.0
+) -> torch.Tensor:
     """Sinusoidal embedding of a 1-D batch of (raw, unscaled) timesteps.
 
     Returns an ``(N, dim)`` float32 tensor laid out as ``[cos(t·f), sin(t·f)]`` where the
@@ -256,7 +258,8 @@ def attention_heads(channels: int, num_heads: int = 1, num_head_channels: int = 
     if num_head_channels != -1:
         if num_head_channels <= 0 or channels % num_head_channels:
             raise ValueError(
-                f"attention width {channels} is not divisible by num_head_channels={num_head_channels}"
+                f"attention width {channels} is not divisible by "
+                f"num_head_channels={num_head_channels}"
             )
         return channels // num_head_channels
     if num_heads <= 0 or channels % num_heads:

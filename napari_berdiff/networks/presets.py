@@ -21,7 +21,9 @@ __all__ = [
 ]
 
 
-def official_attention_ds(image_size: int, attention_resolutions: str | int | tuple | list) -> tuple[int, ...]:
+def official_attention_ds(
+    image_size: int, attention_resolutions: str | int | tuple | list
+) -> tuple[int, ...]:
     """Convert the official ``--attention_resolutions`` flag to downsample factors.
 
     The official scripts take feature-map resolutions (e.g. ``"16,8"``) and build the network

@@ -20,7 +20,7 @@ Conventions (checked against the official code, see ``tests/engine/test_network.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -119,29 +119,37 @@ class UNetConfig:
         if self.image_channels < 0:
             raise ValueError(f"image_channels must be >= 0, got {self.image_channels}")
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
+            raise ValueError(
+                f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.concat_order not in CONCAT_ORDERS:
-            raise ValueError(f"concat_order must be one of {CONCAT_ORDERS}, got {self.concat_order!r}")
+            raise ValueError(
+                f"concat_order must be one of {CONCAT_ORDERS}, got {self.concat_order!r}"
+            )
         if self.output_activation not in OUTPUT_ACTIVATIONS:
             raise ValueError(
-                f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {self.output_activation!r}"
+                f"output_activation must be one of {OUTPUT_ACTIVATIONS}, "
+                f"got {self.output_activation!r}"
             )
         reachable = {2**level for level in range(len(self.channel_mult))}
         bad = [r for r in self.attention_resolutions if r not in reachable]
         if bad:
             raise ValueError(
-                f"attention_resolutions are downsample factors and must be among {sorted(reachable)} "
-                f"for {len(self.channel_mult)} levels; got {bad}. (An official flag such as '16' is a "
-                "feature-map resolution: convert it with ds = image_size // res.)"
+                "attention_resolutions are downsample factors and must be among "
+                f"{sorted(reachable)} for {len(self.channel_mult)} levels; got {bad}. (An "
+                "official flag such as '16' is a feature-map resolution: convert it with "
+                "ds = image_size // res.)"
             )
         widths = {self.model_channels * m for m in self.channel_mult}
         for w in sorted(widths):
             if w % self.norm_groups:
                 raise ValueError(f"width {w} is not divisible by norm_groups={self.norm_groups}")
         if self.num_heads_upsample == 0 or self.num_heads_upsample < -1:
-            raise ValueError(f"num_heads_upsample must be -1 or >= 1, got {self.num_heads_upsample}")
+            raise ValueError(
+                f"num_heads_upsample must be -1 or >= 1, got {self.num_heads_upsample}"
+            )
         # Every width that gets attention must split into heads.
         attn_widths = {self.model_channels * self.channel_mult[-1]}
         for level, m in enumerate(self.channel_mult):

@@ -1,0 +1,206 @@
+"""The model object: a network, its diffusion kernel and its metadata, ready to sample.
+
+``napari_berdiff.load_model`` returns a :class:`DiffusionModel`; so do the presets.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .diffusion import DiffusionConfig, Frame, SampleResult, make_kernel, run_to_end
+from .diffusion.device import select_device
+from .diffusion.sampler import DEFAULT_MEMORY_BUDGET_MB, CancelLike, Roi, sample_stream
+
+FORMAT = "napari-berdiff/1"
+KINDS = ("bernoulli", "gaussian", "refiner", "segmentor")
+
+
+def normalise_image(image: np.ndarray, spec: dict[str, Any] | None) -> np.ndarray:
+    """Apply a model's intensity normalisation to a (C, H, W) float image, per channel.
+
+    ``spec["mode"]`` is ``"minmax"`` (to [0, 1]; the default), ``"fixed"`` (clip to
+    ``[min, max]`` then scale to [0, 1]), ``"zscore"`` or ``"none"``.
+    """
+    spec = spec or {"mode": "minmax"}
+    mode = spec.get("mode", "minmax")
+    img = np.asarray(image, dtype=np.float32)
+    if mode == "none":
+        return img
+    axes = tuple(range(1, img.ndim))
+    if mode == "minmax":
+        lo = img.min(axis=axes, keepdims=True)
+        hi = img.max(axis=axes, keepdims=True)
+        return ((img - lo) / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
+    if mode == "fixed":
+        lo, hi = float(spec["min"]), float(spec["max"])
+        return ((np.clip(img, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    if mode == "zscore":
+        mu = img.mean(axis=axes, keepdims=True)
+        sd = img.std(axis=axes, keepdims=True)
+        return ((img - mu) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
+    raise ValueError(f"unknown intensity normalisation {mode!r}")
+
+
+class DiffusionModel:
+    """A diffusion segmentation model.
+
+    Parameters
+    ----------
+    net
+        The torch module (``encode``/``predict``/``forward``).
+    diffusion
+        Its :class:`DiffusionConfig`.
+    metadata
+        The checkpoint metadata (DESIGN §5): ``kind``, ``network``, ``data``,
+        ``training``, ``metrics`` …
+    """
+
+    def __init__(self, net: torch.nn.Module, diffusion: DiffusionConfig,
+                 metadata: dict[str, Any] | None = None):
+        self.net = net.eval()
+        self.diffusion = diffusion
+        self.kernel = make_kernel(diffusion)
+        self.metadata = copy.deepcopy(metadata or {})
+        self.metadata.setdefault("format", FORMAT)
+        self.metadata.setdefault("kind", diffusion.kind)
+        self.metadata["diffusion"] = diffusion.to_dict()
+        if hasattr(net, "config") and hasattr(net.config, "to_dict"):
+            self.metadata.setdefault("network", {"type": "unet", **net.config.to_dict()})
+        self.device = next(net.parameters()).device
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def kind(self) -> str:
+        return self.metadata["kind"]
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("name", "")
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.metadata.get("data", {})
+
+    @property
+    def network_channels(self) -> int:
+        """Condition channels the network takes (image channels, plus the prior for a refiner)."""
+        return int(self.net.config.image_channels)
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the image a user supplies."""
+        return self.network_channels - (1 if self.kind == "refiner" else 0)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    # ------------------------------------------------------------------ device
+    def to(self, device: str | torch.device | None = "auto",
+           channels_last: bool | None = None) -> "DiffusionModel":
+        """Move to a device (``"auto"`` picks cuda, then mps, then cpu).
+
+        ``channels_last`` defaults to True on the CPU, where it is measured to be faster.
+        """
+        dev = select_device(device)
+        if channels_last is None:
+            channels_last = dev.type == "cpu"
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(device=dev, memory_format=fmt)
+        self.device = dev
+        return self
+
+    # ------------------------------------------------------------------ sampling
+    def prepare(self, image: np.ndarray, prior: np.ndarray | None = None,
+                normalise: bool = True) -> np.ndarray:
+        """Normalise an image to what the network takes, as float32 (C, H, W).
+
+        For a refiner the prior map is appended as the last condition channel.
+        """
+        img = np.asarray(image, dtype=np.float32)
+        if img.ndim == 2:
+            img = img[None]
+        if normalise and img.ndim == 3 and np.isfinite(img).all():
+            img = normalise_image(img, self.data.get("normalisation"))
+        if self.kind == "refiner":
+            if prior is None:
+                raise ValueError("a refiner needs a prior mask or probability map to refine")
+            pr = np.asarray(prior, dtype=np.float32)
+            if pr.shape != img.shape[1:]:
+                raise ValueError(
+                    f"the prior's shape {pr.shape} does not match the image's {img.shape[1:]}"
+                )
+            img = np.concatenate([img, pr[None]], 0)
+        return img
+
+    def sample(
+        self,
+        image: np.ndarray,
+        n: int = 16,
+        steps: int | str | None = None,
+        seed: int = 0,
+        *,
+        prior: np.ndarray | None = None,
+        roi: Roi | None = None,
+        cancel: CancelLike = None,
+        max_batch: int | None = None,
+        memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
+        normalise: bool = True,
+    ) -> Generator[Frame, None, SampleResult]:
+        """Stream ``n`` samples for ``image``: a generator of :class:`Frame`, one per step.
+
+        See :func:`napari_berdiff.diffusion.sample_stream` for the arguments. The image
+        is normalised the way the model's metadata says unless ``normalise=False``.
+        """
+        if self.kind == "segmentor":
+            raise ValueError("a segmentor is not a diffusion model and cannot be sampled")
+        cond = self.prepare(image, prior, normalise)
+        start_prior = prior if self.kind == "refiner" else None
+        return sample_stream(
+            self.net, self.kernel, cond, n=n, steps=steps, seed=seed, prior=start_prior,
+            roi=roi, device=self.device, max_batch=max_batch,
+            memory_budget_mb=memory_budget_mb, cancel=cancel,
+            image_channels=self.network_channels,
+        )
+
+    def sample_all(self, image: np.ndarray, n: int = 16, steps: int | str | None = None,
+                   seed: int = 0, **kwargs: Any) -> SampleResult:
+        """Run :meth:`sample` to the end and return its :class:`SampleResult`."""
+        return run_to_end(self.sample(image, n, steps, seed, **kwargs))
+
+    # ------------------------------------------------------------------ description
+    def summary(self) -> dict[str, Any]:
+        """A short description for people: kind, size, data, metrics."""
+        net = self.metadata.get("network", {})
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "parameters": self.num_parameters(),
+            "network": net.get("type", type(self.net).__name__),
+            "diffusion": self.diffusion.to_dict(),
+            "data": self.data.get("description", ""),
+            "metrics": self.metadata.get("metrics", {}),
+            "device": str(self.device),
+        }
+
+    def __repr__(self) -> str:
+        return (f"DiffusionModel(kind={self.kind!r}, name={self.name!r}, "
+                f"parameters={self.num_parameters():,}, device={self.device})")
+
+
+def model_from_preset(preset: str, device: str | torch.device = "cpu",
+                      seed: int | None = 0) -> DiffusionModel:
+    """A freshly initialised model with a preset's architecture and settings."""
+    from .model_presets import get_model_preset
+    from .networks import build_network
+
+    p = get_model_preset(preset)
+    if seed is not None:
+        torch.manual_seed(seed)
+    net = build_network(p.network)
+    meta = {"kind": p.kind, "name": p.name, "preset": p.name, "data": dict(p.data)}
+    return DiffusionModel(net, p.diffusion, meta).to(device, channels_last=False)
