@@ -69,8 +69,10 @@ class DiffusionModel:
         self.metadata.setdefault("format", FORMAT)
         self.metadata.setdefault("kind", diffusion.kind)
         self.metadata["diffusion"] = diffusion.to_dict()
-        if hasattr(net, "config") and hasattr(net.config, "to_dict"):
-            self.metadata.setdefault("network", {"type": "unet", **net.config.to_dict()})
+        if "network" not in self.metadata:
+            from .networks import network_to_metadata
+
+            self.metadata["network"] = network_to_metadata(net)
         self.device = next(net.parameters()).device
 
     # ------------------------------------------------------------------ properties

@@ -22,20 +22,27 @@ from .presets import (
     official_attention_ds,
     tiny_config,
 )
+from .condition_once import CondOnceConfig, ConditionOnceNet
+from .registry import NETWORK_TYPES, network_from_metadata, network_to_metadata
 from .unet import ConditionalUNet, UNetConfig
 
 __all__ = [
     "AttentionBlock",
+    "CondOnceConfig",
+    "ConditionOnceNet",
     "ConditionalUNet",
     "Downsample",
     "GroupNorm32",
     "NETWORK_PRESETS",
+    "NETWORK_TYPES",
     "ResBlock",
     "TimestepEmbedSequential",
     "UNetConfig",
     "Upsample",
     "build_network",
     "get_network_preset",
+    "network_from_metadata",
+    "network_to_metadata",
     "official_attention_ds",
     "qkv_attention",
     "timestep_embedding",

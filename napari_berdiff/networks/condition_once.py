@@ -1,0 +1,228 @@
+"""A condition-once network: encode the image once, run a light denoiser per step.
+
+``encode(image)`` runs an image encoder once per call and returns, for every level of the
+denoiser, the image features already projected to that level's width. ``predict(x_t, t,
+cond)`` then runs a small timestep-conditioned UNet on the pixel-unshuffled mask state (at
+``1/unshuffle`` resolution) and adds the cached features at each level. The expensive part of
+the concatenation UNet (seeing the image at full width, every step) is paid once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import ResBlock, normalization, timestep_embedding, zero_init
+
+
+@dataclass(frozen=True)
+class CondOnceConfig:
+    """Hyper-parameters of :class:`ConditionOnceNet`.
+
+    Parameters
+    ----------
+    image_size, image_channels, mask_channels, out_channels
+        As for the UNet; ``image_size`` is informational.
+    model_channels, channel_mult, num_res_blocks
+        The per-step denoiser: base width, width multiplier per level, blocks per level.
+    encoder_channels, encoder_blocks
+        The image encoder: base width (doubled per level, capped at 4×) and residual
+        blocks per level.
+    unshuffle
+        The denoiser runs at ``H/unshuffle``: the mask is pixel-unshuffled into
+        ``unshuffle²`` channels and the output pixel-shuffled back.
+    norm_groups
+        GroupNorm groups (widths must divide by it).
+    output_activation
+        ``"sigmoid"`` (Bernoulli) or ``"none"`` (Gaussian ε).
+    """
+
+    image_size: int = 128
+    image_channels: int = 1
+    mask_channels: int = 1
+    out_channels: int = 1
+    model_channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    encoder_channels: int = 32
+    encoder_blocks: int = 1
+    unshuffle: int = 2
+    norm_groups: int = 8
+    dropout: float = 0.0
+    output_activation: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        if self.output_activation not in ("sigmoid", "none"):
+            raise ValueError(f"output_activation must be 'sigmoid' or 'none', "
+                             f"got {self.output_activation!r}")
+        for w in [self.model_channels * m for m in self.channel_mult] + self.encoder_widths:
+            if w % self.norm_groups:
+                raise ValueError(f"width {w} is not divisible by norm_groups={self.norm_groups}")
+        if self.unshuffle < 1:
+            raise ValueError(f"unshuffle must be >= 1, got {self.unshuffle}")
+
+    @property
+    def encoder_widths(self) -> list[int]:
+        return [self.encoder_channels * min(2**i, 4) for i in range(len(self.channel_mult))]
+
+    @property
+    def size_multiple(self) -> int:
+        """Spatial sizes must be divisible by this."""
+        return self.unshuffle * 2 ** (len(self.channel_mult) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CondOnceConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown network settings: {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "CondOnceConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+class _ConvBlock(nn.Module):
+    """A residual GN-SiLU-conv block without timestep input (for the image encoder)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            normalization(channels, groups), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+            normalization(channels, groups), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ConditionOnceNet(nn.Module):
+    """Image encoder run once + light per-step denoiser (see the module docstring)."""
+
+    def __init__(self, config: CondOnceConfig):
+        super().__init__()
+        c = self.config = config
+        g, u = c.norm_groups, c.unshuffle
+        widths = [c.model_channels * m for m in c.channel_mult]
+        enc = c.encoder_widths
+        emb_dim = 4 * c.model_channels
+
+        # Image encoder: full-resolution stem, then one stage per denoiser level.
+        self.enc_stem = nn.Conv2d(c.image_channels, enc[0], 3, padding=1)
+        self.enc_down = nn.ModuleList()
+        self.enc_blocks = nn.ModuleList()
+        self.cond_proj = nn.ModuleList()
+        prev = enc[0]
+        for level, w in enumerate(enc):
+            stride = u if level == 0 else 2
+            self.enc_down.append(
+                nn.Conv2d(prev, w, stride + 1 if stride > 1 else 3, stride=stride, padding=1)
+                if stride > 1 else nn.Conv2d(prev, w, 3, padding=1)
+            )
+            self.enc_blocks.append(nn.Sequential(*[_ConvBlock(w, g) for _ in range(c.encoder_blocks)]))
+            self.cond_proj.append(nn.Conv2d(w, widths[level], 1))
+            prev = w
+
+        # Per-step denoiser.
+        self.time_embed = nn.Sequential(
+            nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.x_in = nn.Conv2d(c.mask_channels * u * u, widths[0], 3, padding=1)
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, emb_dim, c.dropout, cout, use_scale_shift_norm=True,
+                            norm_groups=g)
+
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        for level, w in enumerate(widths):
+            self.down.append(nn.ModuleList([res(w, w) for _ in range(c.num_res_blocks)]))
+            if level < len(widths) - 1:
+                self.downsample.append(nn.Conv2d(w, widths[level + 1], 3, stride=2, padding=1))
+        prev = widths[-1]
+        self.middle = res(prev, prev)
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            w = widths[level]
+            self.up.append(res(prev + w, w))
+            prev = w
+        self.out = nn.Sequential(
+            normalization(prev, g), nn.SiLU(),
+            zero_init(nn.Conv2d(prev, c.out_channels * u * u, 3, padding=1)),
+        )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check(self, x: torch.Tensor, what: str, channels: int) -> None:
+        m = self.config.size_multiple
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"{what} must be (N, {channels}, H, W); got {tuple(x.shape)}")
+        if x.shape[2] % m or x.shape[3] % m:
+            raise ValueError(
+                f"spatial size {x.shape[2]}×{x.shape[3]} must be divisible by {m} for this network"
+            )
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Image features for every denoiser level, already projected to its width."""
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        self._check(image, "image", self.config.image_channels)
+        h = self.enc_stem(image.to(self.enc_stem.weight.dtype))
+        out = []
+        for down, blocks, proj in zip(self.enc_down, self.enc_blocks, self.cond_proj):
+            h = blocks(down(h))
+            out.append(proj(h))
+        return out
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: list[torch.Tensor]
+                ) -> torch.Tensor:
+        """One denoiser pass with the cached condition (a batch of 1 is broadcast)."""
+        c = self.config
+        self._check(x_t, "x_t", c.mask_channels)
+        n = x_t.shape[0]
+        ts = torch.as_tensor(t, device=x_t.device).reshape(-1)
+        ts = ts.expand(n) if ts.numel() == 1 else ts
+        emb = self.time_embed(timestep_embedding(ts, c.model_channels).to(x_t.dtype))
+        h = self.x_in(F.pixel_unshuffle(x_t, c.unshuffle) if c.unshuffle > 1 else x_t)
+        skips = []
+        for level, blocks in enumerate(self.down):
+            if level > 0:
+                h = self.downsample[level - 1](h)
+            h = h + cond[level]  # broadcasts a batch-1 condition over the N samples
+            for block in blocks:
+                h = block(h, emb)
+            skips.append(h)
+        h = self.middle(h, emb)
+        for i, block in enumerate(self.up):
+            if i > 0:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = block(torch.cat([h, skips.pop()], 1), emb)
+        out = self.out(h)
+        if c.unshuffle > 1:
+            out = F.pixel_shuffle(out, c.unshuffle)
+        return torch.sigmoid(out) if c.output_activation == "sigmoid" else out
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, image: torch.Tensor
+                ) -> torch.Tensor:
+        """``predict(x_t, t, encode(image))``."""
+        return self.predict(x_t, t, self.encode(image))
+
+    def activation_bytes(self, h: int, w: int) -> int:
+        """Rough float32 activation memory of one sample's denoiser pass (for chunking)."""
+        c = self.config
+        total = 0.0
+        for level, m in enumerate(c.channel_mult):
+            pix = (h / c.unshuffle / 2**level) * (w / c.unshuffle / 2**level)
+            total += 6 * c.model_channels * m * pix
+        return int(4 * total)

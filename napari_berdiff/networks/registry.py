@@ -1,0 +1,38 @@
+"""Network types by name, so a checkpoint's metadata can rebuild its network.
+
+A network is described as ``{"type": NAME, **config.to_dict()}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .condition_once import CondOnceConfig, ConditionOnceNet
+from .unet import ConditionalUNet, UNetConfig
+
+NETWORK_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
+    "unet": (UNetConfig, ConditionalUNet),
+    "condition_once": (CondOnceConfig, ConditionOnceNet),
+}
+
+
+def network_to_metadata(net: nn.Module) -> dict[str, Any]:
+    """``{"type": ..., **config}`` for a network of a registered type."""
+    for name, (_, cls) in NETWORK_TYPES.items():
+        if type(net) is cls:
+            return {"type": name, **net.config.to_dict()}
+    raise ValueError(f"{type(net).__name__} is not a registered network type")
+
+
+def network_from_metadata(desc: dict[str, Any]) -> nn.Module:
+    """Build a (randomly initialised) network from its metadata description."""
+    d = dict(desc)
+    kind = d.pop("type", "unet")
+    if kind not in NETWORK_TYPES:
+        raise ValueError(
+            f"unknown network type {kind!r}; known types: {', '.join(sorted(NETWORK_TYPES))}"
+        )
+    config_cls, net_cls = NETWORK_TYPES[kind]
+    return net_cls(config_cls.from_dict(d))

@@ -1,0 +1,81 @@
+"""The condition-once network: encode once, predict per step, same function as forward."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_berdiff.diffusion import DiffusionConfig
+from napari_berdiff.model import DiffusionModel
+from napari_berdiff.networks import (
+    CondOnceConfig,
+    ConditionOnceNet,
+    network_from_metadata,
+    network_to_metadata,
+)
+
+
+def randomised(cfg: CondOnceConfig) -> ConditionOnceNet:
+    torch.manual_seed(0)
+    net = ConditionOnceNet(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # the output conv starts at zero: make it non-trivial
+            p.add_(torch.randn_like(p) * 0.05)
+    return net
+
+
+@pytest.fixture
+def net():
+    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2)))
+
+
+def test_forward_is_predict_of_encode_and_broadcasts(net):
+    img = torch.rand(1, 1, 16, 16)
+    x = (torch.rand(3, 1, 16, 16) > 0.5).float()
+    t = torch.tensor([1, 50, 99])
+    cond = net.encode(img)
+    assert [c.shape[1] for c in cond] == [8, 16]
+    with torch.no_grad():
+        a = net(x, t, img)
+        b = net.predict(x, t, cond)
+        c = net.predict(x, t, net.encode(img.expand(3, -1, -1, -1)))
+    assert a.shape == (3, 1, 16, 16) and (a > 0).all() and (a < 1).all()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+
+
+def test_output_depends_on_image_mask_and_time(net):
+    img, img2 = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    x = (torch.rand(2, 1, 16, 16) > 0.5).float()
+    with torch.no_grad():
+        base = net(x, 10, img)
+        assert not torch.allclose(base, net(x, 10, img2))
+        assert not torch.allclose(base, net(1 - x, 10, img))
+        assert not torch.allclose(base, net(x, 90, img))
+
+
+def test_size_must_fit_the_network(net):
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net.encode(torch.rand(1, 1, 18, 16))
+    with pytest.raises(ValueError, match=r"image must be \(N, 1, H, W\)"):
+        net.encode(torch.rand(1, 2, 16, 16))
+
+
+def test_metadata_round_trip_rebuilds_the_same_network(net):
+    desc = network_to_metadata(net)
+    assert desc["type"] == "condition_once"
+    again = network_from_metadata(desc)
+    assert type(again) is ConditionOnceNet and again.config == net.config
+    assert list(again.state_dict()) == list(net.state_dict())
+    with pytest.raises(ValueError, match="unknown network type 'vit'"):
+        network_from_metadata({"type": "vit"})
+
+
+def test_samples_through_the_model_object_at_any_size(net):
+    m = DiffusionModel(net, DiffusionConfig(kind="bernoulli", timesteps=100, default_steps=3))
+    assert m.metadata["network"]["type"] == "condition_once"
+    img = np.random.default_rng(0).random((19, 22)).astype(np.float32)
+    a = m.sample_all(img, n=5, seed=3)
+    b = m.sample_all(img, n=5, seed=3, max_batch=2)
+    assert a.probs.shape == (5, 19, 22)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+    np.testing.assert_array_equal(a.masks, b.masks)
