@@ -23,14 +23,23 @@ KINDS = ("bernoulli", "gaussian", "refiner", "segmentor")
 def normalise_image(image: np.ndarray, spec: dict[str, Any] | None) -> np.ndarray:
     """Apply a model's intensity normalisation to a (C, H, W) float image, per channel.
 
-    ``spec["mode"]`` is ``"minmax"`` (to [0, 1]; the default), ``"fixed"`` (clip to
-    ``[min, max]`` then scale to [0, 1]), ``"zscore"`` or ``"none"``.
+    ``spec["mode"]`` is ``"minmax"`` (to [0, 1]; the default), ``"unit"`` (integer images
+    divided by their type's maximum, as the official code reads 8-bit PNGs; float images
+    already in [0, 1] kept; others min-max scaled), ``"fixed"`` (clip to ``[min, max]`` then
+    scale to [0, 1]), ``"zscore"`` or ``"none"``.
     """
     spec = spec or {"mode": "minmax"}
     mode = spec.get("mode", "minmax")
-    img = np.asarray(image, dtype=np.float32)
+    raw = np.asarray(image)
+    img = raw.astype(np.float32)
     if mode == "none":
         return img
+    if mode == "unit":
+        if np.issubdtype(raw.dtype, np.integer) and raw.dtype != np.int64:
+            return img / np.float32(np.iinfo(raw.dtype).max)
+        if img.size and img.min() >= 0 and img.max() <= 1:
+            return img
+        mode = "minmax"
     axes = tuple(range(1, img.ndim))
     if mode == "minmax":
         lo = img.min(axis=axes, keepdims=True)
@@ -123,11 +132,13 @@ class DiffusionModel:
 
         For a refiner the prior map is appended as the last condition channel.
         """
-        img = np.asarray(image, dtype=np.float32)
+        img = np.asarray(image)
         if img.ndim == 2:
             img = img[None]
-        if normalise and img.ndim == 3 and np.isfinite(img).all():
+        finite = not np.issubdtype(img.dtype, np.floating) or np.isfinite(img).all()
+        if normalise and img.ndim == 3 and finite:
             img = normalise_image(img, self.data.get("normalisation"))
+        img = img.astype(np.float32, copy=False)
         if self.kind == "refiner":
             if prior is None:
                 raise ValueError("a refiner needs a prior mask or probability map to refine")

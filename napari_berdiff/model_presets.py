@@ -45,12 +45,12 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         kind="bernoulli",
         diffusion=DiffusionConfig(
             kind="bernoulli", timesteps=1000, schedule="cosine", prediction="eps",
-            default_steps=10,
+            default_steps="ddimuni10",
         ),
         data={
             "image_size": 128,
             "image_channels": 1,
-            "normalisation": {"mode": "minmax"},
+            "normalisation": {"mode": "unit"},
             "description": "LIDC-IDRI lung CT crops, 4 readers (BerDiff release)",
         },
         source="BerDiff official release (BerDiff_epsilon.pt and model*/ema_* checkpoints)",

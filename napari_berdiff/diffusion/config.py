@@ -28,7 +28,8 @@ class DiffusionConfig:
         Gaussian only: the network has a second output channel ``v`` that interpolates the
         log-variance (improved DDPM's learned range).
     default_steps
-        Number of visited steps used when the caller does not say.
+        The visited steps used when the caller does not say: a count (evenly spaced) or a
+        spec such as ``"ddimuni10"`` (see :func:`timestep_subsequence`).
     sampler
         Gaussian only: ``"ddim"`` or ``"ddpm"``. Bernoulli always uses its accelerated step.
     """
@@ -38,7 +39,7 @@ class DiffusionConfig:
     schedule: str = "cosine"
     prediction: str = "eps"
     learn_sigma: bool = False
-    default_steps: int = 10
+    default_steps: int | str = 10
     sampler: str = "ddim"
 
     def __post_init__(self) -> None:
@@ -56,10 +57,21 @@ class DiffusionConfig:
             raise ValueError("learn_sigma applies to the Gaussian kernel only")
         if self.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
-        if not 1 <= self.default_steps <= self.timesteps:
+        if isinstance(self.default_steps, str):
+            from .schedules import timestep_subsequence
+
+            timestep_subsequence(self.default_steps, self.timesteps)  # raises if malformed
+        elif not 1 <= self.default_steps <= self.timesteps:
             raise ValueError(
                 f"default_steps must lie in 1..{self.timesteps}, got {self.default_steps}"
             )
+
+    @property
+    def default_step_count(self) -> int:
+        """How many steps :attr:`default_steps` visits."""
+        from .schedules import timestep_subsequence
+
+        return len(timestep_subsequence(self.default_steps, self.timesteps))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,7 +27,8 @@ def test_presets_build_the_official_networks():
     m = model_from_preset("berdiff-lidc-128")
     assert m.num_parameters() == 85_599_233
     assert m.kind == "bernoulli" and m.diffusion.schedule == "cosine"
-    assert m.diffusion.default_steps == 10 and m.diffusion.prediction == "eps"
+    assert m.diffusion.default_steps == "ddimuni10" and m.diffusion.prediction == "eps"
+    assert m.data["normalisation"] == {"mode": "unit"}
     assert set(MODEL_PRESETS) == {"berdiff-lidc-128", "wolleb-brats-256"}
 
 
@@ -93,6 +94,11 @@ def test_wrong_channel_count_names_both_numbers():
 def test_normalisation(spec, expect):
     img = np.array([[[-50.0, 100.0, 250.0]]], np.float32)
     np.testing.assert_allclose(normalise_image(img, spec)[0, 0], expect, atol=1e-6)
+    np.testing.assert_allclose(normalise_image(img, {"mode": "unit"})[0, 0], [0, 0.5, 1])
+    u8 = np.array([[[0, 51, 255]]], np.uint8)
+    np.testing.assert_allclose(normalise_image(u8, {"mode": "unit"})[0, 0], [0, 0.2, 1])
+    unit = np.array([[[0.1, 0.2]]], np.float32)
+    np.testing.assert_allclose(normalise_image(unit, {"mode": "unit"}), unit)
     z = normalise_image(img, {"mode": "zscore"})
     assert abs(z.mean()) < 1e-6 and z.std() == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="normalisation 'gamma'"):

@@ -1,0 +1,435 @@
+"""The ``berdiff`` command: ``info``, ``convert`` and ``sample`` (plus ``train``, ``evaluate``
+and ``data`` from :mod:`napari_berdiff.cli_training`).
+
+``main(argv)`` returns an exit code (0 ok, 2 for a usage or input error, 130 when
+interrupted) and never calls ``sys.exit`` itself. Errors are printed as
+``berdiff: error: <message>`` with no traceback. Torch is imported only by the commands
+that need it, so ``berdiff --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROG = "berdiff"
+MAPS = ("frequency", "variance", "entropy")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _note(msg: str) -> None:
+    print(f"{PROG}: note: {msg}", file=sys.stderr)
+
+
+def _resolve_model(arg: str) -> Path:
+    p = Path(arg)
+    if p.exists():
+        return p
+    from .checkpoints import list_bundled_models
+
+    bundled = list_bundled_models()
+    for f in bundled:
+        if f.stem == arg or f.name == arg:
+            return f
+    names = ", ".join(f.stem for f in bundled) or "none installed"
+    raise ValueError(f"no such model file: {arg} (bundled models: {names})")
+
+
+def _parse_roi(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None:
+        return None
+    parts = text.replace(" ", "").split(",")
+    try:
+        box = tuple(int(v) for v in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise ValueError(
+            f"--roi takes four whole numbers y0,x0,y1,x1 (e.g. 0,0,128,128); got {text!r}"
+        )
+    return box  # type: ignore[return-value]
+
+
+def _parse_steps(text: str | None) -> int | str | None:
+    if text is None:
+        return None
+    return int(text) if text.strip().isdigit() else text.strip()
+
+
+def _centred(y0: int, x0: int, h: int, w: int, bh: int, bw: int) -> str:
+    cy, cx = y0 + (h - bh) // 2, x0 + (w - bw) // 2
+    return f"{cy},{cx},{cy + bh},{cx + bw}"
+
+
+def _json_clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _json_clean(obj.item())
+    return obj
+
+
+# ---------------------------------------------------------------------------- info
+def _describe_network(net: dict | None) -> str:
+    if not net:
+        return "unknown"
+    if net.get("type") != "unet":
+        return str(net.get("type"))
+    size = net.get("image_size")
+    ds = net.get("attention_resolutions") or []
+    att = ", ".join(
+        f"1/{d}" + (f" ({size // d}×{size // d} px)" if size else "") for d in ds
+    ) or "none"
+    order = "[x_t, image]" if net.get("concat_order") == "mask_first" else "[image, x_t]"
+    return (f"UNet, {net.get('model_channels')} base channels, channel_mult "
+            f"{tuple(net.get('channel_mult', ()))}, {net.get('num_res_blocks')} res blocks, "
+            f"attention at {att} with {net.get('num_heads')} head(s), "
+            f"{net.get('image_channels')} image channel(s), input {order}, "
+            f"{net.get('out_channels')} output channel(s), output {net.get('output_activation')}")
+
+
+def _describe_diffusion(d: dict | None) -> str:
+    if not d:
+        return "unknown"
+    text = (f"{d.get('kind')}, T={d.get('timesteps')}, {d.get('schedule')} schedule, "
+            f"predicts {d.get('prediction')}, {d.get('default_steps')} steps by default")
+    if d.get("kind") == "gaussian":
+        text += f", {d.get('sampler')} sampler"
+        text += ", learned sigma" if d.get("learn_sigma") else ""
+    return text
+
+
+def _describe_data(data: dict) -> str:
+    if not data:
+        return "not recorded"
+    bits = []
+    if data.get("description"):
+        bits.append(str(data["description"]))
+    if data.get("image_size"):
+        bits.append(f"image {data['image_size']} px")
+    if data.get("image_channels") is not None:
+        bits.append(f"{data['image_channels']} channel(s)")
+    norm = data.get("normalisation")
+    if isinstance(norm, dict):
+        bits.append("normalisation " + ", ".join(f"{k}={v}" for k, v in norm.items()))
+    if data.get("spacing"):
+        bits.append(f"pixel spacing {data['spacing']}")
+    return "; ".join(bits)
+
+
+def _describe_mapping(d: dict) -> str:
+    if not d:
+        return "none recorded"
+    return "; ".join(f"{k}={v}" for k, v in d.items())
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoints import describe
+
+    d = describe(_resolve_model(args.file), preset=args.preset)
+    if args.json:
+        print(json.dumps(_json_clean(d), indent=2))
+        return 0
+    rows = [
+        ("file", f"{d['file']} ({d['size_bytes'] / 1e6:.1f} MB)"),
+        ("format", d["file_format"]),
+        ("sha256", d.get("sha256", "")),
+        ("kind", d.get("kind")),
+        ("name", d.get("name") or "-"),
+        ("preset", d.get("preset") or "-"),
+        ("architecture", _describe_network(d.get("architecture"))),
+        ("parameters", f"{d['parameters']:,} ({d['tensors']} tensors)"),
+        ("diffusion", _describe_diffusion(d.get("diffusion"))),
+        ("training data", _describe_data(d.get("data") or {})),
+        ("training", _describe_mapping(d.get("training") or {})),
+        ("metrics", _describe_mapping(d.get("metrics") or {})),
+    ]
+    if d.get("note"):
+        rows.append(("note", d["note"]))
+    for key, value in rows:
+        print(f"{key:<14}{value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- convert
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoints import load_model, save_model, sha256_of
+
+    src, out = Path(args.input), Path(args.output)
+    if out.suffix.lower() != ".safetensors":
+        raise ValueError(f"the output must be a .safetensors file, got {out.name}")
+    if out.resolve() == src.resolve():
+        raise ValueError("the output would overwrite the input; choose another -o")
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise ValueError(f"the output folder {out.parent} does not exist")
+    model = load_model(src, preset=args.preset, device="cpu")
+    extra: dict[str, Any] = {
+        "training": {**model.metadata.get("training", {}),
+                     "converted_from": {"file": src.name, "sha256": sha256_of(src)}},
+    }
+    if args.name:
+        extra["name"] = args.name
+    save_model(model, out, metadata=extra)
+    print(f"wrote {out}: {model.metadata.get('preset') or model.name}, {model.kind}, "
+          f"{model.num_parameters():,} parameters")
+    return 0
+
+
+# ---------------------------------------------------------------------------- sample
+def _read_planes(
+    paths: Sequence[str], k: int | None, channels: int
+) -> tuple[np.ndarray, list[dict]]:
+    """Read the image(s) and return the (C, H, W) plane to sample, plus the readers' info."""
+    from .imageio import read_image
+
+    planes, infos = [], []
+    for path in paths:
+        arr, info = read_image(path)
+        infos.append(info)
+        name = Path(path).name
+        if info["converted_to_grey"]:
+            _note(f"{name} is a colour image; converted it to grey (luminance) for the model")
+        if arr.ndim == 2:
+            if k is not None:
+                raise ValueError(f"--slice applies to 3D volumes; {name} is a 2D image")
+            planes.append(arr[None])
+        elif arr.ndim in (3, 4):
+            if k is not None:
+                if not 0 <= k < arr.shape[0]:
+                    raise ValueError(f"--slice {k} is outside {name}'s {arr.shape[0]} slices "
+                                     f"(0..{arr.shape[0] - 1})")
+                plane = arr[k]
+                planes.append(plane[None] if plane.ndim == 2 else plane)
+            elif arr.ndim == 3 and (info["axes"] == "CYX" or arr.shape[0] == channels) \
+                    and len(paths) == 1:
+                planes.append(arr)
+            else:
+                raise ValueError(
+                    f"{name} is a {arr.ndim}D volume of shape {tuple(arr.shape)} "
+                    f"(axes {info['axes']}); choose a slice with --slice K, "
+                    f"K in 0..{arr.shape[0] - 1}"
+                )
+        else:
+            raise ValueError(f"{name} has {arr.ndim} dimensions (shape {tuple(arr.shape)}); "
+                             "expected a 2D image or a 3D volume")
+    shapes = {p.shape[1:] for p in planes}
+    if len(shapes) > 1:
+        raise ValueError(f"the images have different sizes: {sorted(shapes)}")
+    return np.concatenate(planes, 0).astype(np.float32, copy=False), infos
+
+
+def _check_region(model: Any, image: np.ndarray, roi: tuple | None, allow_large: bool,
+                  image_name: str) -> None:
+    from .diffusion.sampler import check_roi
+
+    h, w = image.shape[1:]
+    box = check_roi(roi, (h, w))
+    y0, x0, y1, x1 = box
+    rh, rw = y1 - y0, x1 - x0
+    train = int(model.data.get("image_size") or model.net.config.image_size)
+    if roi is None and max(h, w) > 2 * train and not allow_large:
+        bh, bw = min(train, h), min(train, w)
+        raise ValueError(
+            f"{image_name} is {h}×{w} pixels, more than twice the model's training size "
+            f"({train} px). Nothing is cropped silently: choose a region with --roi y0,x0,y1,x1 "
+            f"(e.g. --roi {_centred(0, 0, h, w, bh, bw)}, the central {bh}×{bw}) or pass "
+            "--allow-large to sample the whole image anyway"
+        )
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import __version__
+    from .checkpoints import load_model, sha256_of
+    from .diffusion import timestep_subsequence
+    from .imageio import write_map, write_mask
+
+    wall0 = time.perf_counter()
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    roi = _parse_roi(args.roi)
+    steps = _parse_steps(args.steps)
+    model_path = _resolve_model(args.model)
+    model = load_model(model_path, preset=args.preset, device=args.device)
+    load_s = time.perf_counter() - wall0
+
+    image, infos = _read_planes(args.image, args.slice, model.image_channels)
+    names = ", ".join(Path(p).name for p in args.image)
+    if image.shape[0] != model.image_channels:
+        raise ValueError(
+            f"the model takes {model.image_channels} image channel(s) but the image has "
+            f"{image.shape[0]} ({names})"
+            + ("; give one --image per channel" if model.image_channels > 1 else "")
+        )
+    _check_region(model, image, roi, args.allow_large, names)
+
+    spec = model.diffusion.default_steps if steps is None else steps
+    n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
+    stream = model.sample(image, n=args.n, steps=steps, seed=args.seed, roi=roi,
+                          max_batch=args.max_batch)
+    visited: list[int] = []
+    bar = tqdm(total=n_steps, file=sys.stderr, unit="step", desc="sampling",
+               disable=args.quiet, leave=False)
+    try:
+        while True:
+            try:
+                frame = next(stream)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            visited.append(int(frame.t))
+            bar.update(1)
+    finally:
+        bar.close()
+
+    if result.probs is None:
+        raise ValueError("sampling stopped before its first step finished; nothing was written")
+    bad = int((~np.isfinite(result.probs)).sum())
+    if bad:
+        raise ValueError(
+            f"the network produced {bad} NaN or infinite probabilities; the checkpoint's weights "
+            "look broken (or belong to another architecture). Nothing was written"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    digits = max(2, len(str(args.n - 1)))
+    for i, mask in enumerate(result.masks):
+        written += write_mask(out / f"sample_{i:0{digits}d}", mask)
+    maps = result.maps
+    for name in MAPS:
+        written += write_map(out / name, maps[name], name)
+    np.save(out / "probabilities.npy", result.probs)
+    written.append(out / "probabilities.npy")
+
+    timings = dict(result.timings)
+    timings["load_s"] = load_s
+    timings["wall_s"] = time.perf_counter() - wall0
+    run = {
+        "napari_berdiff_version": __version__,
+        "model_path": str(model_path),
+        "model_sha256": sha256_of(model_path),
+        "model_name": model.name,
+        "model_kind": model.kind,
+        "model_preset": model.metadata.get("preset"),
+        "image_path": [str(p) for p in args.image] if len(args.image) > 1 else str(args.image[0]),
+        "image_shape": ([list(i["shape"]) for i in infos] if len(infos) > 1
+                        else list(infos[0]["shape"])),
+        "sampled_shape": list(image.shape),
+        "slice": args.slice,
+        "converted_to_grey": any(i["converted_to_grey"] for i in infos),
+        "pixel_spacing": infos[0].get("spacing"),
+        "n": args.n,
+        "seed": args.seed,
+        "steps": spec,
+        "timesteps": visited,
+        "steps_done": result.steps_done,
+        "roi": list(result.roi),
+        "roi_requested": roi is not None,
+        "device": result.device,
+        "chunk_size": result.chunk_size,
+        "timings": timings,
+        "outputs": sorted(p.name for p in written) + ["run.json"],
+    }
+    (out / "run.json").write_text(json.dumps(_json_clean(run), indent=2) + "\n")
+    y0, x0, y1, x1 = result.roi
+    print(f"wrote {args.n} sample masks and the {', '.join(MAPS)} maps "
+          f"({y1 - y0}×{x1 - x0}, box {y0},{x0},{y1},{x1}) to {out} "
+          f"in {timings['wall_s']:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Diffusion-model segmentation with uncertainty (napari-berdiff engine).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="describe a checkpoint file",
+                       description="Print what a checkpoint is: kind, architecture, parameter "
+                                   "count, diffusion settings, training data and metrics.")
+    p.add_argument("file", help="a .safetensors file, an official .pt file or a bundled model name")
+    p.add_argument("--preset", help="the preset of an official file no preset is recognised for")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="write our .safetensors format from an official .pt file",
+                       description="Convert an official BerDiff / Wolleb state_dict to the "
+                                   "napari-berdiff .safetensors format.")
+    p.add_argument("input", help="official .pt file (BerDiff_epsilon.pt, model*.pt, ema_*.pt …)")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--preset", help="model preset (recognised from the file when omitted)")
+    p.add_argument("--name", help="a name to store in the file")
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("sample", help="sample N plausible masks and uncertainty maps",
+                       description="Sample N masks for an image and write them with the "
+                                   "frequency, variance and entropy maps and run.json.")
+    p.add_argument("--model", required=True, help="checkpoint file or bundled model name")
+    p.add_argument("--image", required=True, nargs="+",
+                   help="image file (PNG, JPEG, TIFF, NPY, NIfTI, DICOM); one per channel for "
+                        "multi-channel models")
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--steps", help="sampling steps: a number, or a spec such as ddimuni10 "
+                                   "(default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--preset", help="preset for an official .pt file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--roi", help="sample only the box y0,x0,y1,x1 (pixels; end exclusive)")
+    p.add_argument("--slice", type=int, help="slice index of a 3D volume (first axis)")
+    p.add_argument("--allow-large", action="store_true",
+                   help="sample an image larger than twice the training size without --roi")
+    p.add_argument("--max-batch", type=int, help="at most this many samples per network call")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+
+    try:  # train, evaluate, data (napari_berdiff.cli_training)
+        from .cli_training import register
+    except ImportError:  # pragma: no cover - shipped alongside
+        register = None
+    if register is not None:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``berdiff`` command and return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own usage errors (exit code 2)
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
