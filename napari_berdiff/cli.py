@@ -229,7 +229,8 @@ def _read_planes(
     shapes = {p.shape[1:] for p in planes}
     if len(shapes) > 1:
         raise ValueError(f"the images have different sizes: {sorted(shapes)}")
-    return np.concatenate(planes, 0).astype(np.float32, copy=False), infos
+    # Keep the file's dtype: the model's normalisation reads 8-bit data as value/255.
+    return np.concatenate(planes, 0), infos
 
 
 def _check_region(model: Any, image: np.ndarray, roi: tuple | None, allow_large: bool,
