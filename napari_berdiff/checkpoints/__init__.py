@@ -7,14 +7,15 @@ Public API
 - :func:`describe` — what a file is (``berdiff info``)
 - :func:`sha256_of`, :func:`list_bundled_models`
 - :func:`recognise_preset`, :func:`matching_presets`, :func:`read_torch_state_dict`
-- :class:`CheckpointError` — a ``ValueError`` with a message for people
+- :class:`CheckpointError` — a ``ValueError`` with a message for people; its subclass
+  :class:`PresetRequired` when an official file's preset must be named
 
 Nothing here imports Qt or napari, and nothing executes code from a file.
 """
 
 from __future__ import annotations
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PresetRequired
 from .info import describe, list_bundled_models
 from .loading import load_model, load_state_dict_file
 from .official import matching_presets, read_torch_state_dict, recognise_preset, strip_prefixes
@@ -25,6 +26,7 @@ __all__ = [
     "FORMAT",
     "METADATA_KEY",
     "CheckpointError",
+    "PresetRequired",
     "describe",
     "list_bundled_models",
     "load_model",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["CheckpointError", "short_list", "key_report", "compare_keys"]
+__all__ = ["CheckpointError", "PresetRequired", "short_list", "key_report", "compare_keys"]
 
 Shape = tuple[int, ...]
 
@@ -15,6 +15,10 @@ class CheckpointError(ValueError):
 
     A subclass of ``ValueError``: callers that catch ``ValueError`` see these too.
     """
+
+
+class PresetRequired(CheckpointError):
+    """An official state_dict whose preset cannot be recognised: the caller must name one."""
 
 
 def short_list(items: Sequence[str], limit: int = 8) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, compare_keys, corrupt, key_report
+from .errors import CheckpointError, PresetRequired, compare_keys, corrupt, key_report
 from .sniff import TORCH_ZIP, sniff
 
 __all__ = [
@@ -177,12 +177,12 @@ def recognise_preset(state_dict: Mapping[str, Any], name: str = "this file") -> 
     if len(found) == 1:
         return found[0]
     if found:
-        raise CheckpointError(
+        raise PresetRequired(
             f"{name} fits several presets ({', '.join(found)}); say which one: "
             + preset_hint()
         )
     n = sum(int(v.numel()) for v in state_dict.values())
-    raise CheckpointError(
+    raise PresetRequired(
         f"{name} ({len(state_dict)} tensors, {n:,} parameters) matches no known preset; "
         + preset_hint()
     )

@@ -16,6 +16,7 @@ from napari_berdiff.checkpoints import (
     FORMAT,
     METADATA_KEY,
     CheckpointError,
+    PresetRequired,
     describe,
     list_bundled_models,
     load_model,

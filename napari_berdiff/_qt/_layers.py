@@ -1,0 +1,139 @@
+"""The live result layers of one sampling run, updated in place while the run streams.
+
+Each layer owns one preallocated numpy array; a streamed frame is copied into it and the
+layer refreshed, so no layer is re-created while the reverse process runs. Layers sit over
+the full image through ``translate`` (the region's offset), never by padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._inputs import MODE_2D, Placement
+
+META_KEY = "napari_berdiff"
+
+SAMPLES = "samples"
+PROBS = "x̂0 probability"
+#: display name, colormap, initially visible, opacity — bottom to top
+MAP_STYLE = {
+    "entropy": ("entropy", "inferno", False, 0.75),
+    "variance": ("variance", "magma", False, 0.75),
+    "frequency": ("frequency", "viridis", True, 0.6),
+}
+
+
+def _limits() -> dict[str, tuple[float, float]]:
+    from ..uncertainty import MAP_LIMITS
+
+    return MAP_LIMITS
+
+
+_FADED: dict[str, Any] = {}
+
+
+def faded_colormap(name: str) -> Any:
+    """A napari colormap that is transparent at its low end, so a heatmap overlays the image."""
+    if name not in _FADED:
+        from napari.utils.colormaps import Colormap, ensure_colormap
+
+        base = ensure_colormap(name)
+        colors = np.array(base.colors, dtype=np.float32, copy=True)
+        controls = np.asarray(base.controls, dtype=np.float32)
+        colors[:, 3] = np.clip(controls / 0.12, 0.0, 1.0)
+        _FADED[name] = Colormap(colors=colors, controls=controls, name=f"{name} (fade)",
+                                display_name=f"{name} (fade)")
+    return _FADED[name]
+
+
+def is_result_layer(layer: Any) -> bool:
+    """Whether a layer is one of the plugin's result layers."""
+    return META_KEY in getattr(layer, "metadata", {})
+
+
+def result_info(layer: Any) -> dict[str, Any] | None:
+    return getattr(layer, "metadata", {}).get(META_KEY)
+
+
+class RunLayers:
+    """The layers of one run: ``samples``, ``x̂0 probability`` and the uncertainty maps."""
+
+    def __init__(self, viewer: Any, placement: Placement, n: int, run_id: int,
+                 label: str = ""):
+        self.viewer = viewer
+        self.placement = placement
+        self.n = n
+        self.run_id = run_id
+        shape = placement.result_shape
+        self.samples = np.zeros((n, *shape), dtype=np.uint8)
+        self.probs = np.zeros((n, *shape), dtype=np.float32)
+        self.maps = {k: np.zeros(shape, dtype=np.float32) for k in MAP_STYLE}
+        self.label = label
+        self.layers: dict[str, Any] = {}
+        self.pushed = 0
+        self.last_step: int | None = None
+
+    # ------------------------------------------------------------------ creation
+    def _meta(self, role: str) -> dict[str, Any]:
+        p = self.placement
+        return {META_KEY: {"role": role, "run": self.run_id, "mode": p.mode,
+                           "roi": list(p.roi), "z": p.z, "model": self.label}}
+
+    def add(self) -> None:
+        from napari.layers import Image, Labels
+
+        limits = _limits()
+        scale_m, tr_m = self.placement.transform(0)
+        scale_s, tr_s = self.placement.transform(1)
+        for key, (name, cmap, visible, opacity) in MAP_STYLE.items():
+            layer = Image(self.maps[key], name=name, colormap=faded_colormap(cmap),
+                          contrast_limits=limits[key], scale=scale_m, translate=tr_m,
+                          opacity=opacity, visible=visible, blending="translucent",
+                          interpolation2d="nearest", metadata=self._meta(key))
+            self.layers[key] = self.viewer.add_layer(layer)
+        probs = Image(self.probs, name=PROBS, colormap=faded_colormap("plasma"),
+                      contrast_limits=(0.0, 1.0), scale=scale_s, translate=tr_s, opacity=0.7,
+                      visible=False, blending="translucent", metadata=self._meta("probs"))
+        self.layers["probs"] = self.viewer.add_layer(probs)
+        samples = Labels(self.samples, name=SAMPLES, scale=scale_s, translate=tr_s,
+                         opacity=0.55, metadata=self._meta("samples"))
+        self.layers["samples"] = self.viewer.add_layer(samples)
+
+    # ------------------------------------------------------------------ updates
+    def alive(self, key: str) -> bool:
+        layer = self.layers.get(key)
+        return layer is not None and layer in self.viewer.layers
+
+    def push(self, upd: Any) -> None:
+        """Copy a streamed frame into the arrays and refresh the layers that still exist."""
+        if self.placement.mode == MODE_2D:
+            s_ix: tuple = (Ellipsis,)
+            m_ix: tuple = (Ellipsis,)
+        else:
+            s_ix = (slice(None), upd.slice_pos)
+            m_ix = (upd.slice_pos,)
+        self.samples[s_ix] = upd.states
+        self.probs[s_ix] = upd.probs
+        for key, arr in self.maps.items():
+            arr[m_ix] = upd.maps[key]
+        self.pushed += 1
+        self.last_step = upd.step
+        for key in self.layers:
+            if self.alive(key):
+                self.layers[key].refresh()
+
+    # ------------------------------------------------------------------ life cycle
+    def all_layers(self) -> list[Any]:
+        return [lay for key, lay in self.layers.items() if self.alive(key)]
+
+    def remove(self) -> None:
+        for layer in self.all_layers():
+            self.viewer.layers.remove(layer)
+
+    def keep(self) -> None:
+        """Rename the layers so that the next run's layers can take the plain names."""
+        for layer in self.all_layers():
+            if not layer.name.endswith(")"):
+                layer.name = f"{layer.name} (run {self.run_id})"

@@ -1,0 +1,156 @@
+"""The work a sampling run does in its worker thread (no Qt, no napari layers here).
+
+:func:`run_job` is a generator: napari's ``thread_worker`` runs it in another thread and
+delivers every yielded :class:`Update` to the main thread, where the widget (and only the
+widget) touches layers. It yields once per diffusion step so progress and cancel stay
+responsive, but only *some* updates carry arrays: at most one every ``interval_s`` seconds,
+plus the first and the last frame of every slice. The host copies and the uncertainty maps
+of those frames are computed here, in the worker, so the event loop only copies arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MAP_NAMES = ("frequency", "variance", "entropy")
+
+
+class SamplingError(Exception):
+    """An error raised while sampling.
+
+    Deliberately not a ``RuntimeError``: superqt's generator worker swallows those (it takes
+    them for a deleted Qt object) and never emits ``errored`` or ``finished``.
+    """
+
+
+@dataclass
+class Job:
+    model: Any
+    crops: list[np.ndarray]
+    seed_offsets: list[int]
+    n: int
+    steps: int | None
+    seed: int
+    interval_s: float = 0.1
+    threads: int | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    #: set by the main thread once the last update with arrays has reached the layers
+    consumed: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.consumed.set()
+
+
+@dataclass
+class Update:
+    """One reverse step done. ``states`` etc. are set only on updates meant for the layers."""
+
+    slice_pos: int
+    n_slices: int
+    step: int
+    n_steps: int
+    t: int
+    elapsed: float
+    final: bool
+    states: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    maps: dict[str, np.ndarray] | None = None
+    catch_up: bool = False  # re-sends an already counted step's arrays (after a cancel)
+
+    @property
+    def has_data(self) -> bool:
+        return self.states is not None
+
+    @property
+    def done_steps(self) -> int:
+        return self.slice_pos * self.n_steps + self.step + 1
+
+
+@dataclass
+class Outcome:
+    cancelled: bool
+    slices_done: int
+    n_slices: int
+    steps_done: int
+    n_steps: int
+    seconds: float
+    device: str = ""
+
+
+def default_threads() -> int:
+    """Leave one core to the event loop."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _fill(upd: Update, frame: Any) -> Update:
+    upd.states = frame.states
+    upd.probs = frame.x0_prob
+    maps = frame.maps
+    upd.maps = {k: maps[k] for k in MAP_NAMES}
+    return upd
+
+
+def run_job(job: Job) -> Generator[Update, None, Outcome]:
+    """Sample every crop of ``job`` in turn, yielding an :class:`Update` per step."""
+    import torch
+
+    torch.set_num_threads(job.threads or default_threads())
+    t0 = time.perf_counter()
+    n_slices = len(job.crops)
+    last_push = -float("inf")
+    cancelled = False
+    slices_done = 0
+    steps_done = 0
+    n_steps = 0
+    device = ""
+    with torch.inference_mode():
+        for pos, (crop, off) in enumerate(zip(job.crops, job.seed_offsets)):
+            if job.cancel.is_set():
+                cancelled = True
+                break
+            try:
+                stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
+                                          cancel=job.cancel)
+            except Exception as exc:  # noqa: BLE001 - reported to the user
+                raise SamplingError(str(exc)) from exc
+            last_frame, last_pushed = None, True
+            while True:
+                try:
+                    frame = next(stream)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    raise SamplingError(f"{type(exc).__name__}: {exc}") from exc
+                n_steps = frame.n_steps
+                now = time.perf_counter()
+                upd = Update(pos, n_slices, frame.step, frame.n_steps, frame.t, now - t0,
+                             frame.final)
+                push = frame.final or frame.step == 0 or (
+                    now - last_push >= job.interval_s and job.consumed.is_set())
+                if push:
+                    _fill(upd, frame)
+                    job.consumed.clear()
+                    last_push = time.perf_counter()
+                last_frame, last_pushed = frame, push
+                yield upd
+            steps_done += result.steps_done
+            device = result.device
+            if result.cancelled:
+                cancelled = True
+                if last_frame is not None and not last_pushed:
+                    # bring the layers to the last completed step, all of them from one frame
+                    yield _fill(Update(pos, n_slices, last_frame.step, last_frame.n_steps,
+                                       last_frame.t, time.perf_counter() - t0, False,
+                                       catch_up=True), last_frame)
+                break
+            slices_done += 1
+    return Outcome(cancelled, slices_done, n_slices, steps_done, n_steps,
+                   time.perf_counter() - t0, device)

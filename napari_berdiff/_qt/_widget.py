@@ -1,0 +1,521 @@
+"""The "Diffusion segmentation" dock widget: it wires the panels to a streaming run.
+
+Threading contract (DESIGN §6): the reverse process runs in a napari ``create_worker``
+generator (:func:`._run.run_job`); layers and widgets change only in that worker's
+``yielded`` / ``returned`` / ``errored`` / ``finished`` callbacks, which napari delivers on
+the main thread. Torch is imported lazily, never at this module's import.
+"""
+
+from __future__ import annotations
+
+import html
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import QFrame, QMainWindow, QScrollArea, QVBoxLayout, QWidget
+
+from . import _notify
+from ._accept import check_target, new_target_data, reference_stack, sample_metrics, write_mask
+from ._inputs import InputProblem, prepare_input
+from ._layers import RunLayers
+from ._metrics_panel import MetricsPanel
+from ._model_panel import ModelPanel
+from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
+from ._run import Job, Outcome, Update, run_job
+from ._sampling_panel import SamplingPanel
+
+
+@dataclass
+class _Active:
+    layers: RunLayers
+    job: Job
+    worker: Any = None
+    pbar: Any = None
+    outcome: Outcome | None = None
+    error: BaseException | None = None
+    last: Update | None = None
+    done: bool = False
+    finish_pending: bool = False
+
+
+class _CloseWatcher(QObject):
+    """Tells the widget when napari's main window closes (the viewer is going away).
+
+    It holds no Python reference to the window, so it cannot keep a closed viewer alive.
+    """
+
+    def __init__(self, window: QMainWindow, callback: Any):
+        super().__init__(window)
+        self._callback = callback
+        window.installEventFilter(self)
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
+        if event.type() == QEvent.Type.Close and isinstance(obj, QMainWindow):
+            if not obj.isVisible():
+                self._callback()
+            else:  # a visible window may still refuse to close (confirmation dialog)
+                win = weakref.ref(obj)
+                QTimer.singleShot(0, lambda: self._check(win))
+        return False
+
+    def _check(self, win: Any) -> None:
+        w = win()
+        try:
+            if w is None or not w.isVisible():
+                self._callback()
+        except RuntimeError:
+            self._callback()
+
+
+def _weak_handler(widget: Any, method: str) -> Any:
+    """A key handler that does not keep the widget (and through it the viewer) alive."""
+    ref = weakref.ref(widget)
+
+    def handler(*_: Any) -> None:
+        w = ref()
+        if w is not None:
+            try:
+                getattr(w, method)()
+            except RuntimeError:  # the widget's Qt side is gone
+                pass
+
+    handler.__name__ = f"napari_berdiff_{method}"
+    return handler
+
+
+def _set_event(holder: dict, *_: Any) -> None:
+    ev = holder.get("cancel")
+    if ev is not None:
+        ev.set()
+
+
+class DiffusionSegmentationWidget(QWidget):
+    """Load a model, stream samples into layers, browse, accept, compare."""
+
+    #: emitted after a streamed frame reached the layers (argument: the :class:`Update`)
+    frame_pushed = Signal(object)
+    #: emitted when a run ends, however it ends (argument: its :class:`Outcome` or None)
+    run_finished = Signal(object)
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.model_panel = ModelPanel()
+        self.sampling = SamplingPanel(napari_viewer)
+        self.results = ResultsPanel(napari_viewer)
+        self.metrics = MetricsPanel(napari_viewer)
+        self.last_run: RunLayers | None = None
+        self.kept_runs: list[RunLayers] = []
+        self.last_metrics: dict[str, Any] | None = None
+        self._active: _Active | None = None
+        self._run_id = 0
+        self._holder: dict[str, Any] = {"cancel": None}
+        self._closed = False
+        self._watcher: _CloseWatcher | None = None
+        self._in_yield = 0
+
+        inner = QWidget()
+        col = QVBoxLayout(inner)
+        col.setContentsMargins(4, 4, 4, 4)
+        for panel in (self.model_panel, self.sampling, self.results, self.metrics):
+            col.addWidget(panel)
+        col.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(inner)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        inner.setMinimumWidth(inner.minimumSizeHint().width())
+        self.setMinimumWidth(max(360, inner.minimumSizeHint().width() + 20))
+
+        self.model_panel.model_changed.connect(self._model_changed)
+        self.model_panel.loading_changed.connect(
+            lambda busy: self.sampling.sample_btn.setEnabled(not busy and self._active is None)
+        )
+        self.sampling.sample_btn.clicked.connect(self.sample)
+        self.sampling.cancel_btn.clicked.connect(self.cancel)
+        self.results.prev_btn.clicked.connect(lambda: self.step_sample(-1))
+        self.results.next_btn.clicked.connect(lambda: self.step_sample(+1))
+        self.results.accept_btn.clicked.connect(self.accept)
+        self.results.consensus_btn.clicked.connect(self.accept_consensus)
+        self.metrics.ref_combo.layer_changed.connect(lambda *_: self.compute_metrics(quiet=True))
+        self.metrics.table.cellClicked.connect(lambda row, _col: self.show_sample(row))
+        napari_viewer.dims.events.point.connect(self._dims_changed)
+        self.destroyed.connect(lambda *_, h=self._holder: _set_event(h))
+        self._keys = {KEY_NEXT: _weak_handler(self, "next_sample"),
+                      KEY_PREV: _weak_handler(self, "previous_sample"),
+                      KEY_ACCEPT: _weak_handler(self, "accept")}
+        for key, func in self._keys.items():
+            napari_viewer.bind_key(key, func, overwrite=True)
+
+    # ------------------------------------------------------------------ model
+    @property
+    def model(self) -> Any:
+        return self.model_panel.model
+
+    def set_model(self, model: Any, label: str = "") -> None:
+        """Use an already built model (what loading a checkpoint ends with)."""
+        self.model_panel.set_model(model, label)
+
+    def _model_changed(self, model: Any) -> None:
+        if model is not None:
+            self.sampling.set_model_defaults(model)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def running(self) -> bool:
+        return self._active is not None and not self._active.done
+
+    @property
+    def worker(self) -> Any:
+        return self._active.worker if self._active is not None else None
+
+    def _viewer_alive(self) -> bool:
+        return not self._closed
+
+    def _watch_window(self) -> None:
+        """Watch the main window we are docked in, so that closing it cancels a run."""
+        if self._watcher is not None:
+            return
+        w = self.parentWidget()
+        while w is not None and not isinstance(w, QMainWindow):
+            w = w.parentWidget()
+        if w is not None:
+            self._watcher = _CloseWatcher(w, self._window_closed)
+
+    def _window_closed(self) -> None:
+        self._closed = True
+        _set_event(self._holder)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, *_: Any) -> Any:
+        """Start a run with the panel's settings; returns its worker, or None on bad input."""
+        if self.running:
+            _notify.info("A run is already in progress: wait for it or press Cancel.")
+            return None
+        sp = self.sampling
+        try:
+            prepared = prepare_input(self.viewer, self.model, sp.image_combo.layer(),
+                                     sp.region_layer(), sp.volume_mode())
+        except InputProblem as exc:
+            _notify.error(str(exc))
+            return None
+        for text in prepared.warnings:
+            _notify.warning(text)
+
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        if self.last_run is not None:
+            if sp.keep_check.isChecked():
+                self.last_run.keep()
+                self.kept_runs.append(self.last_run)
+            else:
+                self.last_run.remove()
+        self._run_id += 1
+        n = sp.n_spin.value()
+        layers = RunLayers(self.viewer, prepared.placement, n, self._run_id,
+                           self.model_panel.model_label)
+        layers.add()
+        self._bind_layer_keys(layers)
+        self.last_run = layers
+        self.last_metrics = None
+        self.metrics.clear()
+        job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
+                  sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0)
+        self._holder["cancel"] = job.cancel
+        self._watch_window()
+        active = _Active(layers, job)
+        self._active = active
+        steps = sp.steps_spin.value()
+        active.pbar = progress(total=len(prepared.crops) * steps,
+                               desc=f"Sampling {n} × {steps} steps")
+        sp.set_running(True)
+        self.results.set_enabled(False)
+        self.model_panel.setEnabled(False)
+        sp.status.setText(f"Starting: {n} samples, {steps} steps, {prepared.placement.describe()}")
+        # The sample axis is dims axis 0 of the new layers: show the first sample.
+        self.show_sample(0)
+        # The callbacks hold the widget and the run weakly: napari keeps finished workers
+        # in its task list, and they must not keep a closed viewer alive.
+        wref, aref = weakref.ref(self), weakref.ref(active)
+
+        def _cb(method: str) -> Any:
+            def call(*args: Any) -> None:
+                w, a = wref(), aref()
+                if w is not None and a is not None:
+                    getattr(w, method)(a, *args)
+
+            return call
+
+        active.worker = create_worker(
+            run_job, job,
+            _connect={
+                "yielded": _cb("_on_yielded"),
+                "returned": _cb("_on_returned"),
+                "errored": _cb("_on_errored"),
+                "finished": _cb("_on_finished"),
+            },
+        )
+        return active.worker
+
+    def cancel(self, *_: Any) -> None:
+        """Stop the run at its next step; the layers keep the last completed step."""
+        if self._active is not None and not self._active.done:
+            self._active.job.cancel.set()
+            try:
+                self.sampling.status.setText("Cancelling…")
+                self.sampling.cancel_btn.setEnabled(False)
+            except RuntimeError:
+                pass
+
+    def _on_yielded(self, active: _Active, upd: Update) -> None:
+        if active.done or not self._viewer_alive():
+            active.job.cancel.set()
+            return
+        # napari's progress bar processes Qt events while it updates, so other callbacks of
+        # this run (even ``finished``) can run inside this one: finish only once we are out.
+        self._in_yield += 1
+        try:
+            if not active.job.cancel.is_set():
+                where = (f" · slice {upd.slice_pos + 1}/{upd.n_slices}"
+                         if upd.n_slices > 1 else "")
+                self.sampling.status.setText(
+                    f"Step {upd.step + 1}/{upd.n_steps} (t = {upd.t}){where} · "
+                    f"{upd.elapsed:.1f} s"
+                )
+            if upd.has_data:
+                active.layers.push(upd)
+                active.last = upd
+                active.job.consumed.set()
+                self.frame_pushed.emit(upd)
+            if not upd.catch_up and active.pbar is not None:
+                active.pbar.update(1)
+        except RuntimeError:  # widgets deleted while the run went on
+            active.job.cancel.set()
+        finally:
+            self._in_yield -= 1
+        if active.finish_pending and self._in_yield == 0:
+            active.finish_pending = False
+            self._on_finished(active)
+
+    def _on_returned(self, active: _Active, outcome: Outcome) -> None:
+        active.outcome = outcome
+
+    def _on_errored(self, active: _Active, exc: BaseException) -> None:
+        active.error = exc
+        _notify.error(f"Sampling failed: {exc}")
+
+    def _on_finished(self, active: _Active) -> None:
+        if self._in_yield:
+            active.finish_pending = True
+            return
+        if active.done:
+            return
+        active.done = True
+        if self._holder.get("cancel") is active.job.cancel:
+            self._holder["cancel"] = None
+        if active.pbar is not None:
+            try:
+                active.pbar.close()
+            except Exception:  # noqa: BLE001
+                pass
+        outcome = active.outcome
+        if self._viewer_alive():
+            try:
+                self._finish_ui(active, outcome)
+            except RuntimeError:
+                pass
+        if self._active is active:
+            self._active = None
+        try:
+            self.run_finished.emit(outcome)
+        except RuntimeError:
+            pass
+
+    def _finish_ui(self, active: _Active, outcome: Outcome | None) -> None:
+        sp = self.sampling
+        sp.set_running(False)
+        self.model_panel.setEnabled(True)
+        layers = active.layers
+        if active.error is not None:
+            sp.status.setText(f"<span style='color:#ff6060'>Failed: "
+                              f"{html.escape(str(active.error))}</span>")
+            if layers.pushed == 0:  # no half-made layers: remove the empty ones
+                layers.remove()
+                if self.last_run is layers:
+                    self.last_run = None
+        elif outcome is None or outcome.cancelled:
+            upd = active.last
+            if upd is None:
+                text = "Cancelled before the first step: the layers are empty."
+            else:
+                where = (f" of slice {upd.slice_pos + 1}/{upd.n_slices}"
+                         if upd.n_slices > 1 else "")
+                text = (f"Cancelled. The layers show step {upd.step + 1}/{upd.n_steps}{where}"
+                        " (intermediate states, not final masks).")
+            sp.status.setText(text)
+        else:
+            sp.status.setText(
+                f"Done: {layers.n} samples × {outcome.n_steps} steps"
+                + (f" × {outcome.n_slices} slices" if outcome.n_slices > 1 else "")
+                + f" in {outcome.seconds:.1f} s on {outcome.device}."
+            )
+        has_frames = layers.pushed > 0
+        if has_frames and active.error is None and layers.alive("samples"):
+            # Outlines once the masks are final: each sample reads over the heatmap below.
+            layers.layers["samples"].contour = 1
+        self.results.set_enabled(has_frames)
+        self._dims_changed()
+        if has_frames:
+            self.compute_metrics(quiet=True)
+
+    # ------------------------------------------------------------------ browse
+    def _samples_layer(self) -> Any | None:
+        run = self.last_run
+        if run is None or not run.alive("samples"):
+            return None
+        return run.layers["samples"]
+
+    def _sample_axis(self) -> int | None:
+        layer = self._samples_layer()
+        if layer is None:
+            return None
+        return self.viewer.dims.ndim - layer.ndim
+
+    def current_sample(self) -> int | None:
+        """Index of the sample the viewer shows (the dims slider of the sample axis)."""
+        axis = self._sample_axis()
+        if axis is None or self.last_run is None:
+            return None
+        i = int(round(float(self.viewer.dims.point[axis])))
+        return int(np.clip(i, 0, self.last_run.n - 1))
+
+    def show_sample(self, i: int) -> None:
+        axis = self._sample_axis()
+        if axis is None or self.last_run is None:
+            return
+        i = int(np.clip(i, 0, self.last_run.n - 1))
+        self.viewer.dims.set_point(axis, i)
+        self._dims_changed()
+
+    def step_sample(self, delta: int) -> None:
+        i = self.current_sample()
+        if i is not None and self.last_run is not None:
+            self.show_sample((i + delta) % self.last_run.n)
+
+    def _dims_changed(self, *_: Any) -> None:
+        try:
+            i = self.current_sample()
+            if i is None:
+                self.results.index_label.setText("no samples yet")
+                return
+            self.results.index_label.setText(f"sample {i} / {self.last_run.n - 1}")
+            self.metrics.highlight(i)
+        except RuntimeError:
+            pass
+
+    def next_sample(self) -> None:
+        self.step_sample(+1)
+
+    def previous_sample(self) -> None:
+        self.step_sample(-1)
+
+    def _bind_layer_keys(self, run: RunLayers) -> None:
+        for layer in run.all_layers():
+            for key, func in self._keys.items():
+                layer.bind_key(key, func, overwrite=True)
+
+    # ------------------------------------------------------------------ accept
+    def _ready_run(self) -> RunLayers | None:
+        if self.last_run is None or self.last_run.pushed == 0:
+            _notify.error("Nothing to accept yet: press Sample first.")
+            return None
+        if self.running:
+            _notify.error("Wait for the run to finish (or cancel it) before accepting.")
+            return None
+        return self.last_run
+
+    def target_layer(self, create: bool = True) -> Any | None:
+        """The chosen target Labels layer; a new 'accepted' layer when asked for one."""
+        run = self.last_run
+        target = self.results.target_combo.layer()
+        if target is not None or not create or run is None:
+            return target
+        from napari.layers import Labels
+
+        p = run.placement
+        target = Labels(new_target_data(p), name="accepted", scale=p.scale or None,
+                        translate=p.translate or None, metadata={TARGET_META: True})
+        target = self.viewer.add_layer(target)
+        self.results.target_combo.set_layer(target)
+        return target
+
+    def accept(self, *_: Any, index: int | None = None) -> Any | None:
+        """Write the sample shown (or ``index``) into the target layer, as one undo step."""
+        run = self._ready_run()
+        if run is None:
+            return None
+        i = self.current_sample() if index is None else int(index)
+        if i is None:
+            _notify.error("The 'samples' layer was removed: run Sample again.")
+            return None
+        return self._write(run, run.samples[i] > 0, f"sample {i}")
+
+    def accept_consensus(self, *_: Any) -> Any | None:
+        """Write the majority vote (or frequency ≥ τ) of the samples into the target."""
+        run = self._ready_run()
+        if run is None:
+            return None
+        freq = (run.samples > 0).mean(axis=0)
+        tau = self.results.consensus_threshold()
+        mask = freq > 0.5 if tau is None else freq >= tau
+        what = "the majority vote" if tau is None else f"the consensus at τ = {tau:.2f}"
+        return self._write(run, mask, what)
+
+    def _write(self, run: RunLayers, mask: np.ndarray, what: str) -> Any | None:
+        target = self.results.target_combo.layer()
+        try:
+            if target is not None:
+                check_target(target, run.placement)
+            else:
+                target = self.target_layer(create=True)
+            write_mask(target, run.placement, mask)
+        except InputProblem as exc:
+            _notify.error(str(exc))
+            return None
+        target.visible = True
+        self.viewer.layers.selection.active = target
+        _notify.info(f"Accepted {what} into '{target.name}'. Ctrl+Z undoes it; "
+                     "edit it with the Labels tools.")
+        return target
+
+    # ------------------------------------------------------------------ metrics
+    def compute_metrics(self, *_: Any, quiet: bool = False) -> dict[str, Any] | None:
+        run = self.last_run
+        ref = self.metrics.ref_combo.layer()
+        if run is None or run.pushed == 0 or ref is None or self.running:
+            self.last_metrics = None
+            self.metrics.clear("" if ref is not None or run is None
+                               else "Choose a reference layer to compare the samples with.")
+            return None
+        try:
+            refs = reference_stack(ref, run.placement)
+        except InputProblem as exc:
+            self.metrics.clear(html.escape(str(exc)))
+            if not quiet:
+                _notify.error(str(exc))
+            return None
+        m = sample_metrics(run.samples, refs)
+        self.last_metrics = m
+        self.metrics.show_metrics(m, ref.name)
+        i = self.current_sample()
+        if i is not None:
+            self.metrics.highlight(i)
+        return m
