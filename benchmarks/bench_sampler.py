@@ -52,15 +52,11 @@ def bench(model: DiffusionModel, n: int, size: int, steps: int, repeats: int) ->
         stream = model.sample(img, n=n, steps=steps, seed=r)
         tic = time.perf_counter()
         first = None
-        while True:
-            try:
-                frame = next(stream)
-            except StopIteration as stop:
-                res = stop.value
-                break
+        for frame in stream:
             if first is None:
                 first = time.perf_counter() - tic
             frame.states  # the host copy a viewer pulls for display
+        res = stream.result
         total = time.perf_counter() - tic
         runs.append((total, res.timings["network_s"], first))
     total = statistics.median(r[0] for r in runs)

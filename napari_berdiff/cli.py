@@ -287,14 +287,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     bar = tqdm(total=n_steps, file=sys.stderr, unit="step", desc="sampling",
                disable=args.quiet, leave=False)
     try:
-        while True:
-            try:
-                frame = next(stream)
-            except StopIteration as stop:
-                result = stop.value
-                break
+        for frame in stream:
             visited.append(int(frame.t))
             bar.update(1)
+        result = stream.result
     finally:
         bar.close()
 

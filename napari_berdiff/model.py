@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Generator
 from typing import Any
 
 import numpy as np
 import torch
 
-from .diffusion import DiffusionConfig, Frame, SampleResult, make_kernel, run_to_end
+from .diffusion import DiffusionConfig, SampleResult, SampleStream, make_kernel, run_to_end
 from .diffusion.device import select_device
 from .diffusion.sampler import DEFAULT_MEMORY_BUDGET_MB, CancelLike, Roi, sample_stream
 
@@ -163,8 +162,9 @@ class DiffusionModel:
         max_batch: int | None = None,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         normalise: bool = True,
-    ) -> Generator[Frame, None, SampleResult]:
-        """Stream ``n`` samples for ``image``: a generator of :class:`Frame`, one per step.
+    ) -> SampleStream:
+        """Stream ``n`` samples for ``image``: an iterator of :class:`Frame`, one per step,
+        whose ``.result`` is the :class:`SampleResult` once it is exhausted.
 
         See :func:`napari_berdiff.diffusion.sample_stream` for the arguments. The image
         is normalised the way the model's metadata says unless ``normalise=False``.

@@ -7,7 +7,7 @@ from .bernoulli import BernoulliKernel
 from .config import DiffusionConfig
 from .device import available_devices, select_device
 from .gaussian import GaussianKernel
-from .sampler import Frame, SampleResult, run_to_end, sample_stream
+from .sampler import Frame, SampleResult, SampleStream, run_to_end, sample_stream
 from .schedules import Schedule, betas_for, timestep_subsequence
 
 
@@ -22,6 +22,7 @@ __all__ = [
     "Frame",
     "GaussianKernel",
     "SampleResult",
+    "SampleStream",
     "Schedule",
     "available_devices",
     "betas_for",

@@ -294,8 +294,8 @@ def sample_stream(
     cancel: CancelLike = None,
     image_channels: int | None = None,
     profile: bool = False,
-) -> Generator[Frame, None, SampleResult]:
-    """Validate the arguments, then return a generator that runs the reverse process for ``n`` samples, yielding a :class:`Frame` per step.
+) -> SampleStream:
+    """Validate the arguments, then return a stream that runs the reverse process for ``n`` samples, yielding a :class:`Frame` per step.
 
     Parameters
     ----------
@@ -329,10 +329,10 @@ def sample_stream(
 
     Returns
     -------
-    Generator
-        Yields a :class:`Frame` per visited step and returns a :class:`SampleResult`
-        (``result = yield from sample_stream(...)``, or :func:`run_to_end`). Bad arguments
-        raise ``ValueError`` here, before any work starts.
+    SampleStream
+        Yields a :class:`Frame` per visited step; afterwards ``.result`` holds the
+        :class:`SampleResult` (or use :func:`run_to_end`). Bad arguments raise
+        ``ValueError`` here, before any work starts.
     """
     t_start = time.perf_counter()
     if int(n) != n or n < 1:
@@ -352,8 +352,8 @@ def sample_stream(
     prior_t = _prepare_prior(prior, kernel, full.shape[1:], box)
 
     chunk = choose_chunk(net, n, h, w, max_batch, memory_budget_mb)
-    return _stream(net, kernel, img, n, visited, int(seed), prior_t, box, dev, chunk, cancel,
-                   profile, t_start)
+    return SampleStream(_stream(net, kernel, img, n, visited, int(seed), prior_t, box, dev,
+                                chunk, cancel, profile, t_start))
 
 
 def _stream(
@@ -428,10 +428,35 @@ def _stream(
     )
 
 
-def run_to_end(stream: Generator[Frame, None, SampleResult]) -> SampleResult:
-    """Drain a sampler stream and return its :class:`SampleResult`."""
-    while True:
+class SampleStream:
+    """An iterator of :class:`Frame` that keeps the run's :class:`SampleResult`.
+
+    ``for frame in stream: ...`` then ``stream.result``; ``next(stream)`` raises
+    ``StopIteration(result)`` at the end, as the underlying generator does.
+    """
+
+    def __init__(self, gen: Generator[Frame, None, SampleResult]):
+        self._gen = gen
+        self.result: SampleResult | None = None
+
+    def __iter__(self) -> "SampleStream":
+        return self
+
+    def __next__(self) -> Frame:
         try:
-            next(stream)
+            return next(self._gen)
         except StopIteration as stop:
-            return stop.value
+            self.result = stop.value
+            raise
+
+    def close(self) -> None:
+        """Stop early; no further network calls are made."""
+        self._gen.close()
+
+
+def run_to_end(stream: SampleStream | Generator[Frame, None, SampleResult]) -> SampleResult:
+    """Drain a sampler stream and return its :class:`SampleResult`."""
+    stream = stream if isinstance(stream, SampleStream) else SampleStream(stream)
+    for _ in stream:
+        pass
+    return stream.result
