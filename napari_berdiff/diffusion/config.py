@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+
+from .._config import ConfigMixin
 
 KINDS = ("bernoulli", "gaussian")
 SCHEDULES = ("cosine", "linear", "alpha_bar_linear")
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
+class DiffusionConfig(ConfigMixin):
     """How a model diffuses its mask.
 
     Parameters
@@ -34,6 +35,7 @@ class DiffusionConfig:
         Gaussian only: ``"ddim"`` or ``"ddpm"``. Bernoulli always uses its accelerated step.
     """
 
+    _what = "diffusion"
     kind: str = "bernoulli"
     timesteps: int = 1000
     schedule: str = "cosine"
@@ -73,13 +75,4 @@ class DiffusionConfig:
 
         return len(timestep_subsequence(self.default_steps, self.timesteps))
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DiffusionConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown diffusion settings: {', '.join(unknown)}")
-        return cls(**d)

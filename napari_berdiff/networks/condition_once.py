@@ -9,18 +9,18 @@ the concatenation UNet (seeing the image at full width, every step) is paid once
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._config import ConfigMixin
 from .blocks import ResBlock, normalization, timestep_embedding, zero_init
 
 
 @dataclass(frozen=True)
-class CondOnceConfig:
+class CondOnceConfig(ConfigMixin):
     """Hyper-parameters of :class:`ConditionOnceNet`.
 
     Parameters
@@ -41,6 +41,7 @@ class CondOnceConfig:
         ``"sigmoid"`` (Bernoulli) or ``"none"`` (Gaussian ε).
     """
 
+    _what = "network"
     image_size: int = 128
     image_channels: int = 1
     mask_channels: int = 1
@@ -74,22 +75,6 @@ class CondOnceConfig:
     def size_multiple(self) -> int:
         """Spatial sizes must be divisible by this."""
         return self.unshuffle * 2 ** (len(self.channel_mult) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CondOnceConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown network settings: {', '.join(unknown)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> "CondOnceConfig":
-        return self.from_dict({**self.to_dict(), **changes})
 
 
 class _ConvBlock(nn.Module):

@@ -19,12 +19,13 @@ Conventions (checked against the official code, see ``tests/engine/test_network.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
 from torch import nn
 
+from .._config import ConfigMixin
 from .blocks import (
     AttentionBlock,
     Downsample,
@@ -46,7 +47,7 @@ TimestepLike = Union[int, float, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigMixin):
     """Hyper-parameters of a :class:`ConditionalUNet`.
 
     Parameters
@@ -87,6 +88,7 @@ class UNetConfig:
         GroupNorm groups (32 in the official layout).
     """
 
+    _what = "network"
     image_size: int = 128
     image_channels: int = 1
     mask_channels: int = 1
@@ -173,27 +175,6 @@ class UNetConfig:
     def size_multiple(self) -> int:
         """Spatial sizes must be divisible by this."""
         return 2 ** (len(self.channel_mult) - 1)
-
-    # ---------------------------------------------------------------- (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict (tuples become lists)."""
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        d["attention_resolutions"] = list(self.attention_resolutions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown network settings: {', '.join(unknown)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> "UNetConfig":
-        """A copy with some fields changed."""
-        return self.from_dict({**self.to_dict(), **changes})
 
 
 class ConditionalUNet(nn.Module):
