@@ -1,0 +1,352 @@
+"""``berdiff train``, ``berdiff evaluate`` and ``berdiff data phantoms``.
+
+``register(subparsers)`` adds the three commands to the ``berdiff`` parser (see
+:mod:`napari_berdiff.cli`). Each command is a function of the parsed arguments that returns
+an exit code; bad input raises ``ValueError`` with a message for people, which ``berdiff``
+prints as ``berdiff: error: …``.
+
+    berdiff data phantoms --out DIR --cases 200 --seed 0 [--size 128] [--annotators 4]
+    berdiff train --data DIR --kind bernoulli -o model.safetensors [--steps 4000] [--resume]
+    berdiff evaluate --model M --data DIR --n 16 [--split test|all] [--baseline FILE|none]
+                     [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "cmd_train", "cmd_evaluate", "cmd_data_phantoms", "main"]
+
+PHANTOM_SEED_STRIDE = 100_000
+
+
+# ---------------------------------------------------------------------------- helpers
+def _resolve_model(arg: str) -> Path:
+    p = Path(arg)
+    if p.exists():
+        return p
+    try:
+        from .checkpoints.info import list_bundled_models
+
+        bundled = list_bundled_models()
+    except ImportError:  # pragma: no cover - checkpoints always ships
+        bundled = []
+    for f in bundled:
+        if f.stem == arg or f.name == arg:
+            return f
+    names = ", ".join(f.stem for f in bundled) or "none installed"
+    raise ValueError(f"no such model file: {arg} (bundled models: {names})")
+
+
+def _load(path: Path, device: str) -> Any:
+    from .checkpoints.loading import load_model
+
+    return load_model(path, device=device)
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{what} takes comma-separated whole numbers, got {text!r}") from None
+    return vals
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _split_settings(args: argparse.Namespace) -> tuple[tuple[float, float, float], int]:
+    fr = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
+    if min(fr) < 0:
+        raise ValueError("--val-fraction plus --test-fraction must not exceed 1")
+    return fr, args.split_seed
+
+
+# ---------------------------------------------------------------------------- data phantoms
+def cmd_data_phantoms(args: argparse.Namespace) -> int:
+    """Write ``--cases`` phantoms to the LIDC-crops layout under ``--out``."""
+    from .data.layout import write_lidc_layout
+    from .data.phantoms import make_phantom
+
+    if args.cases < 1:
+        raise ValueError(f"--cases must be >= 1, got {args.cases}")
+    if args.cases > PHANTOM_SEED_STRIDE:
+        raise ValueError(f"--cases must be <= {PHANTOM_SEED_STRIDE}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"{out} exists and is not empty; choose another folder or use --force")
+    seeds = [args.seed * PHANTOM_SEED_STRIDE + i for i in range(args.cases)]
+    tic = time.perf_counter()
+    phantoms = (make_phantom(s, args.size, args.annotators) for s in seeds)
+    desc = {
+        "description": f"synthetic CT-like phantoms {args.size}x{args.size}, "
+                       f"{args.annotators} annotators (napari_berdiff.data.phantoms), "
+                       f"seeds {seeds[0]}..{seeds[-1]}",
+        "generator": "napari_berdiff.data.phantoms", "seed": args.seed, "size": args.size,
+        "n_annotators": args.annotators,
+    }
+    write_lidc_layout(out, phantoms, desc)
+    print(f"wrote {args.cases} phantom cases ({args.size}×{args.size}, {args.annotators} "
+          f"annotators, seed {args.seed}) to {out} in {time.perf_counter() - tic:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------- train
+def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> Any:
+    from .diffusion import DiffusionConfig
+    from .training import TrainConfig, default_network
+
+    kind = args.kind
+    net = default_network(kind, image_size, channels)
+    changes: dict[str, Any] = {}
+    if args.base_channels:
+        changes["model_channels"] = args.base_channels
+    if args.channel_mult:
+        changes["channel_mult"] = _ints(args.channel_mult, "--channel-mult")
+    if args.res_blocks:
+        changes["num_res_blocks"] = args.res_blocks
+    if args.attention is not None:
+        changes["attention_resolutions"] = _ints(args.attention, "--attention")
+    if args.norm_groups:
+        changes["norm_groups"] = args.norm_groups
+    net = net.replace(**changes) if changes else net
+    if kind == "gaussian":
+        diff = DiffusionConfig(kind="gaussian", timesteps=args.timesteps, schedule=args.schedule,
+                               prediction="eps", default_steps=args.sampling_steps,
+                               sampler="ddim")
+    else:
+        diff = DiffusionConfig(kind="bernoulli", timesteps=args.timesteps,
+                               schedule=args.schedule, prediction=args.prediction,
+                               default_steps=args.sampling_steps)
+    return TrainConfig(
+        kind=kind, network=net.to_dict(), diffusion=diff.to_dict(), steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
+        grad_clip=args.grad_clip, augment=not args.no_augment, bce_weight=args.bce_weight,
+        focal=args.focal, t_sampling=args.t_sampling, normalisation=args.normalisation,
+        checkpoint_every=args.checkpoint_every, max_minutes=args.minutes, seed=args.seed,
+        threads=args.threads, device=args.device,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a Bernoulli, Gaussian or deterministic model on a data folder."""
+    from .data.layout import load_dataset
+    from .data.splits import split_dataset
+    from .training import state_path_for, train
+
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"the output must be a .safetensors file, got {out.name}")
+    if not out.parent.exists():
+        raise ValueError(f"the output folder {out.parent} does not exist")
+    if out.exists() and not (args.resume or args.force):
+        raise ValueError(f"{out} exists; use --resume to continue its run or --force to replace it")
+    if args.resume and not state_path_for(out).exists():
+        raise ValueError(f"cannot resume: no training state {state_path_for(out).name} "
+                         f"next to {out}")
+    full = load_dataset(args.data)
+    fractions, split_seed = _split_settings(args)
+    ds = split_dataset(full, args.split, fractions, split_seed)
+    if len(ds) == 0:
+        raise ValueError(f"the {args.split} split of {args.data} is empty "
+                         f"({len(full.cases())} cases); use --split all")
+    ds.description.update({"split": args.split, "split_fractions": list(fractions),
+                           "split_seed": split_seed})
+    c, h, w = ds.image_shape
+    if h != w:
+        raise ValueError(f"the images are {h}x{w}; training needs square images")
+    cfg = _train_config(args, h, c)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"training a {args.kind} model on {len(ds)} items ({len(ds.cases())} cases, "
+              f"{args.split} split) of {args.data}", file=sys.stderr)
+    res = train(cfg, ds, out, resume=args.resume, progress=not args.quiet, name=args.name)
+    if res.extra.get("rank", 0) != 0:
+        return 0
+    loss = sum(res.losses[-100:]) / max(len(res.losses[-100:]), 1)
+    print(f"{'stopped at the time budget at' if res.stopped_by_time else 'reached'} step "
+          f"{res.step} in {res.elapsed_s / 60:.1f} min (mean loss of the last steps "
+          f"{loss:.4f}); wrote {out}, {res.state.name} and {res.log.name}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a model, the deterministic baseline and the references on a data folder."""
+    import torch
+
+    from .data.layout import load_dataset
+    from .data.splits import split_dataset
+    from .training.evaluate import default_baseline_path, evaluate, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_path = _resolve_model(args.model)
+    model = _load(model_path, args.device)
+    full = load_dataset(args.data)
+    stored = (model.metadata.get("data") or {}).get("dataset") or {}
+    same_data = stored.get("root") and Path(stored["root"]).resolve() == Path(args.data).resolve()
+    fractions = (0.8, 0.1, 0.1)
+    if same_data:
+        fractions = tuple(stored.get("split_fractions", fractions))
+    split_seed = int(stored.get("split_seed", 0)) if same_data else 0
+    if args.split_seed is not None:
+        split_seed = args.split_seed
+    ds = split_dataset(full, args.split, fractions, split_seed)  # type: ignore[arg-type]
+    if len(ds) == 0:
+        raise ValueError(f"the {args.split} split of {args.data} is empty "
+                         f"({len(full.cases())} cases); use --split all")
+    if args.max_items:
+        ds = ds[: args.max_items]
+    baseline = None
+    if args.baseline is None:
+        bp = default_baseline_path(model, model_path)
+        if bp is not None and bp.resolve() != model_path.resolve():
+            baseline = _load(bp, args.device)
+    elif args.baseline.lower() != "none":
+        baseline = _load(_resolve_model(args.baseline), args.device)
+    rep = evaluate(model, ds, n=args.n, steps=args.steps, seed=args.seed, baseline=baseline,
+                   progress=not args.quiet)
+    summary = rep.summary()
+    print(f"{model.name or model_path.name} on {len(ds)} items ({args.split} split of "
+          f"{args.data}), N = {args.n}")
+    print(format_table(summary))
+    if args.json:
+        doc = {**summary, "_settings": {**rep.settings, "n": rep.n, "n_items": len(rep.items)}}
+        Path(args.json).write_text(json.dumps(_clean(doc), indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def register(subparsers: Any) -> None:
+    """Add ``train``, ``evaluate`` and ``data`` to the ``berdiff`` sub-command parsers."""
+    p = subparsers.add_parser(
+        "train", help="train a Bernoulli, Gaussian or deterministic model on a data folder",
+        description="Train on a folder in the LIDC-crops layout (images/ + gt/) or an images/ "
+                    "+ masks/ folder. Each step draws one annotator per image. Writes the EMA "
+                    "model (.safetensors), the training state (.state.pt, for --resume) and a "
+                    "CSV log next to it.")
+    p.add_argument("--data", required=True, help="data folder")
+    p.add_argument("--kind", default="bernoulli",
+                   choices=["bernoulli", "gaussian", "deterministic"])
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--name", help="model name stored in the file (default: the file name)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved next to --output")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--split", default="train", choices=["train", "all"],
+                   help="train on the train split (default) or on every case")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=12, help="per process under torchrun")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--no-augment", action="store_true", help="no flips / 90° rotations")
+    p.add_argument("--bce-weight", type=float, default=1.0)
+    p.add_argument("--focal", action="store_true", help="focal loss (γ=2) instead of BCE")
+    p.add_argument("--t-sampling", default="uniform", choices=["uniform", "visited"])
+    p.add_argument("--normalisation", default="minmax", choices=["minmax", "none", "zscore"])
+    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "alpha_bar_linear"])
+    p.add_argument("--prediction", default="x0", choices=["x0", "eps"], help="Bernoulli only")
+    p.add_argument("--sampling-steps", type=int, default=10, help="the model's default steps")
+    p.add_argument("--base-channels", type=int, help="UNet base width (default 16)")
+    p.add_argument("--channel-mult", help="e.g. 1,2,2,4 (default)")
+    p.add_argument("--res-blocks", type=int, help="residual blocks per level (default 2)")
+    p.add_argument("--attention",
+                   help="attention downsample factors, e.g. 4 (default); '' for none")
+    p.add_argument("--norm-groups", type=int, help="GroupNorm groups (default 8)")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "evaluate", help="GED², HM-IoU, soft Dice and Dice against several annotators",
+        description="Evaluate a model on a data folder against its annotators, next to the "
+                    "deterministic baseline, the oracle (annotators resampled uniformly) and "
+                    "each annotator repeated N times.")
+    p.add_argument("--model", required=True, help="model file or bundled model name")
+    p.add_argument("--data", required=True, help="data folder")
+    p.add_argument("--n", type=int, default=16, help="samples per image (default 16)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="which split to evaluate (default test; 'all' for every case)")
+    p.add_argument("--split-seed", type=int, help="default: the one the model was trained with")
+    p.add_argument("--baseline", help="deterministic baseline file ('none' to skip; default: "
+                                      "the bundled one)")
+    p.add_argument("--max-items", type=int, help="evaluate only the first items")
+    p.add_argument("--json", help="also write the figures as JSON keyed by method")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("data", help="data tools (phantoms)",
+                              description="Data tools.")
+    dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    q = dsub.add_parser("phantoms", help="write CT-like phantoms with K annotators",
+                        description="Write phantoms in the LIDC-crops layout "
+                                    "(images/<case>/<slice>.png, gt/<case>/<slice>_l<k>.png).")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--cases", type=int, default=100)
+    q.add_argument("--seed", type=int, default=0, help="a different seed gives different cases")
+    q.add_argument("--size", type=int, default=128)
+    q.add_argument("--annotators", type=int, default=4)
+    q.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    q.set_defaults(func=cmd_data_phantoms)
+
+    def _data_help(args: argparse.Namespace) -> int:
+        p.print_help(sys.stderr)
+        return 2
+
+    p.set_defaults(func=_data_help)
+    q.set_defaults(func=cmd_data_phantoms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point with only these commands (same conventions as ``berdiff``)."""
+    parser = argparse.ArgumentParser(prog="berdiff")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as e:
+        print(f"berdiff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("berdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

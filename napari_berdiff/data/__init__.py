@@ -1,0 +1,31 @@
+"""Data: phantoms with several annotators, the LIDC-crops layout, image/mask folders, splits.
+
+No Qt, no napari, no torch.
+"""
+
+from .dataset import SegDataset, SegItem
+from .layout import (
+    detect_layout,
+    load_dataset,
+    load_image_mask_folder,
+    load_lidc_layout,
+    write_lidc_layout,
+)
+from .phantoms import Phantom, make_phantom, make_phantoms, oracle_samples
+from .splits import split_cases, split_dataset
+
+__all__ = [
+    "Phantom",
+    "SegDataset",
+    "SegItem",
+    "detect_layout",
+    "load_dataset",
+    "load_image_mask_folder",
+    "load_lidc_layout",
+    "make_phantom",
+    "make_phantoms",
+    "oracle_samples",
+    "split_cases",
+    "split_dataset",
+    "write_lidc_layout",
+]

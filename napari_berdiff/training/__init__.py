@@ -1,0 +1,25 @@
+"""Training loops and their recipes (torch only; no Qt, no napari)."""
+
+from .config import TrainConfig, default_diffusion, default_network
+from .ema import EMA
+from .trainer import (
+    TrainResult,
+    export_model,
+    log_path_for,
+    segmentor_predict,
+    state_path_for,
+    train,
+)
+
+__all__ = [
+    "EMA",
+    "TrainConfig",
+    "TrainResult",
+    "default_diffusion",
+    "default_network",
+    "export_model",
+    "log_path_for",
+    "segmentor_predict",
+    "state_path_for",
+    "train",
+]

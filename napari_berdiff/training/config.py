@@ -1,0 +1,169 @@
+"""The training recipe: every setting a run depends on, stored in the checkpoint metadata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..diffusion import DiffusionConfig
+from ..networks import UNetConfig
+
+TRAIN_KINDS = ("bernoulli", "gaussian", "deterministic")
+T_SAMPLINGS = ("uniform", "visited")
+
+
+def default_network(kind: str = "bernoulli", image_size: int = 64,
+                    image_channels: int = 1) -> UNetConfig:
+    """The small UNet of the bundled models (base 16, channel_mult (1,2,2,4), 2 res blocks,
+    attention at downsample 4 and in the middle, GroupNorm with 8 groups)."""
+    return UNetConfig(
+        image_size=image_size, image_channels=image_channels, mask_channels=1,
+        out_channels=1, model_channels=16, num_res_blocks=2, attention_resolutions=(4,),
+        channel_mult=(1, 2, 2, 4), num_heads=1, norm_groups=8, concat_order="mask_first",
+        output_activation="none" if kind == "gaussian" else "sigmoid",
+    )
+
+
+def default_diffusion(kind: str = "bernoulli") -> DiffusionConfig:
+    if kind == "gaussian":
+        return DiffusionConfig(kind="gaussian", timesteps=1000, schedule="cosine",
+                               prediction="eps", default_steps=10, sampler="ddim")
+    # The deterministic baseline carries a placeholder (it is never sampled).
+    return DiffusionConfig(kind="bernoulli", timesteps=1000, schedule="cosine",
+                           prediction="x0", default_steps=10)
+
+
+@dataclass
+class TrainConfig:
+    """How to train one model.
+
+    Parameters
+    ----------
+    kind
+        ``bernoulli``, ``gaussian`` or ``deterministic`` (the U-Net baseline, BCE + Dice).
+    network, diffusion
+        The network and the diffusion settings (defaults: :func:`default_network`,
+        :func:`default_diffusion`).
+    steps
+        Optimiser steps (the run also stops at ``max_minutes``).
+    batch_size
+        Samples per step *per process* (under DDP the global batch is this × world size).
+    lr, weight_decay, betas, warmup, min_lr_ratio
+        AdamW with a linear warm-up and a cosine decay to ``lr * min_lr_ratio``.
+    ema_decay
+        EMA of the weights (with the usual ``(1+s)/(10+s)`` warm-up); the EMA weights are
+        what gets exported.
+    grad_clip
+        Clip the global gradient norm (0 disables).
+    augment
+        Random flips and 90° rotations (the 8 symmetries of the square).
+    bce_weight, focal
+        Bernoulli loss: ``vb + bce_weight · BCE`` (focal loss with γ = 2 if ``focal``).
+    vb_weight
+        Weight of the variational (KL) term of the Bernoulli loss.
+    t_sampling
+        ``uniform`` over 0..T-1, or ``visited``: only the timesteps the sampler visits with
+        the model's default step count.
+    dice_weight
+        Deterministic baseline: ``BCE + dice_weight · (1 − soft Dice)``.
+    normalisation
+        Intensity normalisation applied to every training image and recorded in the model's
+        metadata, so that sampling applies the same (``minmax``: each image to [0, 1];
+        ``none``; ``zscore``).
+    checkpoint_every
+        Save the training state (and export the EMA model) every N steps.
+    max_minutes
+        Wall-clock budget; 0 means none.
+    seed
+        Seeds the weights, the data order, annotators, augmentation, timesteps and noise.
+    threads
+        ``torch.set_num_threads`` (0 leaves torch's default).
+    device
+        ``cpu``, ``cuda``, ``mps`` or ``auto``.
+    """
+
+    kind: str = "bernoulli"
+    network: dict[str, Any] = field(default_factory=dict)
+    diffusion: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 100
+    min_lr_ratio: float = 0.05
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    augment: bool = True
+    bce_weight: float = 1.0
+    vb_weight: float = 1.0
+    focal: bool = False
+    t_sampling: str = "uniform"
+    dice_weight: float = 1.0
+    normalisation: str = "minmax"
+    checkpoint_every: int = 500
+    max_minutes: float = 0.0
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRAIN_KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}; expected one of {TRAIN_KINDS}")
+        if not self.network:
+            self.network = default_network(self.kind).to_dict()
+        if isinstance(self.network, UNetConfig):
+            self.network = self.network.to_dict()
+        if not self.diffusion:
+            self.diffusion = default_diffusion(self.kind).to_dict()
+        if isinstance(self.diffusion, DiffusionConfig):
+            self.diffusion = self.diffusion.to_dict()
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.normalisation not in ("minmax", "none", "zscore"):
+            raise ValueError(f"normalisation must be minmax, none or zscore, got "
+                             f"{self.normalisation!r}")
+        if self.t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {self.t_sampling!r}")
+        net = self.unet_config()
+        diff = self.diffusion_config()
+        if self.kind in ("bernoulli", "gaussian") and diff.kind != self.kind:
+            raise ValueError(f"kind {self.kind!r} needs a {self.kind} diffusion config, "
+                             f"got {diff.kind!r}")
+        want_act = "none" if self.kind == "gaussian" else "sigmoid"
+        if net.output_activation != want_act:
+            raise ValueError(f"a {self.kind} model needs output_activation={want_act!r}")
+        if net.mask_channels != 1:
+            raise ValueError("the trainers handle single-channel binary masks (mask_channels=1)")
+
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig.from_dict(self.network)
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig.from_dict(self.diffusion)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return self.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,296 @@
+"""Evaluation against several annotators: GED², HM-IoU, soft Dice and Dice.
+
+Methods compared on every item of a data set, each giving N binary masks:
+
+* ``model``: N samples of the diffusion model (or, for a segmentor, its mask N times);
+* ``deterministic``: the deterministic U-Net baseline's mask repeated N times;
+* ``oracle``: the item's K annotations drawn uniformly with replacement, the best any method
+  can do with N samples (DESIGN §7; for phantoms it is the true mask distribution);
+* ``annotator_k``: annotator k's mask repeated N times (perfect shapes, no diversity);
+  ``best_annotator`` repeats the summary of the annotator with the lowest mean GED².
+
+Metrics per item (then averaged over items):
+
+* ``ged2``: squared generalised energy distance with d = 1 − IoU (BerDiff's ``test.py``);
+* ``hm_iou``: Hungarian-matched IoU, labels repeated to N;
+* ``soft_dice``: Dice of the mean mask vs the mean label, averaged over thresholds
+  {.1, .3, .5, .7, .9};
+* ``dice``: mean Dice over all (sample, annotator) pairs (1 when both are empty).
+
+Items of phantoms carry ``faint``; the summary also gives each metric on the *clear* items.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.dataset import SegDataset
+from ..uncertainty import ged2, hm_iou, soft_dice
+
+__all__ = ["Method", "EvalReport", "evaluate", "evaluate_methods", "model_method",
+           "segmentor_method", "constant_method", "format_table", "item_metrics",
+           "default_baseline_path", "METRICS"]
+
+METRICS = ("ged2", "hm_iou", "soft_dice", "dice")
+#: A method maps (image (C,H,W) float32 as loaded, n, seed) to (n, H, W) binary masks.
+Method = Callable[[np.ndarray, int, int], np.ndarray]
+
+
+def mean_pair_dice(samples: np.ndarray, labels: np.ndarray) -> float:
+    """Mean Dice over all (sample, label) pairs; 1 for two empty masks."""
+    s = samples.reshape(samples.shape[0], -1).astype(bool)
+    y = labels.reshape(labels.shape[0], -1).astype(bool)
+    inter = s.astype(np.float64) @ y.T.astype(np.float64)
+    denom = s.sum(1)[:, None] + y.sum(1)[None, :]
+    d = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+    return float(d.mean())
+
+
+def item_metrics(samples: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The four metrics of N binary samples against K labels."""
+    samples = (np.asarray(samples) > 0).astype(np.uint8)
+    labels = (np.asarray(labels) > 0).astype(np.uint8)
+    return {
+        "ged2": ged2(samples, labels),
+        "hm_iou": hm_iou(samples, labels),
+        "soft_dice": soft_dice(samples.astype(np.float32), labels),
+        "dice": mean_pair_dice(samples, labels),
+    }
+
+
+# ---------------------------------------------------------------------------- methods
+def model_method(model: Any, steps: int | str | None = None, max_batch: int | None = None
+                 ) -> Method:
+    """Sampling a :class:`~napari_berdiff.model.DiffusionModel` (a segmentor repeats its mask)."""
+    if getattr(model, "kind", None) == "segmentor":
+        return segmentor_method(model)
+    if getattr(model, "kind", None) == "refiner":
+        raise ValueError("a refiner needs a prior mask for every image; evaluate it with the "
+                         "refiner tools, not with `berdiff evaluate`")
+
+    def run(image: np.ndarray, n: int, seed: int) -> np.ndarray:
+        res = model.sample_all(image, n=n, steps=steps, seed=seed, max_batch=max_batch)
+        return res.masks
+
+    return run
+
+
+def segmentor_method(model: Any) -> Method:
+    """The deterministic baseline: one mask (UNet fed zeros at t = 0, > 0.5) repeated N times."""
+    from .trainer import segmentor_predict
+
+    def run(image: np.ndarray, n: int, seed: int) -> np.ndarray:
+        x = torch.from_numpy(model.prepare(image))[None].to(model.device)
+        with torch.inference_mode():
+            prob = segmentor_predict(model.net, x)[0, 0].float().cpu().numpy()
+        return np.repeat((prob > 0.5).astype(np.uint8)[None], n, 0)
+
+    return run
+
+
+def constant_method(mask: np.ndarray) -> Method:
+    """Always the same mask (a sanity reference)."""
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+
+    def run(image: np.ndarray, n: int, seed: int) -> np.ndarray:
+        return np.repeat(m[None], n, 0)
+
+    return run
+
+
+def default_baseline_path(model: Any = None, model_path: str | Path | None = None) -> Path | None:
+    """The baseline a model is compared against by default.
+
+    The model's metadata may name it (``training.baseline``, a file next to the model);
+    otherwise the bundled ``models/unet-phantom-64.safetensors`` when it exists.
+    """
+    meta = getattr(model, "metadata", {}) or {}
+    named = (meta.get("training") or {}).get("baseline") or meta.get("baseline")
+    if named and model_path is not None:
+        p = Path(model_path).parent / str(named)
+        if p.exists():
+            return p
+    bundled = Path(__file__).resolve().parents[2] / "models" / "unet-phantom-64.safetensors"
+    return bundled if bundled.exists() else None
+
+
+# ---------------------------------------------------------------------------- the report
+@dataclass
+class EvalReport:
+    """Per-item metrics by method, and their summary."""
+
+    per_item: dict[str, dict[str, list[float]]]
+    items: list[dict[str, Any]]
+    n: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """``{method: {metric: mean, metric_sem: …, metric_clear: …, n_items: …}}`` with
+        ``best_annotator`` added, and for ``model`` the fraction of the GED² gap between the
+        best annotator and the oracle that it closes."""
+        clear = np.array([not it.get("faint", False) for it in self.items])
+        out: dict[str, dict[str, Any]] = {}
+        for meth, mets in self.per_item.items():
+            d: dict[str, Any] = {}
+            for k, vals in mets.items():
+                v = np.asarray(vals, dtype=np.float64)
+                ok = np.isfinite(v)
+                d[k] = float(v[ok].mean()) if ok.any() else float("nan")
+                d[f"{k}_sem"] = float(v[ok].std(ddof=1) / math.sqrt(ok.sum())) if ok.sum() > 1 \
+                    else float("nan")
+                if clear.any() and (~clear).any():
+                    c = ok & clear
+                    d[f"{k}_clear"] = float(v[c].mean()) if c.any() else float("nan")
+                d["n_items"] = int(ok.sum())
+            if meth in self.seconds:
+                d["seconds"] = round(self.seconds[meth], 2)
+            out[meth] = d
+        annot = [m for m in out if m.startswith("annotator_")]
+        if annot:
+            best = min(annot, key=lambda m: out[m]["ged2"])
+            out["best_annotator"] = {**out[best], "which": best}
+            if "model" in out and "oracle" in out:
+                gap = out["best_annotator"]["ged2"] - out["oracle"]["ged2"]
+                if gap > 0:
+                    out["model"]["ged2_gap_closed"] = float(
+                        (out["best_annotator"]["ged2"] - out["model"]["ged2"]) / gap)
+        return out
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        doc = {**self.summary(), "_settings": {**self.settings, "n": self.n,
+                                                "n_items": len(self.items)}}
+        text = json.dumps(doc, indent=1, allow_nan=True)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def format_table(summary: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table: one row per method."""
+    order = ["model", "deterministic", "oracle", "best_annotator"]
+    rows = [m for m in order if m in summary] + sorted(
+        m for m in summary if m not in order)
+    has_clear = any("hm_iou_clear" in summary[m] for m in rows)
+    head = f"{'method':<18}{'GED²':>8}{'HM-IoU':>8}{'softDice':>10}{'Dice':>8}"
+    if has_clear:
+        head += f"{'HM-IoU clear':>14}"
+    lines = [head, "-" * len(head)]
+    for m in rows:
+        s = summary[m]
+        label = m if m != "best_annotator" else f"best ({s.get('which', '?')[10:]})"
+        label = label if m != "best_annotator" else f"best annot. {s.get('which', '')[10:]}"
+        line = (f"{label:<18}{s['ged2']:>8.4f}{s['hm_iou']:>8.4f}{s['soft_dice']:>10.4f}"
+                f"{s['dice']:>8.4f}")
+        if has_clear:
+            line += f"{s.get('hm_iou_clear', float('nan')):>14.4f}"
+        lines.append(line)
+    if "ged2_gap_closed" in summary.get("model", {}):
+        lines.append(f"model closes {100 * summary['model']['ged2_gap_closed']:.0f}% of the GED² "
+                     "gap between the best single annotator and the oracle")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluate_methods(
+    dataset: SegDataset,
+    methods: dict[str, Method],
+    n: int = 16,
+    seed: int = 0,
+    oracle: bool = True,
+    annotators: bool = True,
+    progress: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> EvalReport:
+    """Score every method on every item of ``dataset`` with N masks per item.
+
+    The seed of item i is ``seed + i`` for every method, so runs are reproducible.
+    """
+    if len(dataset) == 0:
+        raise ValueError("nothing to evaluate: the data set (split) is empty")
+    if int(n) < 1:
+        raise ValueError(f"N must be >= 1, got {n}")
+    n = int(n)
+    kmax = dataset.max_annotators()
+    names = list(methods)
+    if oracle:
+        names.append("oracle")
+    if annotators:
+        names += [f"annotator_{k}" for k in range(kmax)]
+    per_item = {m: {k: [] for k in METRICS} for m in names}
+    seconds = {m: 0.0 for m in methods}
+    items_info = []
+    it = enumerate(dataset)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=len(dataset), desc="evaluate", unit="item")
+    for i, item in it:
+        labels = (item.masks > 0).astype(np.uint8)
+        items_info.append({"case": item.case, "slice": item.slice,
+                           "faint": bool(item.info.get("faint", False))})
+        for name, fn in methods.items():
+            tic = time.perf_counter()
+            masks = np.asarray(fn(item.image, n, seed + i))
+            seconds[name] += time.perf_counter() - tic
+            if masks.shape != (n, *labels.shape[1:]):
+                raise ValueError(f"method {name!r} returned masks of shape {masks.shape}; "
+                                 f"expected {(n, *labels.shape[1:])}")
+            for k, v in item_metrics(masks, labels).items():
+                per_item[name][k].append(v)
+        if oracle:
+            rng = np.random.default_rng([seed, i, 7])
+            o = labels[rng.integers(0, labels.shape[0], n)]
+            for k, v in item_metrics(o, labels).items():
+                per_item["oracle"][k].append(v)
+        if annotators:
+            for a in range(kmax):
+                key = f"annotator_{a}"
+                if a < labels.shape[0]:
+                    vals = item_metrics(np.repeat(labels[a:a + 1], n, 0), labels)
+                else:
+                    vals = {k: float("nan") for k in METRICS}
+                for k, v in vals.items():
+                    per_item[key][k].append(v)
+    return EvalReport(per_item=per_item, items=items_info, n=n, seconds=seconds,
+                      settings=dict(settings or {}))
+
+
+def evaluate(
+    model: Any,
+    dataset: SegDataset,
+    n: int = 16,
+    steps: int | str | None = None,
+    seed: int = 0,
+    baseline: Any = None,
+    oracle: bool = True,
+    annotators: bool = True,
+    progress: bool = False,
+) -> EvalReport:
+    """Evaluate a model (and a deterministic baseline, when given) on a data set.
+
+    ``model`` and ``baseline`` are loaded models (:func:`napari_berdiff.load_model`).
+    """
+    methods: dict[str, Method] = {"model": model_method(model, steps)}
+    if baseline is not None:
+        if getattr(baseline, "kind", None) != "segmentor":
+            raise ValueError(f"the baseline must be a deterministic segmentor, got kind "
+                             f"{getattr(baseline, 'kind', '?')!r}")
+        methods["deterministic"] = segmentor_method(baseline)
+    settings = {"steps": steps if steps is not None else getattr(
+        getattr(model, "diffusion", None), "default_steps", None), "seed": seed,
+        "model": getattr(model, "name", ""),
+        "baseline": getattr(baseline, "name", None) if baseline is not None else None,
+        "data": dataset.description.get("description") or dataset.description.get("root", ""),
+        "split": dataset.description.get("split", "")}
+    return evaluate_methods(dataset, methods, n=n, seed=seed, oracle=oracle,
+                            annotators=annotators, progress=progress, settings=settings)

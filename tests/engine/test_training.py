@@ -1,0 +1,194 @@
+"""The trainers: loss goes down, checkpoints load, --resume is exact, DDP on gloo (small)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_berdiff.data.dataset import SegDataset, SegItem
+from napari_berdiff.data.phantoms import make_phantom
+from napari_berdiff.diffusion import DiffusionConfig
+from napari_berdiff.networks import tiny_config
+from napari_berdiff.training import TrainConfig, log_path_for, state_path_for, train
+from napari_berdiff.training.trainer import load_state
+
+SIZE = 16
+
+
+def _dataset(n=8, size=SIZE) -> SegDataset:
+    items = []
+    for s in range(n):
+        p = make_phantom(s, size=size)
+        items.append(SegItem(p.image, p.masks, f"c{s}", "0", info=p.info))
+    return SegDataset(items, {"layout": "phantoms", "description": "test phantoms"})
+
+
+def _config(kind="bernoulli", **kw) -> TrainConfig:
+    net = tiny_config(model_channels=8, norm_groups=4, attention_resolutions=(),
+                      output_activation="none" if kind == "gaussian" else "sigmoid")
+    if kind == "gaussian":
+        diff = DiffusionConfig(kind="gaussian", timesteps=50, schedule="cosine", default_steps=4)
+    else:
+        diff = DiffusionConfig(kind="bernoulli", timesteps=50, schedule="cosine",
+                               prediction="x0", default_steps=4)
+    base = dict(kind=kind, network=net.to_dict(), diffusion=diff.to_dict(), steps=30,
+                batch_size=4, lr=3e-3, warmup=0, checkpoint_every=10, threads=1, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _csv_losses(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _dataset()
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "deterministic", "gaussian"])
+def test_few_steps_lower_the_loss_and_write_a_loadable_checkpoint(tmp_path, data, kind):
+    from napari_berdiff.checkpoints.loading import load_model
+
+    out = tmp_path / f"{kind}.safetensors"
+    res = train(_config(kind, steps=40 if kind == "gaussian" else 30), data, out,
+                progress=False)
+    assert res.step == len(res.losses)
+    first, last = np.mean(res.losses[:5]), np.mean(res.losses[-5:])
+    assert last < first, (kind, first, last)
+    assert out.exists() and state_path_for(out).exists() and log_path_for(out).exists()
+    steps, _ = _csv_losses(log_path_for(out))
+    assert steps == list(range(1, res.step + 1))
+
+    m = load_model(out)
+    assert m.kind == ("segmentor" if kind == "deterministic" else kind)
+    meta = m.metadata
+    assert meta["training"]["steps_done"] == res.step
+    assert meta["training"]["recipe"]["kind"] == kind
+    assert meta["data"]["dataset"]["description"] == "test phantoms"
+    assert meta["data"]["normalisation"] == {"mode": "minmax"}
+    # the exported weights are the EMA weights
+    st = load_state(state_path_for(out))
+    for k, v in m.net.state_dict().items():
+        torch.testing.assert_close(v, st["ema"][k])
+    if kind != "deterministic":
+        r = m.sample_all(data[0].image, n=2, steps=2, seed=0)
+        assert r.masks.shape == (2, SIZE, SIZE)
+
+
+def test_resume_continues_exactly(tmp_path, data):
+    cfg = _config(steps=12, checkpoint_every=4)
+    full = train(cfg, data, tmp_path / "full.safetensors", progress=False)
+    part = tmp_path / "part.safetensors"
+    first = train(cfg, data, part, progress=False, stop_after=6)
+    assert first.step == 6 and load_state(state_path_for(part))["step"] == 6
+    second = train(cfg, data, part, progress=False, resume=True)
+    assert second.step == 12 and len(second.losses) == 6
+    np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=0, atol=1e-6)
+    steps, losses = _csv_losses(log_path_for(part))
+    assert steps == list(range(1, 13))
+    np.testing.assert_allclose(losses, _csv_losses(log_path_for(tmp_path / "full.safetensors"))[1],
+                               atol=1e-5)
+    a = load_state(state_path_for(part))["ema"]
+    b = load_state(state_path_for(tmp_path / "full.safetensors"))["ema"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_resume_without_state_is_a_clear_error(tmp_path, data):
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(_config(steps=2), data, tmp_path / "x.safetensors", resume=True, progress=False)
+
+
+def test_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="unknown kind"):
+        TrainConfig(kind="magic")
+    with pytest.raises(ValueError, match="output_activation"):
+        _config("gaussian", network=tiny_config(norm_groups=4).to_dict())
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_dict({"kind": "bernoulli", "speed": 3})
+
+
+def test_cli_train_and_resume(tmp_path):
+    from napari_berdiff.cli_training import main
+    from napari_berdiff.checkpoints.loading import load_model
+
+    d = tmp_path / "data"
+    assert main(["data", "phantoms", "--out", str(d), "--cases", "6", "--size", "16"]) == 0
+    out = tmp_path / "m.safetensors"
+    common = ["train", "--data", str(d), "--kind", "bernoulli", "-o", str(out),
+              "--base-channels", "8", "--channel-mult", "1,2", "--res-blocks", "1",
+              "--attention", "", "--norm-groups", "4", "--batch-size", "2",
+              "--timesteps", "20", "--sampling-steps", "4", "--checkpoint-every", "2",
+              "--threads", "1", "--quiet"]
+    assert main(common + ["--steps", "3"]) == 0
+    assert load_model(out).metadata["training"]["steps_done"] == 3
+    assert main(common + ["--steps", "3"]) == 2  # exists: needs --resume or --force
+    assert main(common + ["--steps", "5", "--resume"]) == 0
+    assert load_state(state_path_for(out))["step"] == 5
+    steps, _ = _csv_losses(log_path_for(out))
+    assert steps == [1, 2, 3, 4, 5]
+    meta = load_model(out).metadata
+    assert meta["training"]["steps_done"] == 5
+    assert meta["data"]["dataset"]["split"] == "train"
+    missing = ["train", "--data", str(tmp_path / "none"), "-o", str(tmp_path / "y.safetensors")]
+    assert main(missing) == 2
+
+
+# ---------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, cfg_json: str):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "BERDIFF_DDP_BACKEND": "gloo"})
+    cfg = TrainConfig.from_dict(json.loads(cfg_json))
+    res = train(cfg, _dataset(), out, progress=False)
+    with open(f"{out}.losses{rank}.json", "w") as f:
+        json.dump(res.losses, f)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_ddp_two_processes_on_gloo_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no gloo backend")
+    cfg = _config(steps=3, batch_size=2, checkpoint_every=3)
+    out = tmp_path / "ddp.safetensors"
+    # fork: the children need not re-import torch (they run with one thread each)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out), cfg.to_json()),
+                             nprocs=2, join=False, start_method=method)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process DDP run did not finish within 120 s")
+    assert out.exists()
+    ret = [json.loads(open(f"{out}.losses{r}.json").read()) for r in range(2)]
+    ddp_losses = ret[0]
+    assert len(ddp_losses) == 3
+    assert ret[1] == ddp_losses  # every rank logs the all-reduced loss
+    # One process with the global batch (2 x 2) computes the same steps.
+    single = train(cfg.replace(batch_size=4), _dataset(), tmp_path / "one.safetensors",
+                   progress=False)
+    np.testing.assert_allclose(ddp_losses, single.losses, rtol=1e-4, atol=1e-5)
+    a = load_state(state_path_for(out))["net"]
+    b = load_state(state_path_for(tmp_path / "one.safetensors"))["net"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
