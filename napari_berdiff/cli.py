@@ -399,12 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
-    try:  # train, evaluate, data (napari_berdiff.cli_training)
-        from .cli_training import register
-    except ImportError:  # pragma: no cover - shipped alongside
-        register = None
-    if register is not None:
-        register(sub)
+    from .cli_training import register  # train, evaluate, data
+
+    register(sub)
     return parser
 
 

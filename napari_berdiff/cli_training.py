@@ -325,28 +325,3 @@ def register(subparsers: Any) -> None:
 
     p.set_defaults(func=_data_help)
     q.set_defaults(func=cmd_data_phantoms)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point with only these commands (same conventions as ``berdiff``)."""
-    parser = argparse.ArgumentParser(prog="berdiff")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, OSError) as e:
-        print(f"berdiff: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("berdiff: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -253,7 +253,7 @@ def test_splits_are_deterministic_and_order_free():
 
 # ---------------------------------------------------------------------------- CLI
 def test_cli_data_phantoms_seeds_differ(tmp_path):
-    from napari_berdiff.cli_training import main
+    from napari_berdiff.cli import main
 
     assert main(["data", "phantoms", "--out", str(tmp_path / "a"), "--cases", "3",
                  "--seed", "1", "--size", "32"]) == 0

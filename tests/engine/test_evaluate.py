@@ -76,7 +76,7 @@ def test_bad_method_output_and_empty_data_are_errors():
 
 
 def test_cli_evaluate_model_and_baseline(tmp_path):
-    from napari_berdiff.cli_training import main
+    from napari_berdiff.cli import main
 
     d = tmp_path / "data"
     assert main(["data", "phantoms", "--out", str(d), "--cases", "4", "--size", "16"]) == 0

@@ -119,7 +119,7 @@ def test_config_rejects_bad_settings():
 
 
 def test_cli_train_and_resume(tmp_path):
-    from napari_berdiff.cli_training import main
+    from napari_berdiff.cli import main
     from napari_berdiff.checkpoints.loading import load_model
 
     d = tmp_path / "data"
