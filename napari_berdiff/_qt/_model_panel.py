@@ -87,6 +87,25 @@ def _flat_metrics(metrics: Any, prefix: str = "") -> list[tuple[str, float]]:
     return out
 
 
+_HEADLINE = (("ged2", "GED²"), ("hm_iou", "HM-IoU"), ("soft_dice", "soft Dice"))
+
+
+def _metrics_line(metrics: dict[str, Any]) -> str:
+    """The model's headline figures from an evaluation block (``{set: {"model": {...}}}``),
+    else the first few plain figures."""
+    for set_name, block in metrics.items():
+        own = block.get("model") if isinstance(block, dict) else None
+        if isinstance(own, dict):
+            parts = [f"{label} {own[k]:.3f}" for k, label in _HEADLINE
+                     if isinstance(own.get(k), (int, float))]
+            if parts:
+                n = own.get("n_items")
+                where = str(set_name).replace("_", " ") + (f", {n} cases" if n else "")
+                return f"{' · '.join(parts)} ({where})"
+    flat = [(k, v) for k, v in _flat_metrics(metrics) if not k.endswith("_sem")]
+    return " · ".join(f"{k} {v:.3g}" for k, v in flat[:4])
+
+
 def summary_html(model: Any, label: str = "") -> str:
     """A few lines for people: kind, size, diffusion settings, training data, metrics."""
     s = model.summary()
@@ -107,10 +126,9 @@ def summary_html(model: Any, label: str = "") -> str:
         if len(text) > 70:
             text = text[:68].rstrip(" ,;(") + "…"
         lines.append(f"Trained on: {extra}{html.escape(text)}")
-    metrics = _flat_metrics(s.get("metrics") or {})
-    if metrics:
-        shown = " · ".join(f"{html.escape(k)} {v:.3g}" for k, v in metrics[:5])
-        lines.append(f"Measured: {shown}")
+    measured = _metrics_line(s.get("metrics") or {})
+    if measured:
+        lines.append(f"Measured: {html.escape(measured)}")
     if meta.get("untrained"):
         lines.append(
             "<span style='color:#ff6060'><b>UNTRAINED demo model</b>: its samples are "

@@ -509,3 +509,14 @@ def test_widget_module_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_model_summary_shows_the_headline_metrics():
+    from napari_berdiff._qt._model_panel import _metrics_line
+
+    metrics = {"heldout_phantoms": {"model": {"ged2": 0.1691, "ged2_sem": 0.018, "hm_iou": 0.686,
+                                              "soft_dice": 0.809, "n_items": 100},
+                                    "oracle": {"ged2": 0.02}}}
+    assert _metrics_line(metrics) == (
+        "GED² 0.169 · HM-IoU 0.686 · soft Dice 0.809 (heldout phantoms, 100 cases)")
+    assert _metrics_line({"dice": 0.5, "dice_sem": 0.1}) == "dice 0.5"
