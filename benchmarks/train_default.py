@@ -53,9 +53,13 @@ def phantom_dataset(seed0: int, n: int, size: int = SIZE) -> SegDataset:
     return SegDataset(items, {"layout": "phantoms", "description": desc})
 
 
-def recipe(kind: str, steps: int, minutes: float, batch: int) -> TrainConfig:
-    """The bundled models' recipe."""
+def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1") -> TrainConfig:
+    """The bundled models' recipe (``v1``), or the candidate ``v2``: no attention at
+    downsample 4 (about 1.5x faster per step) and timesteps drawn only among the 10 the
+    sampler visits."""
     net = default_network("gaussian" if kind == "gaussian" else "bernoulli", SIZE)
+    if variant == "v2":
+        net = net.replace(attention_resolutions=())
     if kind == "gaussian":
         diff = DiffusionConfig(kind="gaussian", timesteps=1000, schedule="cosine",
                                prediction="eps", default_steps=10, sampler="ddim")
@@ -65,7 +69,8 @@ def recipe(kind: str, steps: int, minutes: float, batch: int) -> TrainConfig:
     return TrainConfig(kind=kind, network=net.to_dict(), diffusion=diff.to_dict(), steps=steps,
                        batch_size=batch, lr=1e-3, warmup=200, min_lr_ratio=0.05,
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=250,
-                       max_minutes=minutes, seed=0, threads=1)
+                       max_minutes=minutes, seed=0, threads=1,
+                       t_sampling="visited" if variant == "v2" else "uniform")
 
 
 def sampling_speed(model, size: int, n: int = 16, steps: int = 10, repeats: int = 3) -> float:
@@ -91,12 +96,15 @@ def _table(summary: dict, own: str, name: str) -> str:
         "deterministic": "deterministic U-Net baseline (unet-phantom-64), mask repeated N times",
         "best_annotator": "best single annotator repeated N times "
                           f"({summary.get('best_annotator', {}).get('which', '?')})",
-        "oracle": "oracle: the annotators resampled uniformly",
+        "oracle": "oracle: the 4 reference annotations resampled uniformly",
+        "oracle_fresh": "oracle_fresh: new annotations from the phantom's generative process "
+                        "(a perfect model)",
     }
     labels[own] = f"**{name} (this model)**"
-    rows = ["| method | GED² ↓ | HM-IoU ↑ | soft Dice ↑ | Dice ↑ | GED² clear | HM-IoU clear |",
+    rows = ["| method | GED² ↓ | HM-IoU ↑ | soft Dice ↑ | Dice ↑ "
+            "| GED² clear | HM-IoU clear |",
             "|---|---|---|---|---|---|---|"]
-    for m in ("model", "deterministic", "best_annotator", "oracle"):
+    for m in ("model", "deterministic", "best_annotator", "oracle_fresh", "oracle"):
         if m in summary:
             rows.append(f"| {labels[m]} | {_f(summary, m, 'ged2')} ± {_f(summary, m, 'ged2_sem')}"
                         f" | {_f(summary, m, 'hm_iou')} | {_f(summary, m, 'soft_dice')} | "
@@ -184,6 +192,12 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
     if gap is not None and kind != "segmentor":
         lines += ["", f"The model closes **{100 * gap:.0f}%** of the GED² gap between the best "
                   "single annotator and the oracle."]
+        gap_f = summary["model"].get("ged2_gap_closed_fresh")
+        if gap_f is not None:
+            lines += [f"It closes **{100 * gap_f:.0f}%** of the gap between the best single "
+                      "annotator and oracle_fresh, the score of a perfect model of the mask "
+                      "distribution (the reference annotations' boundary jitter cannot be "
+                      "predicted from the image, so the resampling oracle is out of reach)."]
         verdict = []
         for ref, label in (("best_annotator", "the best single annotator"),
                            ("deterministic", "the deterministic baseline")):
@@ -219,6 +233,7 @@ def main(argv=None) -> int:
     t.add_argument("--n-train", type=int, default=3000)
     t.add_argument("--out", default=None)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--variant", default="v1", choices=["v1", "v2"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))
@@ -237,7 +252,7 @@ def main(argv=None) -> int:
               flush=True)
         name = NAMES[args.kind]
         out = Path(args.out or MODELS / f"{name}.safetensors")
-        cfg = recipe(args.kind, args.steps, args.minutes, args.batch)
+        cfg = recipe(args.kind, args.steps, args.minutes, args.batch, args.variant)
         res = train(cfg, ds, out, resume=args.resume, name=name, progress=False)
         print(json.dumps({"kind": args.kind, "steps": res.step,
                           "train_time_s": round(res.elapsed_s, 1),

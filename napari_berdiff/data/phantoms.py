@@ -203,12 +203,19 @@ def make_phantoms(seeds, size: int = 128, n_annotators: int = 4) -> list[Phantom
 
 
 def oracle_samples(phantom_or_seed: Phantom | int, n: int,
-                   rng: np.random.Generator | int | None = None) -> np.ndarray:
+                   rng: np.random.Generator | int | None = None, *,
+                   fresh: bool = False) -> np.ndarray:
     """``n`` samples from the true mask distribution: annotators drawn uniformly.
 
-    This is the oracle of DESIGN §7: the distribution the metrics compare against is the
-    one the K annotators were drawn from, and sampling them uniformly (with replacement)
-    is the best any model can do for a given sample count.
+    This is the oracle of DESIGN §7: the annotators are drawn uniformly with replacement.
+
+    * ``fresh=False`` (default): the phantom's own K annotations are resampled. This is the
+      best any method can score against those K annotations with N samples.
+    * ``fresh=True``: each sample is a *new* annotation from the generative process (an
+      annotator drawn uniformly, a new threshold perturbation and boundary jitter, a new miss
+      draw for faint lesions). This is what a perfect model of the mask distribution would
+      produce, since the jitter of the K reference annotations cannot be predicted from the
+      image; it is the realistic ceiling for a trained model.
 
     Parameters
     ----------
@@ -229,5 +236,16 @@ def oracle_samples(phantom_or_seed: Phantom | int, n: int,
     if int(n) < 1:
         raise ValueError(f"the number of samples must be >= 1, got {n}")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    idx = rng.integers(0, ph.masks.shape[0], int(n))
-    return ph.masks[idx].astype(np.uint8)
+    k = ph.masks.shape[0]
+    idx = rng.integers(0, k, int(n))
+    if not fresh:
+        return ph.masks[idx].astype(np.uint8)
+    base = _thresholds(k)
+    faint = bool(ph.info.get("faint", False))
+    out = np.zeros((int(n), *ph.masks.shape[1:]), np.uint8)
+    for j, a in enumerate(idx):
+        t = float(base[a] + rng.uniform(-0.04, 0.04))
+        m = annotate(ph.soft, t, rng)
+        if not (faint and k > 1 and rng.random() < MISS_PROBABILITY):
+            out[j] = m
+    return out

@@ -5,7 +5,11 @@ Methods compared on every item of a data set, each giving N binary masks:
 * ``model``: N samples of the diffusion model (or, for a segmentor, its mask N times);
 * ``deterministic``: the deterministic U-Net baseline's mask repeated N times;
 * ``oracle``: the item's K annotations drawn uniformly with replacement, the best any method
-  can do with N samples (DESIGN §7; for phantoms it is the true mask distribution);
+  can do with N samples against those K annotations (DESIGN §7);
+* ``oracle_fresh`` (phantoms only): N *new* annotations drawn from the phantom's generative
+  process (:func:`~napari_berdiff.data.phantoms.oracle_samples` with ``fresh=True``), i.e.
+  what a perfect model of the mask distribution scores, since the boundary jitter of the
+  reference annotations cannot be predicted from the image;
 * ``annotator_k``: annotator k's mask repeated N times (perfect shapes, no diversity);
   ``best_annotator`` repeats the summary of the annotator with the lowest mean GED².
 
@@ -164,6 +168,11 @@ class EvalReport:
                 if gap > 0:
                     out["model"]["ged2_gap_closed"] = float(
                         (out["best_annotator"]["ged2"] - out["model"]["ged2"]) / gap)
+            if "model" in out and "oracle_fresh" in out:
+                gap = out["best_annotator"]["ged2"] - out["oracle_fresh"]["ged2"]
+                if gap > 0:
+                    out["model"]["ged2_gap_closed_fresh"] = float(
+                        (out["best_annotator"]["ged2"] - out["model"]["ged2"]) / gap)
         return out
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -177,7 +186,7 @@ class EvalReport:
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: one row per method."""
-    order = ["model", "deterministic", "oracle", "best_annotator"]
+    order = ["model", "deterministic", "oracle", "oracle_fresh", "best_annotator"]
     rows = [m for m in order if m in summary] + sorted(
         m for m in summary if m not in order)
     has_clear = any("hm_iou_clear" in summary[m] for m in rows)
@@ -197,10 +206,27 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     if "ged2_gap_closed" in summary.get("model", {}):
         lines.append(f"model closes {100 * summary['model']['ged2_gap_closed']:.0f}% of the GED² "
                      "gap between the best single annotator and the oracle")
+    if "ged2_gap_closed_fresh" in summary.get("model", {}):
+        lines.append(f"model closes {100 * summary['model']['ged2_gap_closed_fresh']:.0f}% of the "
+                     "GED² gap between the best single annotator and oracle_fresh")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- evaluation
+def _phantom_of(item: Any) -> Any:
+    """The phantom an item was generated from, when its info says so and it matches."""
+    from ..data.phantoms import make_phantom
+
+    info = item.info or {}
+    if "seed" not in info or "size" not in info or "thresholds" not in info:
+        return None
+    try:
+        ph = make_phantom(int(info["seed"]), int(info["size"]), len(info["thresholds"]))
+    except (TypeError, ValueError):
+        return None
+    return ph if np.array_equal(ph.masks, (item.masks > 0).astype(np.uint8)) else None
+
+
 def evaluate_methods(
     dataset: SegDataset,
     methods: dict[str, Method],
@@ -210,11 +236,15 @@ def evaluate_methods(
     annotators: bool = True,
     progress: bool = False,
     settings: dict[str, Any] | None = None,
+    fresh_oracle: bool | None = None,
 ) -> EvalReport:
     """Score every method on every item of ``dataset`` with N masks per item.
 
     The seed of item i is ``seed + i`` for every method, so runs are reproducible.
+    ``fresh_oracle`` adds ``oracle_fresh`` (None: when the items are phantoms).
     """
+    from ..data.phantoms import oracle_samples
+
     if len(dataset) == 0:
         raise ValueError("nothing to evaluate: the data set (split) is empty")
     if int(n) < 1:
@@ -222,8 +252,17 @@ def evaluate_methods(
     n = int(n)
     kmax = dataset.max_annotators()
     names = list(methods)
+    phantoms: list[Any] = []
+    if fresh_oracle is not False:
+        phantoms = [_phantom_of(it) for it in dataset]
+        if any(p is None for p in phantoms):
+            if fresh_oracle:
+                raise ValueError("oracle_fresh needs phantom items (info with seed and size)")
+            phantoms = []
     if oracle:
         names.append("oracle")
+    if phantoms:
+        names.append("oracle_fresh")
     if annotators:
         names += [f"annotator_{k}" for k in range(kmax)]
     per_item = {m: {k: [] for k in METRICS} for m in names}
@@ -252,6 +291,10 @@ def evaluate_methods(
             o = labels[rng.integers(0, labels.shape[0], n)]
             for k, v in item_metrics(o, labels).items():
                 per_item["oracle"][k].append(v)
+        if phantoms:
+            o = oracle_samples(phantoms[i], n, np.random.default_rng([seed, i, 11]), fresh=True)
+            for k, v in item_metrics(o, labels).items():
+                per_item["oracle_fresh"][k].append(v)
         if annotators:
             for a in range(kmax):
                 key = f"annotator_{a}"

@@ -74,6 +74,11 @@ def test_oracle_samples_draw_annotators():
     np.testing.assert_array_equal(s, oracle_samples(p, 24, np.random.default_rng(0)))
     with pytest.raises(ValueError, match="samples"):
         oracle_samples(p, 0, 0)
+    # fresh annotations: new jitter, close to (but not exactly) the reference annotations
+    f = oracle_samples(p, 8, 1, fresh=True)
+    assert f.shape == (8, 32, 32) and f.dtype == np.uint8
+    np.testing.assert_array_equal(f, oracle_samples(p, 8, 1, fresh=True))
+    assert any(m.any() for m in f)
 
 
 def test_make_phantom_rejects_bad_arguments():

@@ -51,6 +51,8 @@ def test_oracle_beats_a_constant_mask_and_json_is_keyed_by_method(tmp_path):
     assert s["oracle"]["ged2"] < s["model"]["ged2"]
     assert s["oracle"]["hm_iou"] > s["model"]["hm_iou"]
     assert s["oracle"]["n_items"] == len(ds)
+    # phantoms: a perfect model of the mask distribution (fresh annotations) is also scored
+    assert s["oracle"]["ged2"] <= s["oracle_fresh"]["ged2"] < s["model"]["ged2"]
     for k in range(4):
         assert f"annotator_{k}" in s
     best = s["best_annotator"]
