@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_default.py train --kind bernoulli --minutes 70
     .venv/bin/python benchmarks/train_default.py train --kind deterministic --minutes 70
+    # (the bundled pair then ran `train ... --resume --minutes 45` to reach the 4500 steps)
     .venv/bin/python benchmarks/train_default.py evaluate --card   # held-out phantoms, N = 16
 
 The two training runs ran at the same time, each with one torch thread, on a 2-core CPU
@@ -123,7 +124,7 @@ def _store_metrics(path: Path, metrics: dict) -> None:
 
 
 def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict | None,
-               machine: str) -> Path:
+               machine: str, note: str = "") -> Path:
     """Store the held-out figures in the file's metadata and write ``<name>.md`` next to it."""
     from napari_berdiff.checkpoints import load_model
 
@@ -179,7 +180,7 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
         "", "```json", json.dumps(rec, indent=1), "```", "",
         f"Trained for **{tr.get('steps_done')} steps in {tr.get('train_time_s', 0) / 60:.1f} "
         f"min** of wall-clock time ({machine}); the Bernoulli model and the baseline ran at the "
-        "same time with the same budget.", "",
+        "same time with the same budget." + (f" {note}" if note else ""), "",
         f"## Held-out figures (N = {settings['n']} masks per image"
         + (f", {settings.get('steps')} sampling steps" if kind != "segmentor" else "")
         + f", {settings['n_items']} phantoms, mean ± s.e.m.)", "",
@@ -243,6 +244,7 @@ def main(argv=None) -> int:
     e.add_argument("--card", action="store_true",
                    help="store the figures in the files' metadata and write the model cards")
     e.add_argument("--json", default=None)
+    e.add_argument("--note", default="", help="a sentence added to the cards' recipe section")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "train":
@@ -284,9 +286,11 @@ def main(argv=None) -> int:
                    f"torch {torch.__version__}, 2 cores shared with other jobs")
         speed = {f"{s}x{s}": round(sampling_speed(model, s), 2) for s in (SIZE, 128)}
         print("sampling 16 masks x 10 steps (s):", speed)
-        print("wrote", write_card(Path(args.model), "model", summary, settings, speed, machine))
+        print("wrote", write_card(Path(args.model), "model", summary, settings, speed, machine,
+                                        args.note))
         if baseline is not None:
-            print("wrote", write_card(bpath, "deterministic", summary, settings, None, machine))
+            print("wrote", write_card(bpath, "deterministic", summary, settings, None, machine,
+                                            args.note))
         (Path(args.model).with_suffix(".eval.json")).write_text(rep.to_json())
     return 0
 

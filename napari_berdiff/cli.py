@@ -1,5 +1,5 @@
 """The ``berdiff`` command: ``info``, ``convert`` and ``sample`` (plus ``train``, ``evaluate``
-and ``data`` from :mod:`napari_berdiff.cli_training`).
+and ``data`` from :mod:`napari_berdiff.cli_training`; DDP: ``torchrun --nproc_per_node 2 -m napari_berdiff.cli train …``).
 
 ``main(argv)`` returns an exit code (0 ok, 2 for a usage or input error, 130 when
 interrupted) and never calls ``sys.exit`` itself. Errors are printed as

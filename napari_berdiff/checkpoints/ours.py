@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,10 @@ def save_model(
     tensors = _plain_state_dict(net)
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(_json_safe(doc, "model")),
                                             "format": "pt"})
+    # safetensors creates the file owner-only (0600); give it the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     return path
 
 

@@ -356,3 +356,17 @@ def test_missing_file_and_image_channel_mismatch(tmp_path):
     model = load_model(save_model(tiny_model(image_channels=2), tmp_path / "two.safetensors"))
     with pytest.raises(ValueError, match=r"takes 2 image channel\(s\) but the image has 1"):
         model.sample(torch.rand(16, 16).numpy(), n=1)
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from .ckpt_helpers import tiny_model
+
+    old = os.umask(0o022)
+    try:
+        p = save_model(tiny_model(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
