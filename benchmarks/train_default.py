@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from napari_berdiff.data.dataset import SegDataset, SegItem  # noqa: E402
 from napari_berdiff.data.phantoms import make_phantom  # noqa: E402
 from napari_berdiff.diffusion import DiffusionConfig  # noqa: E402
+from napari_berdiff.networks import CondOnceConfig, network_description  # noqa: E402
 from napari_berdiff.training import TrainConfig, default_network, train  # noqa: E402
 
 SIZE = 64
@@ -54,24 +55,41 @@ def phantom_dataset(seed0: int, n: int, size: int = SIZE) -> SegDataset:
     return SegDataset(items, {"layout": "phantoms", "description": desc})
 
 
+def condition_once_network(kind: str) -> dict:
+    """The condition-once network of the ``co`` variants (issue 7): a full-resolution image
+    encoder run once, and a base-24 denoiser with 2 res blocks per level at half resolution."""
+    cfg = CondOnceConfig(image_size=SIZE, model_channels=24, channel_mult=(1, 2, 2),
+                         num_res_blocks=2, encoder_channels=32, encoder_blocks=2, unshuffle=2,
+                         output_activation="none" if kind == "gaussian" else "sigmoid")
+    return network_description(cfg)
+
+
 def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1") -> TrainConfig:
-    """The bundled models' recipe (``v1``), or the candidate ``v2``: no attention at
-    downsample 4 (about 1.5x faster per step) and timesteps drawn only among the 10 the
-    sampler visits."""
+    """A recipe variant.
+
+    ``v1``: the session-1 models (ConditionalUNet base 16, attention at downsample 4).
+    ``v2``: the same without attention at downsample 4 (about 1.5x faster per step) and
+    timesteps drawn only among the 10 the sampler visits.
+    ``co``: the condition-once network (:func:`condition_once_network`), uniform timesteps.
+    ``co-visited``: the same, timesteps drawn among the visited ones.
+    """
     net = default_network("gaussian" if kind == "gaussian" else "bernoulli", SIZE)
     if variant == "v2":
         net = net.replace(attention_resolutions=())
+    net = net.to_dict()
+    if variant.startswith("co"):
+        net = condition_once_network(kind)
     if kind == "gaussian":
         diff = DiffusionConfig(kind="gaussian", timesteps=1000, schedule="cosine",
                                prediction="eps", default_steps=10, sampler="ddim")
     else:
         diff = DiffusionConfig(kind="bernoulli", timesteps=1000, schedule="cosine",
                                prediction="x0", default_steps=10)
-    return TrainConfig(kind=kind, network=net.to_dict(), diffusion=diff.to_dict(), steps=steps,
+    return TrainConfig(kind=kind, network=net, diffusion=diff.to_dict(), steps=steps,
                        batch_size=batch, lr=1e-3, warmup=200, min_lr_ratio=0.05,
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=250,
                        max_minutes=minutes, seed=0, threads=1,
-                       t_sampling="visited" if variant == "v2" else "uniform")
+                       t_sampling="visited" if variant in ("v2", "co-visited") else "uniform")
 
 
 def sampling_speed(model, size: int, n: int = 16, steps: int = 10, repeats: int = 3) -> float:
@@ -234,7 +252,7 @@ def main(argv=None) -> int:
     t.add_argument("--n-train", type=int, default=3000)
     t.add_argument("--out", default=None)
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--variant", default="v1", choices=["v1", "v2"])
+    t.add_argument("--variant", default="v1", choices=["v1", "v2", "co", "co-visited"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))

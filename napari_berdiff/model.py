@@ -180,6 +180,26 @@ class DiffusionModel:
             image_channels=self.network_channels,
         )
 
+    def segment(self, image: np.ndarray, normalise: bool = True) -> np.ndarray:
+        """A segmentor's probability map, (H, W) float32, for a (C,) H, W image.
+
+        The network is fed an all-zero mask at t = 0 (how our segmentors are trained); any
+        size works (padded to the network's size multiple, cropped back).
+        """
+        if self.kind != "segmentor":
+            raise ValueError(f"segment() needs a segmentor; this model is a {self.kind} model "
+                             "(use sample() instead)")
+        x = self.prepare(image, normalise=normalise)
+        h, w = x.shape[1:]
+        m = int(getattr(self.net.config, "size_multiple", 1) or 1)
+        x = np.pad(x, ((0, 0), (0, (-h) % m), (0, (-w) % m)), mode="edge")
+        with torch.inference_mode():
+            xt = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device)
+            zeros = torch.zeros(1, 1, *xt.shape[2:], dtype=xt.dtype, device=self.device)
+            t = torch.zeros(1, dtype=torch.long, device=self.device)
+            prob = self.net(zeros, t, xt)[0, 0, :h, :w]
+        return prob.float().cpu().numpy()
+
     def sample_all(self, image: np.ndarray, n: int = 16, steps: int | str | None = None,
                    seed: int = 0, **kwargs: Any) -> SampleResult:
         """Run :meth:`sample` to the end and return its :class:`SampleResult`."""

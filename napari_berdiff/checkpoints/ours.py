@@ -97,9 +97,10 @@ def save_model(
         raise ValueError(
             "save_model needs the diffusion settings: pass diffusion=DiffusionConfig(...)"
         )
-    cfg = getattr(net, "config", None)
-    if cfg is not None and hasattr(cfg, "to_dict"):
-        doc["network"] = {"type": "unet", **cfg.to_dict()}
+    if getattr(net, "config", None) is not None:
+        from ..networks import network_to_metadata
+
+        doc["network"] = network_to_metadata(net)
     if "network" not in doc:
         raise ValueError("the network has no config to describe it; cannot save it in our format")
     doc["format"] = FORMAT

@@ -23,7 +23,12 @@ from .presets import (
     tiny_config,
 )
 from .condition_once import CondOnceConfig, ConditionOnceNet
-from .registry import NETWORK_TYPES, network_from_metadata, network_to_metadata
+from .registry import (
+    NETWORK_TYPES,
+    network_description,
+    network_from_metadata,
+    network_to_metadata,
+)
 from .unet import ConditionalUNet, UNetConfig
 
 __all__ = [
@@ -41,6 +46,7 @@ __all__ = [
     "Upsample",
     "build_network",
     "get_network_preset",
+    "network_description",
     "network_from_metadata",
     "network_to_metadata",
     "official_attention_ds",

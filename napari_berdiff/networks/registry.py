@@ -26,6 +26,14 @@ def network_to_metadata(net: nn.Module) -> dict[str, Any]:
     raise ValueError(f"{type(net).__name__} is not a registered network type")
 
 
+def network_description(config: Any) -> dict[str, Any]:
+    """``{"type": ..., **config}`` for the config object of a registered network type."""
+    for name, (config_cls, _) in NETWORK_TYPES.items():
+        if type(config) is config_cls:
+            return {"type": name, **config.to_dict()}
+    raise ValueError(f"{type(config).__name__} is not the config of a registered network type")
+
+
 def network_from_metadata(desc: dict[str, Any]) -> nn.Module:
     """Build a (randomly initialised) network from its metadata description."""
     d = dict(desc)

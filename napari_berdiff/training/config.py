@@ -7,7 +7,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..diffusion import DiffusionConfig
+import torch
+
 from ..networks import UNetConfig
+from ..networks.registry import NETWORK_TYPES, network_description, network_from_metadata
 
 TRAIN_KINDS = ("bernoulli", "gaussian", "deterministic")
 T_SAMPLINGS = ("uniform", "visited")
@@ -113,8 +116,8 @@ class TrainConfig:
             raise ValueError(f"unknown kind {self.kind!r}; expected one of {TRAIN_KINDS}")
         if not self.network:
             self.network = default_network(self.kind).to_dict()
-        if isinstance(self.network, UNetConfig):
-            self.network = self.network.to_dict()
+        if not isinstance(self.network, dict):
+            self.network = network_description(self.network)
         if not self.diffusion:
             self.diffusion = default_diffusion(self.kind).to_dict()
         if isinstance(self.diffusion, DiffusionConfig):
@@ -132,7 +135,7 @@ class TrainConfig:
                              f"{self.normalisation!r}")
         if self.t_sampling not in T_SAMPLINGS:
             raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {self.t_sampling!r}")
-        net = self.unet_config()
+        net = self.network_config()
         diff = self.diffusion_config()
         if self.kind in ("bernoulli", "gaussian") and diff.kind != self.kind:
             raise ValueError(f"kind {self.kind!r} needs a {self.kind} diffusion config, "
@@ -143,8 +146,18 @@ class TrainConfig:
         if net.mask_channels != 1:
             raise ValueError("the trainers handle single-channel binary masks (mask_channels=1)")
 
-    def unet_config(self) -> UNetConfig:
-        return UNetConfig.from_dict(self.network)
+    def network_config(self) -> Any:
+        """The network's config object (its class is chosen by the ``type`` key)."""
+        d = dict(self.network)
+        kind = d.pop("type", "unet")
+        if kind not in NETWORK_TYPES:
+            raise ValueError(f"unknown network type {kind!r}; known types: "
+                             f"{', '.join(sorted(NETWORK_TYPES))}")
+        return NETWORK_TYPES[kind][0].from_dict(d)
+
+    def build_network(self) -> torch.nn.Module:
+        """A freshly initialised network of this recipe."""
+        return network_from_metadata(self.network)
 
     def diffusion_config(self) -> DiffusionConfig:
         return DiffusionConfig.from_dict(self.diffusion)

@@ -90,12 +90,8 @@ def model_method(model: Any, steps: int | str | None = None, max_batch: int | No
 
 def segmentor_method(model: Any) -> Method:
     """The deterministic baseline: one mask (UNet fed zeros at t = 0, > 0.5) repeated N times."""
-    from .trainer import segmentor_predict
-
     def run(image: np.ndarray, n: int, seed: int) -> np.ndarray:
-        x = torch.from_numpy(model.prepare(image))[None].to(model.device)
-        with torch.inference_mode():
-            prob = segmentor_predict(model.net, x)[0, 0].float().cpu().numpy()
+        prob = model.segment(image)
         return np.repeat((prob > 0.5).astype(np.uint8)[None], n, 0)
 
     return run

@@ -39,7 +39,6 @@ from ..data.dataset import SegDataset
 from ..diffusion import BernoulliKernel, GaussianKernel, make_kernel, timestep_subsequence
 from ..diffusion.device import select_device
 from ..model import normalise_image
-from ..networks import ConditionalUNet
 from .config import TrainConfig
 from .ema import EMA
 
@@ -135,7 +134,7 @@ def segmentor_predict(net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor
 def _metadata(cfg: TrainConfig, data_desc: dict[str, Any], step: int, elapsed: float,
               name: str | None, extra_meta: dict[str, Any] | None) -> dict[str, Any]:
     kind = "segmentor" if cfg.kind == "deterministic" else cfg.kind
-    net = cfg.unet_config()
+    net = cfg.network_config()
     training = {
         "recipe": cfg.to_dict(),
         "steps_done": int(step),
@@ -244,7 +243,7 @@ def train(
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
 
-    net_cfg = cfg.unet_config()
+    net_cfg = cfg.network_config()
     images, masks, counts = dataset.arrays()
     n_items, c_img, h, w = images.shape
     if c_img != net_cfg.image_channels:
@@ -260,7 +259,7 @@ def train(
     data_desc = dataset.describe()
 
     torch.manual_seed(cfg.seed)
-    net = ConditionalUNet(net_cfg).to(dev)
+    net = cfg.build_network().to(dev)
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=tuple(cfg.betas))

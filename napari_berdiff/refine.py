@@ -1,0 +1,72 @@
+"""Refining a prior mask with a HiDiff-style Bernoulli refiner (DESIGN §3.2).
+
+The refiner is conditioned on ``(image, p)`` only, so any mask can be refined: one a person
+drew or edited (turned into p with :func:`~napari_berdiff.priors.mask_to_prior`) or a
+segmentor's probability map. A refiner file may name its segmentor in its metadata
+(``metadata["refiner"]["segmentor"]``, a file name in the same folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .diffusion import SampleResult, SampleStream, run_to_end
+from .model import DiffusionModel
+from .priors import mask_to_prior, validate_prior
+
+__all__ = ["prior_map", "refine", "refine_all", "segmentor_path", "load_refiner"]
+
+
+def prior_map(prior: np.ndarray, shape: tuple[int, int], trust: float = 0.7) -> np.ndarray:
+    """The prior probability map p for ``prior``: a binary mask (softened with ``trust``)
+    or a probability map (used as it is). Clear errors for a wrong shape or an empty prior."""
+    p = validate_prior(prior, shape)
+    binary = bool(np.isin(p, (0.0, 1.0)).all())
+    return mask_to_prior(p, trust) if binary else p
+
+
+def _check_refiner(refiner: DiffusionModel) -> None:
+    if refiner.kind != "refiner":
+        raise ValueError(f"this is a {refiner.kind} model, not a mask refiner; load a refiner "
+                         "(for example models/refiner-phantom-64.safetensors)")
+
+
+def refine(refiner: DiffusionModel, image: np.ndarray, prior: np.ndarray, *,
+           trust: float = 0.7, n: int = 8, steps: int | str | None = None, seed: int = 0,
+           **sample_kwargs: Any) -> SampleStream:
+    """Stream ``n`` refined masks of ``prior`` for ``image`` (see ``DiffusionModel.sample``
+    for ``roi``, ``cancel`` and the other keyword arguments)."""
+    _check_refiner(refiner)
+    img = np.asarray(image)
+    p = prior_map(prior, img.shape[-2:], trust)
+    return refiner.sample(img, n, steps, seed, prior=p, **sample_kwargs)
+
+
+def refine_all(refiner: DiffusionModel, image: np.ndarray, prior: np.ndarray,
+               **kwargs: Any) -> SampleResult:
+    """:func:`refine` run to the end."""
+    return run_to_end(refine(refiner, image, prior, **kwargs))
+
+
+def segmentor_path(refiner: DiffusionModel, refiner_file: str | Path) -> Path | None:
+    """The segmentor file a refiner's metadata names, if it exists next to the refiner."""
+    name = refiner.metadata.get("refiner", {}).get("segmentor")
+    if not name:
+        return None
+    path = Path(refiner_file).resolve().parent / Path(str(name)).name
+    return path if path.exists() else None
+
+
+def load_refiner(path: str | Path, device: str | None = "auto"
+                 ) -> tuple[DiffusionModel, DiffusionModel | None]:
+    """A refiner and, when its metadata names one that exists, its segmentor."""
+    from .checkpoints import load_model
+
+    refiner = load_model(path, device=device)
+    _check_refiner(refiner)
+    seg_file = segmentor_path(refiner, path)
+    segmentor = load_model(seg_file, device=device) if seg_file is not None else None
+    return refiner, segmentor
