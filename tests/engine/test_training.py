@@ -109,7 +109,26 @@ def test_resume_without_state_is_a_clear_error(tmp_path, data):
         train(_config(steps=2), data, tmp_path / "x.safetensors", resume=True, progress=False)
 
 
+def test_condition_once_network_trains_and_reloads_as_itself(tmp_path, data):
+    from napari_berdiff.checkpoints.loading import load_model
+    from napari_berdiff.networks import CondOnceConfig, ConditionOnceNet, network_description
+
+    net = CondOnceConfig(image_size=SIZE, model_channels=8, channel_mult=(1, 2),
+                         encoder_channels=8, norm_groups=4)
+    out = tmp_path / "co.safetensors"
+    res = train(_config(network=network_description(net), steps=30), data, out, progress=False)
+    assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5])
+    m = load_model(out)
+    assert isinstance(m.net, ConditionOnceNet)
+    assert m.metadata["network"]["type"] == "condition_once"
+    assert m.metadata["training"]["recipe"]["network"]["type"] == "condition_once"
+    r = m.sample_all(data[0].image, n=2, steps=2, seed=0)
+    assert r.masks.shape == (2, SIZE, SIZE)
+
+
 def test_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="unknown network type"):
+        TrainConfig(network={"type": "transformer"})
     with pytest.raises(ValueError, match="unknown kind"):
         TrainConfig(kind="magic")
     with pytest.raises(ValueError, match="output_activation"):
