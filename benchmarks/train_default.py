@@ -132,6 +132,21 @@ def _table(summary: dict, own: str, name: str) -> str:
     return "\n".join(rows)
 
 
+def _network_line(net: dict) -> str:
+    if net.get("type") == "condition_once":
+        return (f"ConditionOnceNet: an image encoder run once per call (base "
+                f"{net['encoder_channels']}, {net['encoder_blocks']} residual blocks per level) "
+                f"and a per-step denoiser at 1/{net['unshuffle']} resolution (pixel-unshuffle; "
+                f"base {net['model_channels']}, channel_mult {tuple(net['channel_mult'])}, "
+                f"{net['num_res_blocks']} res blocks per level, no attention), GroupNorm with "
+                f"{net['norm_groups']} groups")
+    return (f"ConditionalUNet (concatenation: mask state and image enter together every "
+            f"step), base {net['model_channels']} channels, channel_mult "
+            f"{tuple(net['channel_mult'])}, {net['num_res_blocks']} res blocks per level, "
+            f"attention at downsample {tuple(net['attention_resolutions'])} and in the middle "
+            f"block, GroupNorm with {net['norm_groups']} groups")
+
+
 def _store_metrics(path: Path, metrics: dict) -> None:
     from napari_berdiff.checkpoints import load_model, save_model
 
@@ -178,10 +193,7 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
         f"--cases {settings['n_items']}` writes the same cases), "
         f"{settings.get('n_faint', '?')} of them faint.", "",
         "## Network",
-        f"- ConditionalUNet, base {net['model_channels']} channels, channel_mult "
-        f"{tuple(net['channel_mult'])}, {net['num_res_blocks']} res blocks per level, attention "
-        f"at downsample {tuple(net['attention_resolutions'])} and in the middle block, "
-        f"GroupNorm with {net['norm_groups']} groups; {model.num_parameters():,} parameters.",
+        f"- {_network_line(net)}; {model.num_parameters():,} parameters.",
     ]
     if kind == "segmentor":
         lines.append("- Used as a segmentor: the mask input is all zeros and t = 0; the "
@@ -197,8 +209,7 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
         f"{'deterministic' if kind == 'segmentor' else kind}` (the exact script):",
         "", "```json", json.dumps(rec, indent=1), "```", "",
         f"Trained for **{tr.get('steps_done')} steps in {tr.get('train_time_s', 0) / 60:.1f} "
-        f"min** of wall-clock time ({machine}); the Bernoulli model and the baseline ran at the "
-        "same time with the same budget." + (f" {note}" if note else ""), "",
+        f"min** of wall-clock time ({machine})." + (f" {note}" if note else ""), "",
         f"## Held-out figures (N = {settings['n']} masks per image"
         + (f", {settings.get('steps')} sampling steps" if kind != "segmentor" else "")
         + f", {settings['n_items']} phantoms, mean ± s.e.m.)", "",
