@@ -10,7 +10,10 @@ from .official import check_fits, matching_presets, preset_shapes, read_torch_st
 from .ours import FORMAT, read_description, tensor_shapes
 from .sniff import SAFETENSORS, TORCH_LEGACY, read_safetensors_header, sha256_of, sniff
 
-__all__ = ["describe", "list_bundled_models"]
+__all__ = ["DEFAULT_MODEL", "describe", "list_bundled_models"]
+
+#: The bundled model the demo and the widget offer first.
+DEFAULT_MODEL = "berdiff-phantom-64"
 
 
 def _preset_description(preset: str) -> dict[str, Any]:
@@ -109,7 +112,8 @@ def shapes_as_sd(shapes: dict[str, tuple[int, ...]]) -> dict[str, _Shaped]:
 
 def list_bundled_models() -> list[Path]:
     """The ``*.safetensors`` files shipped in ``models/`` (in the repository) or in
-    ``napari_berdiff/models/``; an empty list when there are none."""
+    ``napari_berdiff/models/``, :data:`DEFAULT_MODEL` first, then by name; an empty list when
+    there are none."""
     import napari_berdiff
 
     pkg = Path(napari_berdiff.__file__).resolve().parent
@@ -118,5 +122,6 @@ def list_bundled_models() -> list[Path]:
         if folder.is_dir():
             found.extend(sorted(folder.glob("*.safetensors")))
     seen: set[Path] = set()
-    return [f for f in found if not (f in seen or seen.add(f))]
+    unique = [f for f in found if not (f in seen or seen.add(f))]
+    return sorted(unique, key=lambda f: f.name.split(".")[0] != DEFAULT_MODEL)
 

@@ -25,6 +25,7 @@ from napari_berdiff.checkpoints import (
     save_model,
     sha256_of,
 )
+from napari_berdiff.checkpoints.info import DEFAULT_MODEL
 from napari_berdiff.model import DiffusionModel
 
 from .ckpt_helpers import (
@@ -140,6 +141,7 @@ def test_sha256_and_bundled_models(tmp_path):
     bundled = list_bundled_models()
     assert isinstance(bundled, list)
     assert all(isinstance(p, Path) and p.suffix == ".safetensors" for p in bundled)
+    assert bundled[0].name == f"{DEFAULT_MODEL}.safetensors"  # the demo's and widget's first
 
 
 # ---------------------------------------------------------------------------- official files
