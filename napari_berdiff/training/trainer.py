@@ -22,40 +22,27 @@ Files written for ``out = model.safetensors``:
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..data.dataset import SegDataset
 from ..diffusion import BernoulliKernel, GaussianKernel, make_kernel, timestep_subsequence
 from ..diffusion.device import select_device
-from ..model import normalise_image
 from .config import TrainConfig
 from .ema import EMA
+from .loop import (RunLog, clip_gradients, draw_batch, load_state, log_path_for, resume_config,
+                   save_state, set_lr, state_path_for, training_arrays)
 
 __all__ = ["train", "TrainResult", "state_path_for", "log_path_for", "export_model",
-           "segmentor_predict", "soft_dice_loss"]
+           "segmentor_predict", "soft_dice_loss", "segmentor_loss_parts", "load_state"]
 
 LOG_FIELDS = ("step", "loss", "part1", "part2", "lr", "grad_norm", "elapsed_s")
-
-
-def state_path_for(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".state.pt")
-
-
-def log_path_for(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".log.csv")
 
 
 @dataclass
@@ -76,6 +63,7 @@ class TrainResult:
         return self.extra.get("steps_this_session", self.step) / max(self.elapsed_s, 1e-9)
 
 
+
 # ---------------------------------------------------------------------------- helpers
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """Per-sample ``1 − soft Dice`` (smoothed so that empty masks score 0 loss)."""
@@ -84,24 +72,12 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -
     return 1.0 - (2 * inter + eps) / (p.sum(1) + y.sum(1) + eps)
 
 
-def _augment(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Apply one of the 8 symmetries of the square per item (code 0..7)."""
-    out = torch.empty_like(x)
-    for i, c in enumerate(codes.tolist()):
-        xi = x[i]
-        if c >= 4:
-            xi = xi.flip(-1)
-        out[i] = torch.rot90(xi, c % 4, dims=(-2, -1))
-    return out
-
-
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    if cfg.warmup > 0 and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(cfg.steps - cfg.warmup, 1)
-    prog = min(max(step - cfg.warmup, 0) / span, 1.0)
-    lo = cfg.lr * cfg.min_lr_ratio
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * prog))
+def segmentor_loss_parts(prob: torch.Tensor, target: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segmentor's loss parts on a batch: (mean BCE, mean ``1 − soft Dice``)."""
+    prob = prob.clamp(1e-7, 1 - 1e-7)
+    bce = F.binary_cross_entropy(prob, target, reduction="none").flatten(1).mean(1).mean()
+    return bce, soft_dice_loss(prob, target).mean()
 
 
 def _dist_info() -> tuple[int, int, bool]:
@@ -180,11 +156,6 @@ def export_model(net: torch.nn.Module, cfg: TrainConfig, out: str | Path,
     return out
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """Read a ``*.state.pt`` training state (tensors and plain data only)."""
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
 # ---------------------------------------------------------------------------- the trainer
 def train(
     config: TrainConfig,
@@ -228,13 +199,7 @@ def train(
 
     saved = None
     if resume:
-        if not state_file.exists():
-            raise ValueError(f"cannot resume: no training state at {state_file}")
-        saved = load_state(state_file)
-        stored = TrainConfig.from_dict(json.loads(saved["config"]))
-        config = stored.replace(steps=config.steps, max_minutes=config.max_minutes,
-                                checkpoint_every=config.checkpoint_every,
-                                threads=config.threads, device=config.device)
+        config, saved = resume_config(config, state_file)
     cfg = config
     if cfg.threads > 0:
         torch.set_num_threads(int(cfg.threads))
@@ -244,19 +209,8 @@ def train(
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
 
     net_cfg = cfg.network_config()
-    images, masks, counts = dataset.arrays()
-    n_items, c_img, h, w = images.shape
-    if c_img != net_cfg.image_channels:
-        raise ValueError(f"the network takes {net_cfg.image_channels} image channel(s) but the "
-                         f"data has {c_img}")
-    m = net_cfg.size_multiple
-    if h % m or w % m:
-        raise ValueError(f"the images are {h}x{w}; this network needs sizes divisible by {m}")
-    images = np.stack([normalise_image(im, {"mode": cfg.normalisation}) for im in images])
-    images_t = torch.from_numpy(images)
-    masks_t = torch.from_numpy(masks)
-    counts_t = torch.from_numpy(counts)
-    data_desc = dataset.describe()
+    data = training_arrays(cfg, dataset, net_cfg.image_channels, net_cfg.size_multiple)
+    data_desc = data.description
 
     torch.manual_seed(cfg.seed)
     net = cfg.build_network().to(dev)
@@ -285,57 +239,30 @@ def train(
     T = cfg.diffusion_config().timesteps
     visited = torch.tensor(timestep_subsequence(cfg.diffusion_config().default_steps, T))
 
-    # CSV log: on resume keep the rows up to the saved step.
-    if rank == 0:
-        rows: list[list[str]] = []
-        if saved is not None and log_file.exists():
-            with open(log_file, newline="") as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if r and int(r[0]) <= step]
-        logf = open(log_file, "w", newline="")
-        writer = csv.writer(logf)
-        writer.writerow(LOG_FIELDS)
-        writer.writerows(rows)
-        logf.flush()
-
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.kind}", unit="step",
-                   dynamic_ncols=True)
+    log = RunLog(log_file, LOG_FIELDS, total=cfg.steps, step=step, resumed=saved is not None,
+                 desc=f"train {cfg.kind}", progress=progress, enabled=rank == 0,
+                 elapsed_before=elapsed_before)
 
     def checkpoint(cur_step: int, elapsed: float) -> None:
         if rank != 0:
             return
-        state = {
+        save_state(state_file, {
             "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "step": cur_step, "elapsed_s": elapsed, "config": cfg.to_json(),
             "data": json.dumps(data_desc),
-        }
-        tmp = state_file.with_name(state_file.name + ".tmp")
-        torch.save(state, str(tmp))
-        os.replace(tmp, state_file)
+        })
         export_model(ema.module, cfg, out, data_desc, cur_step, elapsed, name, extra_meta)
-        logf.flush()
+        log.flush()
 
     gb = cfg.batch_size * world
     lo, hi = rank * cfg.batch_size, (rank + 1) * cfg.batch_size
-    losses: list[float] = []
-    t0 = time.perf_counter()
     stopped_by_time = False
     start_step = step
     net.train()
     while step < cfg.steps:
         # ---- draw the global batch (identical on every rank), keep this rank's slice
-        idx = torch.randint(n_items, (gb,), generator=gen)
-        ann = (torch.rand(gb, generator=gen) * counts_t[idx]).long()
-        img = images_t[idx].float()
-        x0 = masks_t[idx, ann].unsqueeze(1).float()
-        if cfg.augment:
-            codes = torch.randint(8, (gb,), generator=gen)
-            img, x0 = _augment(img, codes), _augment(x0, codes)
+        _, img, x0 = draw_batch(gen, data, gb, cfg.augment)
         if cfg.kind == "deterministic":
             t = torch.zeros(gb, dtype=torch.long)
             x_in = torch.zeros_like(x0)
@@ -355,14 +282,10 @@ def train(
         if noise is not None:
             noise = noise[lo:hi].to(dev)
 
-        lr = _lr_at(cfg, step)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = set_lr([opt], cfg, step)
         out_t = model(x_in, t, img)
         if cfg.kind == "deterministic":
-            prob = out_t.clamp(1e-7, 1 - 1e-7)
-            p1 = F.binary_cross_entropy(prob, x0, reduction="none").flatten(1).mean(1).mean()
-            p2 = soft_dice_loss(prob, x0).mean()
+            p1, p2 = segmentor_loss_parts(out_t, x0)
             loss = p1 + cfg.dice_weight * p2
         elif isinstance(kernel, BernoulliKernel):
             parts = kernel.loss(out_t, x0, x_in, t, focal=cfg.focal, bce_weight=cfg.bce_weight)
@@ -375,11 +298,7 @@ def train(
             loss = p1
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
-        else:
-            gnorm = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in net.parameters()
-                                         if p.grad is not None)))
+        gnorm = clip_gradients(net, cfg.grad_clip)
         opt.step()
         ema.update(net, step)
         step += 1
@@ -393,19 +312,11 @@ def train(
             lv, v1, v2 = (float(v) / world for v in buf.cpu())
         else:
             v1, v2 = float(p1.detach()), float(p2.detach())
-        losses.append(lv)
-        elapsed = elapsed_before + time.perf_counter() - t0
-        if rank == 0:
-            writer.writerow([step, f"{lv:.6g}", f"{v1:.6g}", f"{v2:.6g}", f"{lr:.6g}",
-                             f"{gnorm:.4g}", f"{elapsed:.2f}"])
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0 or step == cfg.steps:
-                    recent = losses[-50:]
-                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}",
-                                    sps=f"{(step - start_step) / (time.perf_counter() - t0):.2f}")
+        elapsed = log.elapsed
+        log.row(step, lv, [f"{lv:.6g}", f"{v1:.6g}", f"{v2:.6g}", f"{lr:.6g}", f"{gnorm:.4g}",
+                           f"{elapsed:.2f}"], cfg.steps)
 
-        over_time = cfg.max_minutes > 0 and (time.perf_counter() - t0) > cfg.max_minutes * 60
+        over_time = log.over_budget(cfg.max_minutes)
         if world > 1 and cfg.max_minutes > 0:
             import torch.distributed as dist
 
@@ -421,18 +332,15 @@ def train(
         if interrupted:
             break
 
-    elapsed = elapsed_before + time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
-    if rank == 0:
-        logf.close()
+    elapsed = log.elapsed
+    log.close()
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         if created_pg:
             dist.destroy_process_group()
-    return TrainResult(step=step, elapsed_s=elapsed, losses=losses, out=out, state=state_file,
-                       log=log_file, stopped_by_time=stopped_by_time,
+    return TrainResult(step=step, elapsed_s=elapsed, losses=log.losses, out=out,
+                       state=state_file, log=log_file, stopped_by_time=stopped_by_time,
                        extra={"steps_this_session": step - start_step, "rank": rank,
                               "world": world})

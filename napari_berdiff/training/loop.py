@@ -1,0 +1,228 @@
+"""The pieces every training loop shares: resume, the data arrays, the batch draw, the
+learning-rate schedule, gradient clipping, the CSV log with its progress bar, atomic
+state files and the stopping rules.
+
+:func:`napari_berdiff.training.train` (Bernoulli, Gaussian, deterministic) and
+:func:`napari_berdiff.training.refiner.train_refiner` (the alternate segmentor + refiner
+loop) are built from them, so both resume exactly, log the same way and honour the same
+``checkpoint_every`` / ``max_minutes`` settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..data.dataset import SegDataset
+from ..model import normalise_image
+from .config import TrainConfig
+
+__all__ = ["state_path_for", "log_path_for", "load_state", "resume_config", "TrainingArrays",
+           "training_arrays", "augment_batch", "draw_batch", "lr_at", "set_lr",
+           "clip_gradients", "save_state", "RunLog"]
+
+
+def state_path_for(out: str | Path) -> Path:
+    """``model.safetensors`` → ``model.state.pt`` (the training state for ``resume``)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".state.pt")
+
+
+def log_path_for(out: str | Path) -> Path:
+    """``model.safetensors`` → ``model.log.csv``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".log.csv")
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a ``*.state.pt`` training state (tensors and plain data only)."""
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def resume_config(config: TrainConfig, state_file: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The stored recipe (with ``config``'s run settings) and the saved state.
+
+    Only ``steps``, ``max_minutes``, ``checkpoint_every``, ``threads`` and ``device`` may
+    change on resume.
+    """
+    if not state_file.exists():
+        raise ValueError(f"cannot resume: no training state at {state_file}")
+    saved = load_state(state_file)
+    stored = TrainConfig.from_dict(json.loads(saved["config"]))
+    cfg = stored.replace(steps=config.steps, max_minutes=config.max_minutes,
+                         checkpoint_every=config.checkpoint_every,
+                         threads=config.threads, device=config.device)
+    return cfg, saved
+
+
+class TrainingArrays:
+    """The normalised images, the masks and each item's annotator count, as tensors."""
+
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor,
+                 description: dict[str, Any]):
+        self.images, self.masks, self.counts = images, masks, counts
+        self.description = description
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def training_arrays(cfg: TrainConfig, dataset: SegDataset, image_channels: int,
+                    size_multiple: int) -> TrainingArrays:
+    """Check ``dataset`` against the network and normalise its images as ``cfg`` says."""
+    if len(dataset) == 0:
+        raise ValueError("the training data set is empty")
+    images, masks, counts = dataset.arrays()
+    _, c_img, h, w = images.shape
+    if c_img != image_channels:
+        raise ValueError(f"the network takes {image_channels} image channel(s) but the "
+                         f"data has {c_img}")
+    m = int(size_multiple)
+    if h % m or w % m:
+        raise ValueError(f"the images are {h}x{w}; this network needs sizes divisible by {m}")
+    images = np.stack([normalise_image(im, {"mode": cfg.normalisation}) for im in images])
+    return TrainingArrays(torch.from_numpy(images), torch.from_numpy(masks),
+                          torch.from_numpy(counts), dataset.describe())
+
+
+def augment_batch(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Apply one of the 8 symmetries of the square per item (code 0..7)."""
+    out = torch.empty_like(x)
+    for i, c in enumerate(codes.tolist()):
+        xi = x[i]
+        if c >= 4:
+            xi = xi.flip(-1)
+        out[i] = torch.rot90(xi, c % 4, dims=(-2, -1))
+    return out
+
+
+def draw_batch(gen: torch.Generator, data: TrainingArrays, n: int, augment: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``n`` items and one annotator per item (uniformly among its masks).
+
+    Returns ``(idx, image (n, C, H, W), mask (n, 1, H, W))``, both augmented with the
+    same symmetry when ``augment``; ``codes`` are drawn only then, after the annotators.
+    """
+    idx = torch.randint(len(data), (n,), generator=gen)
+    ann = (torch.rand(n, generator=gen) * data.counts[idx]).long()
+    img = data.images[idx].float()
+    x0 = data.masks[idx, ann].unsqueeze(1).float()
+    if augment:
+        codes = torch.randint(8, (n,), generator=gen)
+        img, x0 = augment_batch(img, codes), augment_batch(x0, codes)
+    return idx, img, x0
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then a cosine decay to ``lr · min_lr_ratio``."""
+    if cfg.warmup > 0 and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(cfg.steps - cfg.warmup, 1)
+    prog = min(max(step - cfg.warmup, 0) / span, 1.0)
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * prog))
+
+
+def set_lr(optimisers: Sequence[torch.optim.Optimizer], cfg: TrainConfig, step: int) -> float:
+    """Set the learning rate of ``step`` on every optimiser; returns it."""
+    lr = lr_at(cfg, step)
+    for opt in optimisers:
+        for g in opt.param_groups:
+            g["lr"] = lr
+    return lr
+
+
+def clip_gradients(net: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (``max_norm <= 0``: only measure it); returns it."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm))
+    return float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in net.parameters()
+                                if p.grad is not None)))
+
+
+def save_state(state_file: Path, state: dict[str, Any]) -> None:
+    """Write a training state atomically (temporary file, then rename)."""
+    tmp = state_file.with_name(state_file.name + ".tmp")
+    torch.save(state, str(tmp))
+    os.replace(tmp, state_file)
+
+
+class RunLog:
+    """The CSV log (one row per step) and the tqdm bar of a run, and its clock.
+
+    On resume the rows up to the saved step are kept and the later ones dropped, so the
+    log reads as one uninterrupted run. With ``enabled=False`` (DDP ranks > 0) it writes
+    nothing but still keeps time.
+    """
+
+    def __init__(self, path: Path, fields: Sequence[str], *, total: int, step: int,
+                 resumed: bool, desc: str, progress: bool, enabled: bool = True,
+                 elapsed_before: float = 0.0):
+        self.enabled = enabled
+        self.start_step = step
+        self.elapsed_before = float(elapsed_before)
+        self.t0 = time.perf_counter()
+        self.losses: list[float] = []
+        self._file = None
+        self.bar = None
+        if enabled:
+            rows: list[list[str]] = []
+            if resumed and path.exists():
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.reader(f)][1:]
+                rows = [r for r in rows if r and int(r[0]) <= step]
+            self._file = open(path, "w", newline="")
+            self._writer = csv.writer(self._file)
+            self._writer.writerow(list(fields))
+            self._writer.writerows(rows)
+            self._file.flush()
+            if progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=step, desc=desc, unit="step",
+                                dynamic_ncols=True)
+
+    @property
+    def session_s(self) -> float:
+        """Seconds since this session started."""
+        return time.perf_counter() - self.t0
+
+    @property
+    def elapsed(self) -> float:
+        """Training seconds over all sessions of the run."""
+        return self.elapsed_before + self.session_s
+
+    def over_budget(self, max_minutes: float) -> bool:
+        """Whether this session has used its wall-clock budget (0: no budget)."""
+        return max_minutes > 0 and self.session_s > max_minutes * 60
+
+    def row(self, step: int, loss: float, values: Sequence[str], total: int) -> None:
+        """Record one step: ``values`` are the CSV cells after the step number."""
+        self.losses.append(loss)
+        if not self.enabled:
+            return
+        self._writer.writerow([step, *values])
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0 or step == total:
+                recent = self.losses[-50:]
+                self.bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}",
+                                     sps=f"{(step - self.start_step) / self.session_s:.2f}")
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self._file is not None:
+            self._file.close()
