@@ -381,16 +381,20 @@ def _stream(
     first_frame = None
     x0_hat: torch.Tensor | None = None
     done = 0
+    n_chunks = -(-n // chunk)
     for k, t in enumerate(order):
         if _is_cancelled(cancel):
             break
         s = order[k + 1] if k + 1 < len(order) else -1
         noise = kernel.noise(shape, gen).to(dev) if s >= 0 else None
         with torch.inference_mode():
-            outs_x, outs_x0 = [], []
+            tb_all = torch.full((chunk,), t, dtype=torch.long, device=dev)
+            # Several chunks write into one x̂_0 tensor per step (frames keep it, so it is
+            # not reused across steps) and into x itself (a chunk's rows of x_t are not read
+            # again once denoised): no torch.cat, no list of chunk outputs kept alive.
             for a in range(0, n, chunk):
                 xb = x[a : a + chunk]
-                tb = torch.full((xb.shape[0],), t, dtype=torch.long, device=dev)
+                tb = tb_all[: xb.shape[0]]
                 xin = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
                 _sync()
                 tic = time.perf_counter()
@@ -399,10 +403,15 @@ def _stream(
                 net_seconds += time.perf_counter() - tic
                 nb = noise[a : a + chunk] if noise is not None else None
                 xs, x0b = kernel.denoise(xb, out.float(), t, s, nb)
-                outs_x.append(xs)
-                outs_x0.append(kernel.probabilities(x0b))
-            x = outs_x[0] if len(outs_x) == 1 else torch.cat(outs_x)
-            x0_hat = outs_x0[0] if len(outs_x0) == 1 else torch.cat(outs_x0)
+                if n_chunks == 1:
+                    x, x0_hat = xs, kernel.probabilities(x0b)
+                else:
+                    pb = kernel.probabilities(x0b)
+                    if a == 0:
+                        x0_hat = pb.new_empty((n, *pb.shape[1:]))
+                    x0_hat[a : a + chunk] = pb
+                    x[a : a + chunk] = xs
+                del out, xs, x0b
             states = kernel.binary(x)
         done = k + 1
         elapsed = time.perf_counter() - t_start
