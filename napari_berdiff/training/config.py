@@ -12,14 +12,20 @@ import torch
 from ..networks import UNetConfig
 from ..networks.registry import NETWORK_TYPES, network_description, network_from_metadata
 
-TRAIN_KINDS = ("bernoulli", "gaussian", "deterministic")
+TRAIN_KINDS = ("bernoulli", "gaussian", "deterministic", "refiner")
 T_SAMPLINGS = ("uniform", "visited")
 
 
 def default_network(kind: str = "bernoulli", image_size: int = 64,
                     image_channels: int = 1) -> UNetConfig:
     """The small UNet of the bundled models (base 16, channel_mult (1,2,2,4), 2 res blocks,
-    attention at downsample 4 and in the middle, GroupNorm with 8 groups)."""
+    attention at downsample 4 and in the middle, GroupNorm with 8 groups).
+
+    ``image_channels`` counts the image's channels; a refiner's network takes one more, the
+    prior map p.
+    """
+    if kind == "refiner":
+        image_channels += 1
     return UNetConfig(
         image_size=image_size, image_channels=image_channels, mask_channels=1,
         out_channels=1, model_channels=16, num_res_blocks=2, attention_resolutions=(4,),
@@ -29,6 +35,10 @@ def default_network(kind: str = "bernoulli", image_size: int = 64,
 
 
 def default_diffusion(kind: str = "bernoulli") -> DiffusionConfig:
+    """The diffusion settings of a recipe of ``kind`` (a refiner: T = 10, ᾱ linear, x0)."""
+    if kind == "refiner":
+        return DiffusionConfig(kind="bernoulli", timesteps=10, schedule="alpha_bar_linear",
+                               prediction="x0", default_steps=10)
     if kind == "gaussian":
         return DiffusionConfig(kind="gaussian", timesteps=1000, schedule="cosine",
                                prediction="eps", default_steps=10, sampler="ddim")
@@ -44,7 +54,9 @@ class TrainConfig:
     Parameters
     ----------
     kind
-        ``bernoulli``, ``gaussian`` or ``deterministic`` (the U-Net baseline, BCE + Dice).
+        ``bernoulli``, ``gaussian``, ``deterministic`` (the U-Net baseline, BCE + Dice) or
+        ``refiner`` (a HiDiff-style segmentor + prior-conditioned Bernoulli refiner pair,
+        trained alternately: :mod:`napari_berdiff.training.refiner`).
     network, diffusion
         The network and the diffusion settings (defaults: :func:`default_network`,
         :func:`default_diffusion`).
@@ -84,6 +96,17 @@ class TrainConfig:
         ``torch.set_num_threads`` (0 leaves torch's default).
     device
         ``cpu``, ``cuda``, ``mps`` or ``auto``.
+    segmentor_network
+        Refiner only: the segmentor's network description (default: the small UNet with
+        the image's channels).
+    prior_mix
+        Refiner only: the fraction of training items whose prior is the segmentor's
+        (detached) output; the others get a degraded annotator mask softened with
+        :func:`~napari_berdiff.priors.mask_to_prior`.
+    trust_range
+        Refiner only: the trust of those softened masks is drawn uniformly in this range.
+    degrade_strength
+        Refiner only: ``strength`` of :func:`~napari_berdiff.priors.degrade_mask`.
     """
 
     kind: str = "bernoulli"
@@ -110,6 +133,10 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     device: str = "cpu"
+    segmentor_network: dict[str, Any] = field(default_factory=dict)
+    prior_mix: float = 0.5
+    trust_range: tuple[float, float] = (0.3, 0.95)
+    degrade_strength: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in TRAIN_KINDS:
@@ -137,6 +164,8 @@ class TrainConfig:
             raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {self.t_sampling!r}")
         net = self.network_config()
         diff = self.diffusion_config()
+        if self.kind == "refiner":
+            self._check_refiner(net, diff)
         if self.kind in ("bernoulli", "gaussian") and diff.kind != self.kind:
             raise ValueError(f"kind {self.kind!r} needs a {self.kind} diffusion config, "
                              f"got {diff.kind!r}")
@@ -146,14 +175,54 @@ class TrainConfig:
         if net.mask_channels != 1:
             raise ValueError("the trainers handle single-channel binary masks (mask_channels=1)")
 
-    def network_config(self) -> Any:
-        """The network's config object (its class is chosen by the ``type`` key)."""
-        d = dict(self.network)
+    def _check_refiner(self, net: Any, diff: DiffusionConfig) -> None:
+        if diff.kind != "bernoulli":
+            raise ValueError(f"a refiner needs a bernoulli diffusion config, got {diff.kind!r}")
+        if net.image_channels < 2:
+            raise ValueError("a refiner's network takes the image channels plus the prior map; "
+                             f"image_channels must be >= 2, got {net.image_channels}")
+        if not self.segmentor_network:
+            self.segmentor_network = default_network(
+                "deterministic", net.image_size, net.image_channels - 1).to_dict()
+        if not isinstance(self.segmentor_network, dict):
+            self.segmentor_network = network_description(self.segmentor_network)
+        seg = self.segmentor_config()
+        if seg.image_channels != net.image_channels - 1:
+            raise ValueError(f"the segmentor takes {seg.image_channels} image channel(s) but the "
+                             f"refiner's network {net.image_channels} (image + prior); they must "
+                             "differ by one")
+        if seg.output_activation != "sigmoid" or seg.mask_channels != 1:
+            raise ValueError("the segmentor needs one mask channel and a sigmoid output")
+        self.trust_range = tuple(float(v) for v in self.trust_range)  # type: ignore[assignment]
+        lo, hi = self.trust_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError("trust_range must satisfy 0 <= low <= high <= 1, got "
+                             f"{self.trust_range}")
+        if not 0.0 <= self.prior_mix <= 1.0:
+            raise ValueError(f"prior_mix must lie in [0, 1], got {self.prior_mix}")
+        if self.degrade_strength < 0:
+            raise ValueError(f"degrade_strength must be >= 0, got {self.degrade_strength}")
+
+    @staticmethod
+    def _config_of(desc: dict[str, Any]) -> Any:
+        d = dict(desc)
         kind = d.pop("type", "unet")
         if kind not in NETWORK_TYPES:
             raise ValueError(f"unknown network type {kind!r}; known types: "
                              f"{', '.join(sorted(NETWORK_TYPES))}")
         return NETWORK_TYPES[kind][0].from_dict(d)
+
+    def segmentor_config(self) -> Any:
+        """A refiner recipe's segmentor network config."""
+        return self._config_of(self.segmentor_network)
+
+    def build_segmentor(self) -> torch.nn.Module:
+        """A freshly initialised segmentor network of a refiner recipe."""
+        return network_from_metadata(self.segmentor_network)
+
+    def network_config(self) -> Any:
+        """The network's config object (its class is chosen by the ``type`` key)."""
+        return self._config_of(self.network)
 
     def build_network(self) -> torch.nn.Module:
         """A freshly initialised network of this recipe."""
@@ -165,6 +234,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        d["trust_range"] = list(self.trust_range)
         return d
 
     def to_json(self) -> str:

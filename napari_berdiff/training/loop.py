@@ -105,20 +105,22 @@ def augment_batch(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def draw_batch(gen: torch.Generator, data: TrainingArrays, n: int, augment: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Draw ``n`` items and one annotator per item (uniformly among its masks).
 
-    Returns ``(idx, image (n, C, H, W), mask (n, 1, H, W))``, both augmented with the
-    same symmetry when ``augment``; ``codes`` are drawn only then, after the annotators.
+    Returns ``(idx, image (n, C, H, W), mask (n, 1, H, W), codes)``, image and mask
+    augmented with the same symmetry (``codes``, drawn after the annotators) when
+    ``augment``; ``codes`` is None otherwise.
     """
     idx = torch.randint(len(data), (n,), generator=gen)
     ann = (torch.rand(n, generator=gen) * data.counts[idx]).long()
     img = data.images[idx].float()
     x0 = data.masks[idx, ann].unsqueeze(1).float()
+    codes = None
     if augment:
         codes = torch.randint(8, (n,), generator=gen)
         img, x0 = augment_batch(img, codes), augment_batch(x0, codes)
-    return idx, img, x0
+    return idx, img, x0, codes
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

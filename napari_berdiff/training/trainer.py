@@ -80,6 +80,14 @@ def segmentor_loss_parts(prob: torch.Tensor, target: torch.Tensor
     return bce, soft_dice_loss(prob, target).mean()
 
 
+def _stored_kind(out: str | Path) -> str | None:
+    """The recipe kind of the training state saved next to ``out``, if any."""
+    state = state_path_for(out)
+    if not state.exists():
+        return None
+    return json.loads(load_state(state)["config"]).get("kind")
+
+
 def _dist_info() -> tuple[int, int, bool]:
     """(rank, world size, whether this call initialised the process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -188,7 +196,15 @@ def train(
         The model's name and extra metadata for the exported file.
     stop_after
         Stop (with a checkpoint) after this step, as if interrupted (tests, budgets).
+
+    A recipe of kind ``refiner`` is trained by
+    :func:`napari_berdiff.training.refiner.train_refiner` (two files).
     """
+    if config.kind == "refiner" or (resume and _stored_kind(out) == "refiner"):
+        from .refiner import train_refiner
+
+        return train_refiner(config, dataset, out, resume=resume, progress=progress, name=name,
+                             extra_meta=extra_meta, stop_after=stop_after)
     out = Path(out)
     name = name or out.stem
     state_file, log_file = state_path_for(out), log_path_for(out)
@@ -262,7 +278,7 @@ def train(
     net.train()
     while step < cfg.steps:
         # ---- draw the global batch (identical on every rank), keep this rank's slice
-        _, img, x0 = draw_batch(gen, data, gb, cfg.augment)
+        _, img, x0, _ = draw_batch(gen, data, gb, cfg.augment)
         if cfg.kind == "deterministic":
             t = torch.zeros(gb, dtype=torch.long)
             x_in = torch.zeros_like(x0)
