@@ -94,6 +94,8 @@ class PreparedInput:
     crops: list[np.ndarray]
     seed_offsets: list[int]
     warnings: list[str] = field(default_factory=list)
+    #: a refiner's prior map per crop (set by the Mask refiner widget), else None
+    priors: list[np.ndarray] | None = None
 
 
 def training_size(model: Any) -> int | None:
@@ -185,6 +187,7 @@ def prepare_input(
     image: Any,
     region: Any | None,
     volume_mode: str = MODE_SLICE,
+    refiner: bool = False,
 ) -> PreparedInput:
     """Validate the choices and cut the crops to sample.
 
@@ -198,6 +201,9 @@ def prepare_input(
         A Shapes layer holding the region of interest, or ``None`` for the whole image.
     volume_mode
         ``"slice"`` (the current slice) or ``"volume"`` (all slices), for 3D layers.
+    refiner
+        Whether the run refines a prior mask (the Mask refiner widget): the model must
+        then be a mask refiner, which plain sampling refuses.
     """
     if model is None:
         raise InputProblem(
@@ -205,7 +211,12 @@ def prepare_input(
             "or use 'Open checkpoint…'."
         )
     kind = getattr(model, "kind", "bernoulli")
-    if kind == "refiner":
+    if refiner and kind != "refiner":
+        raise InputProblem(
+            f"This is a {kind} model, not a mask refiner. Load a refiner here (for example "
+            "refiner-phantom-64), or sample with it in the 'Diffusion segmentation' widget."
+        )
+    if kind == "refiner" and not refiner:
         raise InputProblem(
             "This model is a mask refiner: it refines a mask you give it. Use the "
             "'Mask refiner' widget, or load a BerDiff / Wolleb sampling model here."

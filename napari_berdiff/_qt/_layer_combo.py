@@ -73,6 +73,9 @@ class LayerCombo(QComboBox):
             special = self.special()
         except RuntimeError:  # the Qt object is gone
             return
+        self._rebuild(current, special)
+
+    def _rebuild(self, current: Any, special: str | None) -> None:
         layers = self.candidates()
         for layer in layers:  # (hash, not id: napari may hand out proxies of the layers)
             if hash(layer) not in self._watched:
@@ -89,7 +92,7 @@ class LayerCombo(QComboBox):
             self._layers = layers
             if current is not None and current in layers:
                 self.setCurrentIndex(len(keys) + layers.index(current))
-            elif special is not None and (self._user_special or not self._prefer_last):
+            elif special in keys and (self._user_special or not self._prefer_last):
                 self.setCurrentIndex(keys.index(special))
             elif layers and self._prefer_last:
                 self.setCurrentIndex(len(keys) + len(layers) - 1)  # the top-most match
@@ -129,6 +132,13 @@ class LayerCombo(QComboBox):
         if layer in self._layers:
             self._user_special = False
             self.setCurrentIndex(len(self._specials) + self._layers.index(layer))
+
+    def set_specials(self, specials: tuple[tuple[str, str], ...]) -> None:
+        """Replace the special first entries (``(key, text)`` pairs), keeping the choice."""
+        if tuple(specials) != tuple(self._specials):
+            current, special = self.layer(), self.special()
+            self._specials = tuple(specials)
+            self._rebuild(current, special)
 
     def set_special(self, key: str) -> None:
         keys = [k for k, _ in self._specials]

@@ -143,8 +143,11 @@ class ModelPanel(QGroupBox):
     model_changed = Signal(object)
     loading_changed = Signal(bool)
 
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__("Model", parent)
+    #: runs in the loading worker: ``(path, preset, device) -> result`` for :meth:`_loaded`
+    loader = staticmethod(lambda path, preset, device: _load_model(path, preset, device))
+
+    def __init__(self, parent: QWidget | None = None, title: str = "Model"):
+        super().__init__(title, parent)
         self.model: Any = None
         self.model_label = ""
         self.loading = False
@@ -214,13 +217,17 @@ class ModelPanel(QGroupBox):
     # ------------------------------------------------------------------ list
     def _fill_bundled(self) -> None:
         self.bundled.clear()
-        paths = _bundled_models()
+        paths = self.bundled_paths()
         for p in paths:
             self.bundled.addItem(p.name.split(".")[0], str(p))
         if not paths:
             self.bundled.addItem("(no bundled models)", None)
         self.bundled.setEnabled(bool(paths))
         self.load_btn.setEnabled(bool(paths))
+
+    def bundled_paths(self) -> list[Path]:
+        """The bundled model files this panel offers."""
+        return _bundled_models()
 
     def device_choice(self) -> str:
         choice = self.device.currentText() or "auto"
@@ -262,7 +269,7 @@ class ModelPanel(QGroupBox):
             return call
 
         worker = create_worker(
-            _load_model, path, preset, self.device_choice(),
+            type(self).loader, path, preset, self.device_choice(),
             _connect={
                 "returned": _cb("_loaded", path),
                 "errored": _cb("_load_failed", path, preset),

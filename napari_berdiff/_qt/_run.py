@@ -43,6 +43,8 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     #: set by the main thread once the last update with arrays has reached the layers
     consumed: threading.Event = field(default_factory=threading.Event)
+    #: a refiner's prior probability map per crop (same (h, w) as the crop), else None
+    priors: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.consumed.set()
@@ -115,9 +117,10 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
             if job.cancel.is_set():
                 cancelled = True
                 break
+            extra = {} if job.priors is None else {"prior": job.priors[pos]}
             try:
                 stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
-                                          cancel=job.cancel)
+                                          cancel=job.cancel, **extra)
             except Exception as exc:  # noqa: BLE001 - reported to the user
                 raise SamplingError(str(exc)) from exc
             last_frame, last_pushed = None, True

@@ -129,6 +129,13 @@ class SamplingPanel(QGroupBox):
     def set_volume_mode(self, mode: str) -> None:
         (self.volume_radio if mode == MODE_VOLUME else self.slice_radio).setChecked(True)
 
+    def show_volume_choice(self, visible: bool) -> None:
+        """Show or hide the 'Current slice / All slices' row (hidden: current slice only)."""
+        if not visible:
+            self.set_volume_mode(MODE_SLICE)
+        self.volume_row.setVisible(visible)
+        self._volume_label.setVisible(visible)
+
     def region_layer(self) -> Any | None:
         return self.region_combo.layer()
 

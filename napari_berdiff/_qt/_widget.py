@@ -19,7 +19,7 @@ from qtpy.QtWidgets import QFrame, QMainWindow, QScrollArea, QVBoxLayout, QWidge
 
 from . import _notify
 from ._accept import check_target, new_target_data, reference_stack, sample_metrics, write_mask
-from ._inputs import InputProblem, prepare_input
+from ._inputs import InputProblem, PreparedInput, prepare_input
 from ._layers import RunLayers
 from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
@@ -100,13 +100,13 @@ class DiffusionSegmentationWidget(QWidget):
     #: emitted when a run ends, however it ends (argument: its :class:`Outcome` or None)
     run_finished = Signal(object)
 
+    #: what a run is called in progress bars and messages
+    run_name = "Sampling"
+
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
-        self.model_panel = ModelPanel()
-        self.sampling = SamplingPanel(napari_viewer)
-        self.results = ResultsPanel(napari_viewer)
-        self.metrics = MetricsPanel(napari_viewer)
+        panels = self._create_panels(napari_viewer)
         self.last_run: RunLayers | None = None
         self.kept_runs: list[RunLayers] = []
         self.last_metrics: dict[str, Any] | None = None
@@ -120,7 +120,7 @@ class DiffusionSegmentationWidget(QWidget):
         inner = QWidget()
         col = QVBoxLayout(inner)
         col.setContentsMargins(4, 4, 4, 4)
-        for panel in (self.model_panel, self.sampling, self.results, self.metrics):
+        for panel in panels:
             col.addWidget(panel)
         col.addStretch(1)
         scroll = QScrollArea()
@@ -153,6 +153,15 @@ class DiffusionSegmentationWidget(QWidget):
                       KEY_ACCEPT: _weak_handler(self, "accept")}
         for key, func in self._keys.items():
             napari_viewer.bind_key(key, func, overwrite=True)
+
+    def _create_panels(self, viewer: Any) -> list[QWidget]:
+        """Build ``model_panel``, ``sampling``, ``results`` and ``metrics``; returns the
+        panels in their order in the dock (subclasses add their own)."""
+        self.model_panel = ModelPanel()
+        self.sampling = SamplingPanel(viewer)
+        self.results = ResultsPanel(viewer)
+        self.metrics = MetricsPanel(viewer)
+        return [self.model_panel, self.sampling, self.results, self.metrics]
 
     # ------------------------------------------------------------------ model
     @property
@@ -201,8 +210,7 @@ class DiffusionSegmentationWidget(QWidget):
             return None
         sp = self.sampling
         try:
-            prepared = prepare_input(self.viewer, self.model, sp.image_combo.layer(),
-                                     sp.region_layer(), sp.volume_mode())
+            prepared = self._prepare()
         except InputProblem as exc:
             _notify.error(str(exc))
             return None
@@ -228,14 +236,15 @@ class DiffusionSegmentationWidget(QWidget):
         self.last_metrics = None
         self.metrics.clear()
         job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
-                  sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0)
+                  sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0,
+                  priors=prepared.priors)
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)
         self._active = active
         steps = sp.steps_spin.value()
         active.pbar = progress(total=len(prepared.crops) * steps,
-                               desc=f"Sampling {n} × {steps} steps")
+                               desc=f"{self.run_name} {n} × {steps} steps")
         sp.set_running(True)
         self.results.set_enabled(False)
         self.model_panel.setEnabled(False)
@@ -264,6 +273,12 @@ class DiffusionSegmentationWidget(QWidget):
             },
         )
         return active.worker
+
+    def _prepare(self) -> PreparedInput:
+        """Validate the panels' choices (main thread); raises :class:`InputProblem`."""
+        sp = self.sampling
+        return prepare_input(self.viewer, self.model, sp.image_combo.layer(),
+                             sp.region_layer(), sp.volume_mode())
 
     def cancel(self, *_: Any) -> None:
         """Stop the run at its next step; the layers keep the last completed step."""
@@ -310,7 +325,7 @@ class DiffusionSegmentationWidget(QWidget):
 
     def _on_errored(self, active: _Active, exc: BaseException) -> None:
         active.error = exc
-        _notify.error(f"Sampling failed: {exc}")
+        _notify.error(f"{self.run_name} failed: {exc}")
 
     def _on_finished(self, active: _Active) -> None:
         if self._in_yield:
@@ -435,7 +450,8 @@ class DiffusionSegmentationWidget(QWidget):
     # ------------------------------------------------------------------ accept
     def _ready_run(self) -> RunLayers | None:
         if self.last_run is None or self.last_run.pushed == 0:
-            _notify.error("Nothing to accept yet: press Sample first.")
+            _notify.error(f"Nothing to accept yet: press "
+                          f"{self.sampling.sample_btn.text()} first.")
             return None
         if self.running:
             _notify.error("Wait for the run to finish (or cancel it) before accepting.")
@@ -479,13 +495,21 @@ class DiffusionSegmentationWidget(QWidget):
         what = "the majority vote" if tau is None else f"the consensus at τ = {tau:.2f}"
         return self._write(run, mask, what)
 
-    def _write(self, run: RunLayers, mask: np.ndarray, what: str) -> Any | None:
+    def _resolve_target(self, run: RunLayers) -> Any:
+        """The layer an accepted mask goes to (created if needed); raises InputProblem."""
         target = self.results.target_combo.layer()
+        if target is not None:
+            check_target(target, run.placement)
+            return target
+        return self.target_layer(create=True)
+
+    def _before_write(self, target: Any, run: RunLayers) -> None:
+        """Called just before an accepted mask is written into ``target``."""
+
+    def _write(self, run: RunLayers, mask: np.ndarray, what: str) -> Any | None:
         try:
-            if target is not None:
-                check_target(target, run.placement)
-            else:
-                target = self.target_layer(create=True)
+            target = self._resolve_target(run)
+            self._before_write(target, run)
             write_mask(target, run.placement, mask)
         except InputProblem as exc:
             _notify.error(str(exc))
