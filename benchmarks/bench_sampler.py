@@ -1,117 +1,108 @@
-"""Sampler speed: milliseconds per step, sampler overhead and time to first frame.
+"""Sampler speed: ms per step by N, image size and network; overhead; time to first frame.
 
-Prints a table and writes JSON to ``benchmarks/results/bench_sampler.json``. Figures are
-medians over ``--repeats`` runs on randomly initialised networks (speed does not depend on
-the weights). Not a test: nothing here asserts a time.
+For every (network, N, size) it runs the streaming sampler ``--repeats`` times on a phantom
+image, reads every frame's binary states (the host copy a viewer pulls) and reports medians
+of:
 
-    python benchmarks/bench_sampler.py                 # base-32 network and the official preset
-    python benchmarks/bench_sampler.py --only base32 --n 16 --size 128 --repeats 5
+* ``ms/step``: the median time between two consecutive frames (one reverse step);
+* ``ms/smp/step``: the same divided by N;
+* ``net ms/step``: the network's forward time per step (``SampleResult.timings``);
+* ``overhead``: ``(total − network) / total``, the sampler's own cost;
+* ``1st frame`` and ``1st/step``: time from the call to the first frame (image encode,
+  initial state and one step), and its ratio to one step.
+
+With ``--quality K``, trained models also get GED² and HM-IoU of N = 16 samples on K
+held-out phantoms (64×64, seeds 900000…), at the same step count, next to their speed.
+Not a test: nothing here asserts a time. Writes ``benchmarks/results/<--name>.json``.
+
+    python benchmarks/bench_sampler.py                                # bundled model, grid
+    python benchmarks/bench_sampler.py --nets bundled base32 --n 16 --sizes 128
+    python benchmarks/bench_sampler.py --model models/other.safetensors --quality 20
+    python benchmarks/bench_sampler.py --lidc --n 1 --sizes 128 --steps 2 --repeats 2
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
 import time
-from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
+from _common import (base_parser, describe, is_trained, load_bench_model, machine, median,
+                     median_of, print_table, quality, set_threads, test_image, write_json)
 
-from napari_berdiff.diffusion import DiffusionConfig
-from napari_berdiff.model import DiffusionModel, model_from_preset
-from napari_berdiff.networks import build_network, get_network_preset
+COLUMNS = [("model", "model", ""), ("n", "N", "d"), ("size", "size", "d"),
+           ("ms_per_step", "ms/step", ".1f"), ("ms_per_sample_step", "ms/smp/step", ".2f"),
+           ("network_ms_per_step", "net ms/step", ".1f"), ("overhead_pct", "overhead %", ".2f"),
+           ("first_frame_ms", "1st frame ms", ".1f"), ("first_over_step", "1st/step", ".2f"),
+           ("ged2", "GED²", ".3f"), ("hm_iou", "HM-IoU", ".3f")]
 
 
-def machine() -> dict:
+def one_run(model: Any, image: np.ndarray, n: int, steps: int, seed: int,
+            **sample_kw: Any) -> dict[str, float]:
+    """Stream one run to the end; its total, network, overhead, first-frame and step times."""
+    stream = model.sample(image, n=n, steps=steps, seed=seed, **sample_kw)
+    stamps = []
+    for frame in stream:
+        frame.states  # noqa: B018 - the host copy a viewer pulls
+        stamps.append(time.perf_counter())
+    tim = stream.result.timings
+    gaps = np.diff(stamps)
+    return {"total_s": tim["total_s"], "network_s": tim["network_s"],
+            "overhead_s": tim["overhead_s"], "first_frame_s": tim["first_frame_s"],
+            "step_s": float(np.median(gaps)) if len(gaps) else tim["first_frame_s"]}
+
+
+def bench(model: Any, n: int, size: int, steps: int, repeats: int,
+          **sample_kw: Any) -> dict[str, Any]:
+    """Median figures of ``repeats`` runs (after a one-step warm-up) for one configuration."""
+    image = test_image(size)
+    model.sample_all(image, n=n, steps=1, seed=0, **sample_kw)  # warm-up
+    runs = [one_run(model, image, n, steps, seed, **sample_kw) for seed in range(repeats)]
+    m = median_of(runs)
+    step = m["step_s"]
     return {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(),
-    }
-
-
-def base32_model() -> DiffusionModel:
-    """The official BerDiff layout scaled down to 32 base channels."""
-    cfg = get_network_preset("berdiff-lidc-128").replace(model_channels=32)
-    torch.manual_seed(0)
-    return DiffusionModel(build_network(cfg), DiffusionConfig(kind="bernoulli"), {"name": "base32"})
-
-
-def bench(model: DiffusionModel, n: int, size: int, steps: int, repeats: int) -> dict:
-    model.to("auto")
-    img = np.random.default_rng(0).random((size, size)).astype(np.float32)
-    model.sample_all(img, n=n, steps=1, seed=0)  # warm-up
-    runs = []
-    for r in range(repeats):
-        stream = model.sample(img, n=n, steps=steps, seed=r)
-        tic = time.perf_counter()
-        first = None
-        for frame in stream:
-            if first is None:
-                first = time.perf_counter() - tic
-            frame.states  # the host copy a viewer pulls for display
-        res = stream.result
-        total = time.perf_counter() - tic
-        runs.append((total, res.timings["network_s"], first))
-    total = statistics.median(r[0] for r in runs)
-    net = statistics.median(r[1] for r in runs)
-    first = statistics.median(r[2] for r in runs)
-    per_step = total / steps
-    return {
-        "model": model.name,
-        "parameters": model.num_parameters(),
-        "device": str(model.device),
-        "n": n,
-        "size": size,
-        "steps": steps,
-        "repeats": repeats,
-        "ms_per_step": 1000 * per_step,
-        "ms_per_sample_step": 1000 * per_step / n,
-        "network_ms_per_step": 1000 * net / steps,
-        "overhead_pct": 100 * (total - net) / total,
-        "first_frame_ms": 1000 * first,
-        "first_frame_over_step": first / per_step,
-        "total_s": total,
+        "model": model.name, "parameters": model.num_parameters(), "n": n, "size": size,
+        "steps": steps, "repeats": repeats,
+        "ms_per_step": 1000 * step, "ms_per_sample_step": 1000 * step / n,
+        "network_ms_per_step": 1000 * m["network_s"] / steps,
+        "overhead_pct": 100 * median(r["overhead_s"] / r["total_s"] for r in runs),
+        "first_frame_ms": 1000 * m["first_frame_s"], "first_over_step": m["first_frame_s"] / step,
+        "total_s": m["total_s"], "runs": runs,
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--official-steps", type=int, default=2)
-    ap.add_argument("--official-repeats", type=int, default=2)
-    ap.add_argument("--only", choices=["base32", "official"], default=None)
-    ap.add_argument("--out", default="benchmarks/results/bench_sampler.json")
+    ap = base_parser(__doc__)
+    ap.add_argument("--nets", nargs="+", default=["bundled"],
+                    help="bundled, base32 (random base-32 UNet) or .safetensors paths")
+    ap.add_argument("--model", action="append", default=[], help="another .safetensors")
+    ap.add_argument("--lidc", action="store_true",
+                    help="also the berdiff-lidc-128 preset (slow: ~1.35 s/sample/step)")
+    ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--quality", type=int, default=0, metavar="K",
+                    help="GED²/HM-IoU on K held-out phantoms for trained models")
+    ap.add_argument("--name", default="bench_sampler", help="results/<name>.json")
     args = ap.parse_args()
+    set_threads(args.threads)
 
-    rows = []
-    if args.only in (None, "base32"):
-        rows.append(bench(base32_model(), args.n, args.size, args.steps, args.repeats))
-    if args.only in (None, "official"):
-        m = model_from_preset("berdiff-lidc-128")
-        rows.append(bench(m, args.n, args.size, args.official_steps, args.official_repeats))
-
+    specs = list(args.nets) + list(args.model) + (["lidc"] if args.lidc else [])
     info = machine()
-    print(f"machine: {info}")
-    print(f"{'model':<18}{'params':>12}{'N':>4}{'size':>6}{'ms/step':>10}{'ms/smp/step':>13}"
-          f"{'overhead':>10}{'1st/step':>10}")
-    for r in rows:
-        print(f"{r['model']:<18}{r['parameters']:>12,}{r['n']:>4}{r['size']:>6}"
-              f"{r['ms_per_step']:>10.0f}{r['ms_per_sample_step']:>13.1f}"
-              f"{r['overhead_pct']:>9.2f}%{r['first_frame_over_step']:>10.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "results": rows}, indent=2))
-    print(f"wrote {out}")
+    print(describe(info))
+    rows = []
+    for spec in specs:
+        model = load_bench_model(spec)
+        q = quality(model, args.quality, steps=args.steps) if args.quality and is_trained(spec) \
+            else {}
+        for size in args.sizes:
+            for n in args.n:
+                row = bench(model, n, size, args.steps, args.repeats) | q
+                rows.append(row)
+                print_table([row], COLUMNS)
+    print("\nsummary (medians):")
+    print_table(rows, COLUMNS)
+    write_json(args.name, {"steps": args.steps, "results": rows}, info)
 
 
 if __name__ == "__main__":
