@@ -69,7 +69,7 @@ class MaskRefinerWidget(DiffusionSegmentationWidget):
         sp.show_volume_choice(False)
         self.results = ResultsPanel(viewer)
         self.results.target_combo.set_specials((
-            (TARGET_PRIOR, "The prior layer (refine in place)"),
+            (TARGET_PRIOR, "Prior layer (in place)"),
             (TARGET_NEW, "New labels layer 'accepted'"),
         ))
         self.results.target_combo.set_special(TARGET_PRIOR)
