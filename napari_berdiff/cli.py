@@ -252,40 +252,17 @@ def _check_region(model: Any, image: np.ndarray, roi: tuple | None, allow_large:
         )
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def run_with_progress(stream: Any, n_steps: int, quiet: bool, desc: str
+                      ) -> tuple[Any, list[int]]:
+    """Run a sample stream to the end under a tqdm bar; returns (result, visited t's).
+
+    Raises ``ValueError`` when the run produced nothing or the network produced NaNs.
+    """
     from tqdm import tqdm
 
-    from . import __version__
-    from .checkpoints import load_model, sha256_of
-    from .diffusion import timestep_subsequence
-    from .imageio import write_map, write_mask
-
-    wall0 = time.perf_counter()
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
-    roi = _parse_roi(args.roi)
-    steps = _parse_steps(args.steps)
-    model_path = _resolve_model(args.model)
-    model = load_model(model_path, preset=args.preset, device=args.device)
-    load_s = time.perf_counter() - wall0
-
-    image, infos = _read_planes(args.image, args.slice, model.image_channels)
-    names = ", ".join(Path(p).name for p in args.image)
-    if image.shape[0] != model.image_channels:
-        raise ValueError(
-            f"the model takes {model.image_channels} image channel(s) but the image has "
-            f"{image.shape[0]} ({names})"
-            + ("; give one --image per channel" if model.image_channels > 1 else "")
-        )
-    _check_region(model, image, roi, args.allow_large, names)
-
-    spec = model.diffusion.default_steps if steps is None else steps
-    n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
-    stream = model.sample(image, n=args.n, steps=steps, seed=args.seed, roi=roi,
-                          max_batch=args.max_batch)
     visited: list[int] = []
-    bar = tqdm(total=n_steps, file=sys.stderr, unit="step", desc="sampling",
-               disable=args.quiet, leave=False)
+    bar = tqdm(total=n_steps, file=sys.stderr, unit="step", desc=desc, disable=quiet,
+               leave=False)
     try:
         for frame in stream:
             visited.append(int(frame.t))
@@ -293,7 +270,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         result = stream.result
     finally:
         bar.close()
-
     if result.probs is None:
         raise ValueError("sampling stopped before its first step finished; nothing was written")
     bad = int((~np.isfinite(result.probs)).sum())
@@ -302,10 +278,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"the network produced {bad} NaN or infinite probabilities; the checkpoint's weights "
             "look broken (or belong to another architecture). Nothing was written"
         )
-    out = Path(args.out)
+    return result, visited
+
+
+def write_results(out: Path, result: Any, n: int) -> list[Path]:
+    """Write the sample masks, the uncertainty maps and ``probabilities.npy`` to ``out``."""
+    from .imageio import write_map, write_mask
+
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    digits = max(2, len(str(args.n - 1)))
+    digits = max(2, len(str(n - 1)))
     for i, mask in enumerate(result.masks):
         written += write_mask(out / f"sample_{i:0{digits}d}", mask)
     maps = result.maps
@@ -313,11 +295,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         written += write_map(out / name, maps[name], name)
     np.save(out / "probabilities.npy", result.probs)
     written.append(out / "probabilities.npy")
+    return written
 
-    timings = dict(result.timings)
-    timings["load_s"] = load_s
-    timings["wall_s"] = time.perf_counter() - wall0
-    run = {
+
+def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: list[dict],
+               image: np.ndarray, spec: Any, visited: list[int], result: Any,
+               timings: dict[str, float], written: list[Path]) -> dict[str, Any]:
+    """The ``run.json`` document of a sampling (or refining) run."""
+    from . import __version__
+    from .checkpoints import sha256_of
+
+    return {
         "napari_berdiff_version": __version__,
         "model_path": str(model_path),
         "model_sha256": sha256_of(model_path),
@@ -337,12 +325,57 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "timesteps": visited,
         "steps_done": result.steps_done,
         "roi": list(result.roi),
-        "roi_requested": roi is not None,
+        "roi_requested": args.roi is not None,
         "device": result.device,
         "chunk_size": result.chunk_size,
         "timings": timings,
         "outputs": sorted(p.name for p in written) + ["run.json"],
     }
+
+
+def read_model_image(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, list[dict], str]:
+    """The (C, H, W) image of ``--image``/``--slice`` for ``model``, the readers' info and
+    the file names (checks the channel count)."""
+    image, infos = _read_planes(args.image, args.slice, model.image_channels)
+    names = ", ".join(Path(p).name for p in args.image)
+    if image.shape[0] != model.image_channels:
+        raise ValueError(
+            f"the model takes {model.image_channels} image channel(s) but the image has "
+            f"{image.shape[0]} ({names})"
+            + ("; give one --image per channel" if model.image_channels > 1 else "")
+        )
+    return image, infos, names
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .checkpoints import load_model
+    from .diffusion import timestep_subsequence
+
+    wall0 = time.perf_counter()
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    roi = _parse_roi(args.roi)
+    steps = _parse_steps(args.steps)
+    model_path = _resolve_model(args.model)
+    model = load_model(model_path, preset=args.preset, device=args.device)
+    load_s = time.perf_counter() - wall0
+
+    image, infos, names = read_model_image(args, model)
+    _check_region(model, image, roi, args.allow_large, names)
+
+    spec = model.diffusion.default_steps if steps is None else steps
+    n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
+    stream = model.sample(image, n=args.n, steps=steps, seed=args.seed, roi=roi,
+                          max_batch=args.max_batch)
+    result, visited = run_with_progress(stream, n_steps, args.quiet, "sampling")
+    out = Path(args.out)
+    written = write_results(out, result, args.n)
+
+    timings = dict(result.timings)
+    timings["load_s"] = load_s
+    timings["wall_s"] = time.perf_counter() - wall0
+    run = run_record(args, model, model_path, infos, image, spec, visited, result, timings,
+                     written)
     (out / "run.json").write_text(json.dumps(_json_clean(run), indent=2) + "\n")
     y0, x0, y1, x1 = result.roi
     print(f"wrote {args.n} sample masks and the {', '.join(MAPS)} maps "
@@ -400,8 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     from .cli_training import register  # train, evaluate, data
+    from .cli_refine import register as register_refine  # refine
 
     register(sub)
+    register_refine(sub)
     return parser
 
 

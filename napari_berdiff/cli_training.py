@@ -114,6 +114,7 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
 
     kind = args.kind
     net = default_network(kind, image_size, channels)
+    seg = default_network("deterministic", image_size, channels)
     changes: dict[str, Any] = {}
     if args.base_channels:
         changes["model_channels"] = args.base_channels
@@ -126,13 +127,17 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
     if args.norm_groups:
         changes["norm_groups"] = args.norm_groups
     net = net.replace(**changes) if changes else net
+    seg = seg.replace(**changes) if changes else seg
+    refiner = kind == "refiner"
+    timesteps = args.timesteps or (10 if refiner else 1000)
+    schedule = args.schedule or ("alpha_bar_linear" if refiner else "cosine")
     if kind == "gaussian":
-        diff = DiffusionConfig(kind="gaussian", timesteps=args.timesteps, schedule=args.schedule,
+        diff = DiffusionConfig(kind="gaussian", timesteps=timesteps, schedule=schedule,
                                prediction="eps", default_steps=args.sampling_steps,
                                sampler="ddim")
     else:
-        diff = DiffusionConfig(kind="bernoulli", timesteps=args.timesteps,
-                               schedule=args.schedule, prediction=args.prediction,
+        diff = DiffusionConfig(kind="bernoulli", timesteps=timesteps,
+                               schedule=schedule, prediction=args.prediction,
                                default_steps=args.sampling_steps)
     return TrainConfig(
         kind=kind, network=net.to_dict(), diffusion=diff.to_dict(), steps=args.steps,
@@ -141,7 +146,16 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
         focal=args.focal, t_sampling=args.t_sampling, normalisation=args.normalisation,
         checkpoint_every=args.checkpoint_every, max_minutes=args.minutes, seed=args.seed,
         threads=args.threads, device=args.device,
+        **(_refiner_settings(args, seg) if refiner else {}),
     )
+
+
+def _refiner_settings(args: argparse.Namespace, seg: Any) -> dict[str, Any]:
+    trust = tuple(float(v) for v in args.trust_range.split(","))
+    if len(trust) != 2:
+        raise ValueError(f"--trust-range takes two numbers low,high; got {args.trust_range!r}")
+    return {"segmentor_network": seg.to_dict(), "prior_mix": args.prior_mix,
+            "trust_range": trust, "degrade_strength": args.degrade_strength}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -179,9 +193,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if res.extra.get("rank", 0) != 0:
         return 0
     loss = sum(res.losses[-100:]) / max(len(res.losses[-100:]), 1)
+    seg = f", {Path(res.extra['segmentor']).name}" if res.extra.get("segmentor") else ""
     print(f"{'stopped at the time budget at' if res.stopped_by_time else 'reached'} step "
           f"{res.step} in {res.elapsed_s / 60:.1f} min (mean loss of the last steps "
-          f"{loss:.4f}); wrote {out}, {res.state.name} and {res.log.name}")
+          f"{loss:.4f}); wrote {out}{seg}, {res.state.name} and {res.log.name}")
     return 0
 
 
@@ -237,14 +252,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``train``, ``evaluate`` and ``data`` to the ``berdiff`` sub-command parsers."""
     p = subparsers.add_parser(
-        "train", help="train a Bernoulli, Gaussian or deterministic model on a data folder",
+        "train", help="train a Bernoulli, Gaussian, deterministic or refiner model on a data "
+                      "folder",
         description="Train on a folder in the LIDC-crops layout (images/ + gt/) or an images/ "
                     "+ masks/ folder. Each step draws one annotator per image. Writes the EMA "
                     "model (.safetensors), the training state (.state.pt, for --resume) and a "
-                    "CSV log next to it.")
+                    "CSV log next to it. --kind refiner trains a HiDiff-style segmentor and "
+                    "prior-conditioned refiner alternately and also writes "
+                    "<output>-segmentor.safetensors.")
     p.add_argument("--data", required=True, help="data folder")
     p.add_argument("--kind", default="bernoulli",
-                   choices=["bernoulli", "gaussian", "deterministic"])
+                   choices=["bernoulli", "gaussian", "deterministic", "refiner"])
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--name", help="model name stored in the file (default: the file name)")
     p.add_argument("--resume", action="store_true", help="continue the run saved next to --output")
@@ -265,8 +283,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--focal", action="store_true", help="focal loss (γ=2) instead of BCE")
     p.add_argument("--t-sampling", default="uniform", choices=["uniform", "visited"])
     p.add_argument("--normalisation", default="minmax", choices=["minmax", "none", "zscore"])
-    p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "alpha_bar_linear"])
+    p.add_argument("--timesteps", type=int, help="T (default 1000; a refiner: 10)")
+    p.add_argument("--schedule", choices=["cosine", "linear", "alpha_bar_linear"],
+                   help="default cosine; a refiner: alpha_bar_linear")
     p.add_argument("--prediction", default="x0", choices=["x0", "eps"], help="Bernoulli only")
     p.add_argument("--sampling-steps", type=int, default=10, help="the model's default steps")
     p.add_argument("--base-channels", type=int, help="UNet base width (default 16)")
@@ -275,6 +294,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--attention",
                    help="attention downsample factors, e.g. 4 (default); '' for none")
     p.add_argument("--norm-groups", type=int, help="GroupNorm groups (default 8)")
+    p.add_argument("--prior-mix", type=float, default=0.5,
+                   help="refiner: fraction of priors from the segmentor (the rest: degraded "
+                        "annotator masks)")
+    p.add_argument("--trust-range", default="0.3,0.95",
+                   help="refiner: trust of the softened degraded masks, low,high")
+    p.add_argument("--degrade-strength", type=float, default=1.0,
+                   help="refiner: how strongly annotator masks are degraded")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none)")
     p.add_argument("--seed", type=int, default=0)

@@ -55,13 +55,15 @@ def sniff(path: str | Path) -> str:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
         return TORCH_ZIP
+    if len(head) == 9 and head[8:9] == b"{":
+        # Before the pickle test: a header length such as 0x7980 starts with the byte 0x80.
+        (n,) = struct.unpack("<Q", head[:8])
+        if n <= size - 8:
+            return SAFETENSORS
+        if head[:1] != b"\x80":
+            raise corrupt(p, f"its header announces {n} bytes but the file has {size}")
     if head[:1] == b"\x80":  # a pickle protocol marker
         return TORCH_LEGACY
-    if len(head) == 9 and head[8:9] == b"{":
-        (n,) = struct.unpack("<Q", head[:8])
-        if n > size - 8:
-            raise corrupt(p, f"its header announces {n} bytes but the file has {size}")
-        return SAFETENSORS
     if p.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
         raise corrupt(p, f"it does not start like a {p.suffix} file")
     raise CheckpointError(
