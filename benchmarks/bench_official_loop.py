@@ -169,11 +169,11 @@ def main() -> None:
     print(describe(info))
 
     methods = {
-        "official loop": lambda: official_style_loop(theirs, sch, image, args.n),
-        "ours (sample_all)": lambda: ours.sample_all(image, n=args.n, steps=STEPS, seed=0),
+        "official loop": lambda n=args.n: official_style_loop(theirs, sch, image, n),
+        "ours (sample_all)": lambda n=args.n: ours.sample_all(image, n=n, steps=STEPS, seed=0),
     }
-    for fn in methods.values():  # warm-up, one sample
-        fn()
+    for fn in methods.values():  # warm-up, one sample each
+        fn(1)
     times: dict[str, list[float]] = {k: [] for k in methods}
     for r in range(args.repeats):
         for name, fn in (methods.items() if r % 2 == 0 else reversed(methods.items())):
