@@ -39,6 +39,21 @@ TARGET_PRIOR = "prior"
 UNDO_DEPTH = 10
 
 
+def _load_default_later(panel: RefinerModelPanel) -> Any:
+    """A callback loading the default bundled refiner, holding the panel weakly."""
+    ref = weakref.ref(panel)
+
+    def load() -> None:
+        p = ref()
+        try:
+            if p is not None:
+                p.load_default()
+        except RuntimeError:  # the panel's Qt side is gone
+            pass
+
+    return load
+
+
 class MaskRefinerWidget(DiffusionSegmentationWidget):
     """Refine a prior mask (a Labels layer or a segmentor's prediction) into N samples,
     browse them, accept one into the mask, edit it, refine again, undo."""
@@ -53,8 +68,7 @@ class MaskRefinerWidget(DiffusionSegmentationWidget):
         self._pending_prior: Any = None
         self.run_prior: Any = None  # the prior Labels layer of the last run (None: segmentor)
         self.undo_btn.clicked.connect(self.undo_accept)
-        ref = weakref.ref(self.model_panel)
-        QTimer.singleShot(0, lambda: ref() is not None and ref().load_default())
+        QTimer.singleShot(0, _load_default_later(self.model_panel))
 
     def _create_panels(self, viewer: Any) -> list[QWidget]:
         self.model_panel = RefinerModelPanel()

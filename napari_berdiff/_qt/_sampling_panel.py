@@ -169,7 +169,8 @@ class SamplingPanel(QGroupBox):
         self.viewer.layers.selection.active = layer
         layer.mode = "add_rectangle"
         self.region_combo.set_layer(layer)
-        _notify.info("Drag a rectangle around the region of interest, then press Sample.")
+        _notify.info("Drag a rectangle around the region of interest, then press "
+                     f"{self.sample_btn.text()}.")
         return layer
 
     def set_running(self, running: bool) -> None:

@@ -67,7 +67,7 @@ def refiner_dock(make_napari_viewer):
     return viewer, widget
 
 
-def settings(widget, n=4, steps=4, seed=3, interval_ms=0):
+def settings(widget, n=4, steps=4, seed=3, interval_ms=100):
     sp = widget.sampling
     sp.n_spin.setValue(n)
     sp.steps_spin.setValue(steps)
@@ -296,3 +296,63 @@ def test_cancel_mid_run_leaves_consistent_layers(refiner_dock, qtbot):
     model.net.predict = predict
     settings(widget, n=2, steps=3)
     assert not refine_and_wait(qtbot, widget).cancelled
+
+
+def test_region_refines_and_accepts_only_inside_the_box(refiner_dock, qtbot):
+    viewer, widget = refiner_dock
+    image = blob(64, 64, centre=(26, 36), radius=9, seed=5)
+    viewer.add_image(image, name="big")
+    prior = disk(64, 64, centre=(26, 36), radius=8)
+    prior[50:60, 2:12] = 1  # a second blob outside the box: never touched
+    mask = viewer.add_labels(prior.copy(), name="mask")
+    model = tiny("refiner")
+    widget.set_model(model, "tiny refiner")
+    settings(widget, n=3, steps=3, seed=2)
+    region = widget.sampling.draw_region()
+    region.add_rectangles(np.array([[10, 20], [42, 52]]))
+    widget.prior.use_layer(mask)
+    refine_and_wait(qtbot, widget)
+    box = (10, 20, 42, 52)
+    assert widget.last_run.placement.roi == box
+    samples = viewer.layers[SAMPLES].data.copy()
+    assert samples.shape == (3, 32, 32)
+    # the prior is softened over the whole image, then cut to the box; the image is cut
+    # first (and normalised as cut), as the sampling widget does
+    from napari_berdiff.refine import prior_map
+
+    p = prior_map(prior, (64, 64), 0.7)
+    ref = refine_all(model, image[10:42, 20:52], p[10:42, 20:52], n=3, steps=3, seed=2).masks
+    np.testing.assert_array_equal(samples, ref)
+    widget.show_sample(2)
+    click(qtbot, widget.results.accept_btn)
+    expected = prior.copy()
+    expected[10:42, 20:52] = samples[2]
+    np.testing.assert_array_equal(mask.data, expected)
+    click(qtbot, widget.undo_btn)
+    np.testing.assert_array_equal(mask.data, prior)
+
+
+def test_volume_refines_the_current_slice(refiner_dock, qtbot):
+    viewer, widget = refiner_dock
+    vol = np.stack([blob(24, 24, seed=s, radius=5 + s) for s in range(3)])
+    viewer.add_image(vol, name="vol")
+    prior = np.zeros((3, 24, 24), np.uint8)
+    prior[2] = disk(24, 24, centre=(12, 12), radius=6)
+    mask = viewer.add_labels(prior.copy(), name="mask")
+    model = tiny("refiner")
+    widget.set_model(model, "tiny refiner")
+    settings(widget, n=2, steps=3, seed=1)
+    viewer.dims.set_point(0, 0)
+    assert widget.refine() is None  # slice 0 of the prior is empty
+    viewer.dims.set_point(0, 2)
+    refine_and_wait(qtbot, widget)
+    samples = viewer.layers[SAMPLES].data.copy()
+    assert samples.shape == (2, 1, 24, 24)
+    ref = refine_all(model, vol[2], prior[2], n=2, steps=3, seed=1 + 2).masks
+    np.testing.assert_array_equal(samples[:, 0], ref)
+    widget.show_sample(1)
+    click(qtbot, widget.results.accept_btn)
+    np.testing.assert_array_equal(mask.data[2], samples[1, 0])
+    np.testing.assert_array_equal(mask.data[:2], prior[:2])
+    mask.undo()
+    np.testing.assert_array_equal(mask.data, prior)
