@@ -10,6 +10,7 @@ from .trainer import (
     state_path_for,
     train,
 )
+from .refiner import segmentor_file_for, train_refiner
 
 __all__ = [
     "EMA",
@@ -19,7 +20,9 @@ __all__ = [
     "default_network",
     "export_model",
     "log_path_for",
+    "segmentor_file_for",
     "segmentor_predict",
     "state_path_for",
     "train",
+    "train_refiner",
 ]
