@@ -188,12 +188,11 @@ class PriorPanel(QGroupBox):
         try:
             has_layer = self.layer() is not None
             self.edit_btn.setEnabled(has_layer)
-            if has_layer or self.uses_segmentor():
-                self.hint.setText("")
-            else:
-                self.hint.setText("No prior yet: draw a rough mask in a Labels layer "
-                                  "(Layers ▸ New Labels layer, then paint), or load a refiner "
-                                  "with a segmentor.")
+            empty = not (has_layer or self.uses_segmentor())
+            self.hint.setText("No prior yet: draw a rough mask in a Labels layer (Layers ▸ "
+                              "New Labels layer, then paint), or load a refiner with a "
+                              "segmentor." if empty else "")
+            self.hint.setVisible(empty)
         except RuntimeError:
             pass
 

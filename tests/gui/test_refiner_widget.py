@@ -104,6 +104,9 @@ def test_docks_from_the_manifest(refiner_dock):
     texts = [widget.prior.source_combo.itemText(i)
              for i in range(widget.prior.source_combo.count())]
     assert SEGMENTOR_TEXT not in texts
+    assert "No prior yet" in widget.prior.hint.text()  # no Labels layer: say what to do
+    mask = viewer.add_labels(disk(), name="mask")
+    assert widget.prior.layer() is mask and widget.prior.hint.text() == ""
 
 
 def test_edit_refine_accept_undo_loop(refiner_dock, qtbot, notes):
