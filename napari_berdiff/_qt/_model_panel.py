@@ -47,6 +47,16 @@ def _bundled_models() -> list[Path]:
         return []
 
 
+def bundled_file_kind(path: Path) -> str | None:
+    """The ``kind`` a model file's metadata declares (None when it cannot be read)."""
+    try:
+        from ..checkpoints import describe
+
+        return describe(path, checksum=False).get("kind")
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not offered
+        return None
+
+
 def _preset_names() -> list[str]:
     try:
         from ..model_presets import MODEL_PRESETS
@@ -226,8 +236,10 @@ class ModelPanel(QGroupBox):
         self.load_btn.setEnabled(bool(paths))
 
     def bundled_paths(self) -> list[Path]:
-        """The bundled model files this panel offers."""
-        return _bundled_models()
+        """The bundled model files this panel offers: the sampling models (refiners and
+        segmentors belong to the Mask refiner)."""
+        return [p for p in _bundled_models()
+                if bundled_file_kind(p) in ("bernoulli", "gaussian")]
 
     def device_choice(self) -> str:
         choice = self.device.currentText() or "auto"

@@ -38,18 +38,10 @@ def _load_refiner(path: str, preset: str | None, device: str) -> tuple[Any, Any 
     return load_refiner(path, device=device)
 
 
-def _file_kind(path: Path) -> str | None:
-    try:
-        from ..checkpoints import describe
-
-        return describe(path, checksum=False).get("kind")
-    except Exception:  # noqa: BLE001 - an unreadable file is simply not offered
-        return None
-
-
 def _bundled_refiners() -> list[Path]:
     """The bundled refiner files, the default one first."""
-    found = [p for p in _model_panel._bundled_models() if _file_kind(p) == "refiner"]
+    found = [p for p in _model_panel._bundled_models()
+             if _model_panel.bundled_file_kind(p) == "refiner"]
     return sorted(found, key=lambda p: (not p.name.startswith(DEFAULT_REFINER), p.name))
 
 

@@ -36,6 +36,18 @@ def test_docks_from_the_manifest(docked):
     assert widget.model is None
 
 
+def test_bundled_list_offers_sampling_models_only(docked):
+    from napari_berdiff.checkpoints import describe, list_bundled_models
+
+    _viewer, widget = docked
+    combo = widget.model_panel.bundled
+    offered = [combo.itemData(i) for i in range(combo.count()) if combo.itemData(i)]
+    expected = [str(p) for p in list_bundled_models()
+                if describe(p, checksum=False)["kind"] in ("bernoulli", "gaussian")]
+    assert expected and offered == expected
+    assert not any("unet-phantom-64" in p for p in offered)  # the segmentor baseline
+
+
 def test_run_streams_frames_then_fills_heatmaps(docked, qtbot):
     viewer, widget = docked
     image = blob(seed=1)
