@@ -13,7 +13,13 @@ import torch
 
 from .diffusion import DiffusionConfig, SampleResult, SampleStream, make_kernel, run_to_end
 from .diffusion.device import select_device
-from .diffusion.sampler import DEFAULT_MEMORY_BUDGET_MB, CancelLike, Roi, sample_stream
+from .diffusion.sampler import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    CancelLike,
+    Roi,
+    check_roi,
+    sample_stream,
+)
 
 FORMAT = "napari-berdiff/1"
 KINDS = ("bernoulli", "gaussian", "refiner", "segmentor")
@@ -52,6 +58,16 @@ def normalise_image(image: np.ndarray, spec: dict[str, Any] | None) -> np.ndarra
         sd = img.std(axis=axes, keepdims=True)
         return ((img - mu) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
     raise ValueError(f"unknown intensity normalisation {mode!r}")
+
+
+def _valid_box(roi: Roi | None, shape: tuple[int, ...]) -> Roi | None:
+    """``roi`` when it is a valid box of ``shape`` (else None: the sampler reports it)."""
+    if roi is None:
+        return None
+    try:
+        return check_roi(roi, tuple(shape))
+    except (TypeError, ValueError):
+        return None
 
 
 class DiffusionModel:
@@ -126,9 +142,12 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ sampling
     def prepare(self, image: np.ndarray, prior: np.ndarray | None = None,
-                normalise: bool = True) -> np.ndarray:
+                normalise: bool = True, roi: Roi | None = None) -> np.ndarray:
         """Normalise an image to what the network takes, as float32 (C, H, W).
 
+        With a region of interest, the normalisation's statistics (min-max, z-score) come
+        from the region alone, the way the model saw its training crops and the way the
+        plugin's widgets crop before normalising; pixels outside the region are not used.
         For a refiner the prior map is appended as the last condition channel.
         """
         img = np.asarray(image)
@@ -136,7 +155,15 @@ class DiffusionModel:
             img = img[None]
         finite = not np.issubdtype(img.dtype, np.floating) or np.isfinite(img).all()
         if normalise and img.ndim == 3 and finite:
-            img = normalise_image(img, self.data.get("normalisation"))
+            spec = self.data.get("normalisation")
+            box = _valid_box(roi, img.shape[1:])
+            if box is None:
+                img = normalise_image(img, spec)
+            else:
+                y0, x0, y1, x1 = box
+                out = np.zeros(img.shape, np.float32)
+                out[:, y0:y1, x0:x1] = normalise_image(img[:, y0:y1, x0:x1], spec)
+                img = out
         img = img.astype(np.float32, copy=False)
         if self.kind == "refiner":
             if prior is None:
@@ -171,7 +198,7 @@ class DiffusionModel:
         """
         if self.kind == "segmentor":
             raise ValueError("a segmentor is not a diffusion model and cannot be sampled")
-        cond = self.prepare(image, prior, normalise)
+        cond = self.prepare(image, prior, normalise, roi)
         start_prior = prior if self.kind == "refiner" else None
         return sample_stream(
             self.net, self.kernel, cond, n=n, steps=steps, seed=seed, prior=start_prior,

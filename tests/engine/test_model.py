@@ -52,6 +52,26 @@ def test_tiny_model_samples_any_roi_size(kind):
     np.testing.assert_array_equal(res.probs, frames[-1].x0_prob)
 
 
+def test_roi_is_normalised_on_its_own_like_a_crop():
+    """Sampling a region equals sampling the cropped image (as the widgets do): min-max
+    statistics come from the region, not from the rest of the slice."""
+    m = tiny_model()
+    torch.manual_seed(1)
+    with torch.no_grad():  # the output layer starts at zero: make the net see its input
+        for p in m.net.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    img = np.random.default_rng(3).random((40, 48)).astype(np.float32) * 1000
+    img[:5] = 5000  # bright rows outside the region change whole-image min-max
+    box = (8, 4, 40, 36)
+    whole = m.sample_all(img, n=2, steps=3, seed=4, roi=box)
+    crop = m.sample_all(img[8:40, 4:36], n=2, steps=3, seed=4)
+    np.testing.assert_allclose(whole.probs, crop.probs, atol=1e-6)
+    unscaled = m.sample_all(img[8:40, 4:36] / 5000, n=2, steps=3, seed=4, normalise=False)
+    assert np.abs(unscaled.probs - crop.probs).max() > 1e-3  # the scaling matters
+    cond = m.prepare(img, roi=box)
+    assert cond[0, 8:40, 4:36].min() == 0 and cond[0, 8:40, 4:36].max() == 1
+
+
 def test_channels_last_gives_the_same_samples():
     m = tiny_model()
     img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
