@@ -31,6 +31,7 @@ WIDGET = ("napari-berdiff", "Diffusion segmentation")
 COLUMNS = [("run", "run", "d"), ("max_gap_ms", "streaming max gap ms", ".1f"),
            ("p99_gap_ms", "p99 ms", ".1f"), ("median_gap_ms", "median ms", ".1f"),
            ("run_max_gap_ms", "whole-run max gap ms", ".1f"), ("click_ms", "click ms", ".1f"),
+           ("max_callback_ms", "longest step callback ms", ".1f"),
            ("ticks", "ticks", "d"), ("frames_pushed", "frames shown", "d"),
            ("run_s", "run s", ".2f")]
 
@@ -82,6 +83,24 @@ def gap_stats(ticks: Sequence[float], lo: float, hi: float) -> dict[str, float]:
             "median_gap_ms": float(np.median(gaps))}
 
 
+def time_callbacks(widget: Any) -> list[float]:
+    """Time the widget's per-step callback on the main thread (layer updates included).
+
+    The run's worker looks the callback up on the widget at every step, so an instance
+    attribute wraps it for this run; returns the list the durations (ms) go to.
+    """
+    durations: list[float] = []
+    method = type(widget)._on_yielded.__get__(widget)
+
+    def timed(*args: Any) -> None:
+        tic = time.perf_counter()
+        method(*args)
+        durations.append(1000 * (time.perf_counter() - tic))
+
+    widget._on_yielded = timed
+    return durations
+
+
 def measured_run(widget: Any, probe_ms: int) -> dict[str, Any]:
     """Press Sample and record the probe's ticks until the run has finished.
 
@@ -101,6 +120,7 @@ def measured_run(widget: Any, probe_ms: int) -> dict[str, Any]:
     widget.run_finished.connect(loop.quit)
     on_push = lambda _u: pushed.append(time.perf_counter())  # noqa: E731
     widget.frame_pushed.connect(on_push)
+    callbacks = time_callbacks(widget)
     timer.start()
     tic = time.perf_counter()
     widget.sampling.sample_btn.click()
@@ -110,10 +130,12 @@ def measured_run(widget: Any, probe_ms: int) -> dict[str, Any]:
     timer.stop()
     widget.run_finished.disconnect(loop.quit)
     widget.frame_pushed.disconnect(on_push)
+    del widget._on_yielded  # back to the class's method
     stream = gap_stats(ticks, pushed[0], pushed[-1])
     whole = gap_stats(ticks, clicked, toc)
     return stream | {f"run_{k}": v for k, v in whole.items()} | {
         "click_ms": 1000 * (clicked - tic), "ticks": len(ticks), "frames_pushed": len(pushed),
+        "max_callback_ms": max(callbacks, default=0.0),
         "run_s": toc - tic}
 
 
@@ -152,7 +174,8 @@ def main() -> None:
     print(f"\nmedian over {len(rows)} runs: longest stall while streaming "
           f"{summary['max_gap_ms']:.1f} ms, p99 gap {summary['p99_gap_ms']:.1f} ms; whole run "
           f"(click to finished) {summary['run_max_gap_ms']:.1f} ms, the click itself "
-          f"{summary['click_ms']:.1f} ms (probe every {args.probe_ms} ms, "
+          f"{summary['click_ms']:.1f} ms; longest per-step callback "
+          f"{summary['max_callback_ms']:.1f} ms (probe every {args.probe_ms} ms, "
           f"N = {args.n}, {args.size}², model {widget.model.name}, stream every "
           f"{args.interval_ms} ms)")
     settings = {"n": args.n, "size": args.size, "steps": sp.steps_spin.value(),
