@@ -8,7 +8,8 @@ its ticks from the click until the run has finished; a stall is a gap between tw
 Reports per run the largest gap and the 99th percentile of the gaps while streaming (from
 the first to the last frame shown in the layers), the largest gap over the whole run (from
 the return of the click, which prepares the input and adds the layers synchronously, to the
-end of the ``finished`` callback) and the click's own duration; then their medians over
+end of the ``finished`` callback), the click's own duration, and the longest time the
+widget's per-step callback (layer updates, progress bar) held the main thread; then medians over
 ``--repeats`` runs (after one warm-up run). Not a test: nothing here asserts a time.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_stall.py
