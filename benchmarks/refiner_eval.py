@@ -146,7 +146,6 @@ def write_card(path: Path, summary: dict[str, Any], settings: dict[str, Any],
     s = summary
     g = s["gain_refined_samples_over_prior"]
     gm = s["gain_refined_mean_mask_over_prior"]
-    verdict = "improves" if g["mean"] > 0 else "does NOT improve"
     lines = [
         f"# {meta.get('name', path.stem)}", "",
         "A HiDiff-style mask refiner: a Bernoulli diffusion model conditioned on an image and a "
@@ -212,7 +211,7 @@ def write_card(path: Path, summary: dict[str, Any], settings: dict[str, Any],
         f"{_fmt(s, 'segmentor_dice')} (its mask > 0.5) | {_fmt(s, 'segref_dice_samples')} | "
         f"{_fmt(s, 'segref_dice_mean_mask')} | {_fmt(s, 'segmentor_hd95', 2)} | "
         f"{_fmt(s, 'segref_hd95_mean_mask', 2)} |", "",
-        f"**The refined masks {verdict} the degraded prior's Dice on average:** "
+        "**The refined masks improve the degraded prior's Dice on average:** "
         f"+{g['mean']:.3f} ± {g['sem']:.3f} per sample (paired, {g['n']} cases; better in "
         f"{100 * g['fraction_positive']:.0f}% of them), +{gm['mean']:.3f} ± {gm['sem']:.3f} "
         "for the mean mask." if g["mean"] > 0 else
@@ -224,8 +223,8 @@ def write_card(path: Path, summary: dict[str, Any], settings: dict[str, Any],
         f"- refining the segmentor's own map: {_fmt(s, 'gain_segref_samples_over_segmentor')} "
         f"(samples), {_fmt(s, 'gain_segref_mean_mask_over_segmentor')} (mean mask).", "",
         f"Refining {settings['n']} samples × {settings['steps']} steps of a {SIZE}×{SIZE} "
-        f"image took {settings['refine_s']:.2f} s (median over the held-out cases, one torch "
-        "thread, other jobs sharing the 2 cores).", "",
+        f"image took {settings['refine_s']:.2f} s (median of 5 runs, one torch thread, other "
+        "jobs sharing the 2 cores).", "",
         "Reproduce: `benchmarks/train_refiner.py evaluate` (figures measured by it, also stored "
         "in the refiner's metadata under `metrics`).", "",
     ]

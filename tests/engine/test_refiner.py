@@ -285,12 +285,28 @@ def test_berdiff_refine_errors(trained, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- bundled refiner
-BUNDLED_CASES = (900001, 900002, 900004, 900005, 900006, 900008)
+#: The first 8 held-out phantoms of the model card (seeds 900000+), not a selection.
+BUNDLED_CASES = tuple(range(900000, 900008))
+#: Measured with this protocol (N = 4, mean-probability mask): mean Dice gain +0.166, every
+#: one of the 8 cases improved (+0.025 … +0.302); on the card's 100 held-out cases the gain
+#: is +0.108 ± 0.018 (N = 8). The thresholds leave a wide margin below both.
+BUNDLED_MIN_GAIN = 0.05
+BUNDLED_MIN_IMPROVED = 6
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: small 64×64 networks run faster so on a shared CPU."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="the bundled refiner is not installed")
-def test_bundled_refiner_raises_dice_of_a_degraded_prior():
-    """Seeds and threshold: see models/refiner-phantom-64.md (held-out gain measured there)."""
+def test_bundled_refiner_raises_dice_of_a_degraded_prior(one_thread):
+    """The card's protocol: one annotator's mask, degraded with a per-case seed, trust 0.7;
+    Dice against the 4 annotators, averaged over them."""
     from napari_berdiff.uncertainty import dice
 
     refiner, segmentor = load_refiner(BUNDLED, device="cpu")
@@ -298,7 +314,7 @@ def test_bundled_refiner_raises_dice_of_a_degraded_prior():
     gains = []
     for seed in BUNDLED_CASES:
         ph = make_phantom(seed, 64)
-        image = np.round(ph.image * 255) / 255
+        image = np.round(ph.image * 255) / 255  # as the 8-bit training data
         ann = ph.masks > 0
         rng = np.random.default_rng(seed)
         k = int(rng.choice([i for i in range(len(ann)) if ann[i].any()]))
@@ -307,6 +323,4 @@ def test_bundled_refiner_raises_dice_of_a_degraded_prior():
         refined = res.probs.mean(0) > 0.5
         gains.append(np.mean([dice(refined, a) - dice(rough, a) for a in ann]))
     assert np.mean(gains) > BUNDLED_MIN_GAIN, gains
-
-
-BUNDLED_MIN_GAIN = 0.03
+    assert sum(g > 0 for g in gains) >= BUNDLED_MIN_IMPROVED, gains
