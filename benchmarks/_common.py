@@ -177,10 +177,14 @@ def quality(model: Any, n_test: int, n: int = 16, steps: int | str | None = None
 
 
 # ---------------------------------------------------------------------------- output
-def base_parser(doc: str, repeats: int | None = 3) -> argparse.ArgumentParser:
-    """An argument parser with ``--threads`` and (unless ``repeats`` is None) ``--repeats``."""
+def base_parser(doc: str, name: str | None = None, repeats: int | None = 3
+                ) -> argparse.ArgumentParser:
+    """An argument parser with ``--threads``, and ``--name`` (the JSON's name, default
+    ``name``) and ``--repeats`` unless they are None."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    if name is not None:
+        ap.add_argument("--name", default=name, help="write results/<name>.json")
     if repeats is not None:
         ap.add_argument("--repeats", type=int, default=repeats, help="runs per figure (median)")
     ap.add_argument("--threads", type=int, default=None,

@@ -141,7 +141,7 @@ def measured_run(widget: Any, probe_ms: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = base_parser(__doc__)
+    ap = base_parser(__doc__, "bench_gui_stall")
     ap.add_argument("--model", default=None, help="a .safetensors (default: bundled)")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--size", type=int, default=128)
@@ -182,7 +182,7 @@ def main() -> None:
     settings = {"n": args.n, "size": args.size, "steps": sp.steps_spin.value(),
                 "interval_ms": args.interval_ms, "probe_ms": args.probe_ms,
                 "model": widget.model.name}
-    write_json("bench_gui_stall", {"settings": settings, "median": summary, "runs": rows}, info)
+    write_json(args.name, {"settings": settings, "median": summary, "runs": rows}, info)
     viewer.close()
 
 

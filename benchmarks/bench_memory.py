@@ -88,7 +88,7 @@ def run_child(args: Any, n: int, size: int, mode: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = base_parser(__doc__, repeats=None)
+    ap = base_parser(__doc__, "bench_memory", repeats=None)
     ap.add_argument("--net", default="bundled", help="bundled, base32, lidc or a path")
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
@@ -121,8 +121,7 @@ def main() -> None:
                 print_table([row], COLUMNS)
     print(f"\nsummary ({model.name}, peak = RSS high-water mark above the loaded model):")
     print_table(rows, COLUMNS)
-    write_json(f"bench_memory_{args.net}" if args.net in ("base32", "lidc") else "bench_memory",
-               {"net": model.name, "results": rows}, info)
+    write_json(args.name, {"net": model.name, "results": rows}, info)
 
 
 if __name__ == "__main__":

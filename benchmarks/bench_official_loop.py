@@ -149,7 +149,7 @@ def check_step_formula(model: Any, sch: SpacedSchedule) -> float:
 
 
 def main() -> None:
-    ap = base_parser(__doc__)
+    ap = base_parser(__doc__, "bench_official_loop")
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--size", type=int, default=128)
     args = ap.parse_args()
@@ -188,7 +188,7 @@ def main() -> None:
     print_table(rows, COLUMNS)
     print(f"official loop / ours = {ratio:.3f} (median of {args.repeats} interleaved runs, "
           f"N = {args.n}, {steps} steps, {args.size}², {ours.num_parameters():,} parameters)")
-    write_json("bench_official_loop", {"steps": STEPS, "size": args.size, "results": rows,
+    write_json(args.name, {"steps": STEPS, "size": args.size, "results": rows,
                                        "ratio_official_over_ours": ratio,
                                        "step_formula_max_diff": diff}, info)
 

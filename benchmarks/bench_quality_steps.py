@@ -19,13 +19,12 @@ COLUMNS = [("steps", "steps", "d"), ("ged2", "GED²", ".4f"), ("hm_iou", "HM-IoU
 
 
 def main() -> None:
-    ap = base_parser(__doc__, repeats=None)
+    ap = base_parser(__doc__, "bench_quality_steps", repeats=None)
     ap.add_argument("--model", default=str(BUNDLED), help="a .safetensors model")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10, 25])
     ap.add_argument("--n-test", type=int, default=50, help="K held-out phantoms")
     ap.add_argument("--n", type=int, default=16, help="samples per phantom")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default="bench_quality_steps", help="results/<name>.json")
     args = ap.parse_args()
     set_threads(args.threads)
 

@@ -72,7 +72,7 @@ def bench(model: Any, n: int, size: int, steps: int, repeats: int,
 
 
 def main() -> None:
-    ap = base_parser(__doc__)
+    ap = base_parser(__doc__, "bench_sampler")
     ap.add_argument("--nets", nargs="+", default=["bundled"],
                     help="bundled, base32 (random base-32 UNet) or .safetensors paths")
     ap.add_argument("--model", action="append", default=[], help="another .safetensors")
@@ -83,7 +83,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--quality", type=int, default=0, metavar="K",
                     help="GED²/HM-IoU on K held-out phantoms for trained models")
-    ap.add_argument("--name", default="bench_sampler", help="results/<name>.json")
     args = ap.parse_args()
     set_threads(args.threads)
 
