@@ -16,7 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -205,6 +205,22 @@ class RunLog:
     def over_budget(self, max_minutes: float) -> bool:
         """Whether this session has used its wall-clock budget (0: no budget)."""
         return max_minutes > 0 and self.session_s > max_minutes * 60
+
+    def after_step(self, step: int, elapsed: float, cfg: TrainConfig,
+                   checkpoint: Callable[[int, float], None], stop_after: int | None = None,
+                   over_time: bool | None = None) -> str | None:
+        """Checkpoint when due (every ``checkpoint_every``, at the last step, when stopping).
+
+        Returns why the run stops (``"time"``: the budget is used; ``"interrupted"``:
+        ``stop_after`` reached) or None. ``over_time`` overrides the budget test (DDP
+        agrees on it across ranks).
+        """
+        if over_time is None:
+            over_time = self.over_budget(cfg.max_minutes)
+        interrupted = stop_after is not None and step >= stop_after
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over_time or interrupted:
+            checkpoint(step, elapsed)
+        return "time" if over_time else ("interrupted" if interrupted else None)
 
     def row(self, step: int, loss: float, values: Sequence[str], total: int) -> None:
         """Record one step: ``values`` are the CSV cells after the step number."""

@@ -262,14 +262,9 @@ def train_refiner(
         log.row(step, lv, [f"{lv:.6g}", f"{float(r_vb):.6g}", f"{float(r_bce):.6g}",
                            f"{float(s_bce):.6g}", f"{float(s_dice):.6g}", f"{lr:.6g}",
                            f"{gnorm:.4g}", f"{s_gnorm:.4g}", f"{elapsed:.2f}"], cfg.steps)
-        over_time = log.over_budget(cfg.max_minutes)
-        interrupted = stop_after is not None and step >= stop_after
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over_time or interrupted:
-            checkpoint(step, elapsed)
-        if over_time:
-            stopped_by_time = True
-            break
-        if interrupted:
+        stop = log.after_step(step, elapsed, cfg, checkpoint, stop_after)
+        if stop:
+            stopped_by_time = stop == "time"
             break
 
     elapsed = log.elapsed

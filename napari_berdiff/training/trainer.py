@@ -339,13 +339,9 @@ def train(
             flag = torch.tensor([1.0 if over_time else 0.0], device=dev)
             dist.all_reduce(flag)
             over_time = bool(flag.item() > 0)
-        interrupted = stop_after is not None and step >= stop_after
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or over_time or interrupted:
-            checkpoint(step, elapsed)
-        if over_time:
-            stopped_by_time = True
-            break
-        if interrupted:
+        stop = log.after_step(step, elapsed, cfg, checkpoint, stop_after, over_time)
+        if stop:
+            stopped_by_time = stop == "time"
             break
 
     elapsed = log.elapsed
