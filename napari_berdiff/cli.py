@@ -385,6 +385,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+def add_run_options(p: argparse.ArgumentParser, verb: str, slice_help: str) -> None:
+    """The options ``sample`` and ``refine`` share: device, region, slice, batch, quiet."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--roi", help=f"{verb} only the box y0,x0,y1,x1 (pixels; end exclusive)")
+    p.add_argument("--slice", type=int, help=slice_help)
+    p.add_argument("--allow-large", action="store_true",
+                   help=f"{verb} an image larger than twice the training size without --roi")
+    p.add_argument("--max-batch", type=int, help="at most this many samples per network call")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -423,13 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", help="preset for an official .pt file")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--roi", help="sample only the box y0,x0,y1,x1 (pixels; end exclusive)")
-    p.add_argument("--slice", type=int, help="slice index of a 3D volume (first axis)")
-    p.add_argument("--allow-large", action="store_true",
-                   help="sample an image larger than twice the training size without --roi")
-    p.add_argument("--max-batch", type=int, help="at most this many samples per network call")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p, "sample", "slice index of a 3D volume (first axis)")
     p.set_defaults(func=cmd_sample)
 
     from .cli_training import register  # train, evaluate, data

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from .cli import (_check_region, _json_clean, _parse_roi, _parse_steps, _resolve_model,
-                  read_model_image, run_record, run_with_progress, write_results)
+                  add_run_options, read_model_image, run_record, run_with_progress,
+                  write_results)
 
 __all__ = ["register", "cmd_refine", "read_prior"]
 
@@ -158,11 +159,5 @@ def register(subparsers: Any) -> None:
                    help="how far a binary prior's boundary is believed, 0..1 (default 0.7)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--roi", help="refine only the box y0,x0,y1,x1 (pixels; end exclusive)")
-    p.add_argument("--slice", type=int, help="slice index of a 3D volume (image and prior)")
-    p.add_argument("--allow-large", action="store_true",
-                   help="refine an image larger than twice the training size without --roi")
-    p.add_argument("--max-batch", type=int, help="at most this many samples per network call")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p, "refine", "slice index of a 3D volume (image and prior)")
     p.set_defaults(func=cmd_refine)
