@@ -111,7 +111,7 @@ def _f(summary: dict, m: str, k: str) -> str:
 
 def _table(summary: dict, own: str, name: str) -> str:
     labels = {
-        "model": "Bernoulli diffusion model (berdiff-phantom-64)",
+        "model": "Bernoulli diffusion model (berdiff-phantom-64, condition-once network)",
         "deterministic": "deterministic U-Net baseline (unet-phantom-64), mask repeated N times",
         "best_annotator": "best single annotator repeated N times "
                           f"({summary.get('best_annotator', {}).get('which', '?')})",
@@ -273,7 +273,9 @@ def main(argv=None) -> int:
     e.add_argument("--card", action="store_true",
                    help="store the figures in the files' metadata and write the model cards")
     e.add_argument("--json", default=None)
-    e.add_argument("--note", default="", help="a sentence added to the cards' recipe section")
+    e.add_argument("--note", default="", help="a sentence added to the model card's recipe section")
+    e.add_argument("--baseline-note", default="",
+                   help="a sentence added to the baseline card's recipe section")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "train":
@@ -319,7 +321,7 @@ def main(argv=None) -> int:
                                         args.note))
         if baseline is not None:
             print("wrote", write_card(bpath, "deterministic", summary, settings, None, machine,
-                                            args.note))
+                                            args.baseline_note))
         (Path(args.model).with_suffix(".eval.json")).write_text(rep.to_json())
     return 0
 

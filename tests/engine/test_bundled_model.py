@@ -17,13 +17,14 @@ pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="the bundled model is
 # seed 900001 is not among the training seeds 10000..12999 of benchmarks/train_default.py.
 SEED = 900001
 
-# Measured with the bundled model (16 samples, 10 steps, seed 0, torch 2.13 CPU): the mean
-# Dice of the samples with the 4 annotators is 0.883 (the baseline's mask: 0.910; the
+# Measured with the bundled model (the condition-once network; 16 samples, 10 steps, seed 0,
+# torch 2.13 CPU): the mean Dice of the samples with the 4 annotators is 0.880 (the session-1
+# concatenation UNet: 0.883; the baseline's mask: 0.910; the
 # annotators among themselves: about 0.8 on clear lesions). A mask of the same area scattered
 # at random scores about the lesion's area fraction, 0.08 here. The threshold 0.6 is far
 # above that chance level (7x) and leaves a wide margin for other platforms, whose floating
 # point can change individual Bernoulli draws and hence a sample or two.
-MEASURED_DICE = 0.883
+MEASURED_DICE = 0.880
 THRESHOLD = 0.6
 
 
@@ -34,6 +35,7 @@ def test_bundled_model_loads_and_segments_far_above_chance():
 
     model = load_model(MODEL)
     assert model.kind == "bernoulli"
+    assert model.metadata["network"]["type"] == "condition_once"
     assert model.metadata["data"]["image_size"] == 64
     assert model.metadata["training"]["steps_done"] > 0
     p = make_phantom(SEED, size=64)
