@@ -206,7 +206,8 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
     lines += [
         "", "## Recipe",
         "`benchmarks/train_default.py train --kind "
-        f"{'deterministic' if kind == 'segmentor' else kind}` (the exact script):",
+        f"{'deterministic' if kind == 'segmentor' else kind}"
+        f"{' --variant co' if net.get('type') == 'condition_once' else ''}` (the exact script):",
         "", "```json", json.dumps(rec, indent=1), "```", "",
         f"Trained for **{tr.get('steps_done')} steps in {tr.get('train_time_s', 0) / 60:.1f} "
         f"min** of wall-clock time ({machine})." + (f" {note}" if note else ""), "",
