@@ -107,7 +107,10 @@ class SampleResult:
     """What a finished (or cancelled) run returns.
 
     ``probs``/``masks`` are (N, H, W) over the region of interest, or ``None`` when the
-    run was cancelled before its first step completed.
+    run was cancelled before its first step completed. ``timings`` (seconds): ``total_s``,
+    ``network_s`` (every forward pass: the image encoding and each step's prediction),
+    ``encode_s`` (the encoding alone), ``overhead_s`` (total − network) and
+    ``first_frame_s``.
     """
 
     probs: np.ndarray | None
@@ -375,9 +378,14 @@ def _stream(
             getattr(torch, dev.type).synchronize()
 
     with torch.inference_mode():
-        cond = net.encode(torch.from_numpy(img)[None].to(dev))
+        image_t = torch.from_numpy(img)[None].to(dev)
+        _sync()
+        tic = time.perf_counter()
+        cond = net.encode(image_t)
+        _sync()
+        encode_seconds = time.perf_counter() - tic
         x = kernel.init(kernel.noise(shape, gen), prior_t).to(dev)
-    net_seconds = 0.0
+    net_seconds = encode_seconds  # the network's forward time: the encoding and every step
     first_frame = None
     x0_hat: torch.Tensor | None = None
     done = 0
@@ -423,6 +431,7 @@ def _stream(
     timings = {
         "total_s": total,
         "network_s": net_seconds,
+        "encode_s": encode_seconds,
         "overhead_s": total - net_seconds,
         "first_frame_s": first_frame if first_frame is not None else float("nan"),
     }

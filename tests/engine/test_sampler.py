@@ -50,6 +50,7 @@ def test_result_is_returned_with_timings(bern, image):
     np.testing.assert_array_equal(res.masks, (res.probs > 0.5).astype(np.uint8))
     t = res.timings
     assert 0 < t["network_s"] <= t["total_s"] and t["first_frame_s"] <= t["total_s"]
+    assert 0 < t["encode_s"] < t["network_s"]  # the encoding counts as network time
     assert set(res.maps) >= {"frequency", "variance", "entropy"}
 
 
