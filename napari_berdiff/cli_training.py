@@ -15,36 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "cmd_train", "cmd_evaluate", "cmd_data_phantoms", "main"]
+from .cli import _json_clean, _resolve_model
+
+__all__ = ["register", "cmd_train", "cmd_evaluate", "cmd_data_phantoms"]
 
 PHANTOM_SEED_STRIDE = 100_000
 
 
 # ---------------------------------------------------------------------------- helpers
-def _resolve_model(arg: str) -> Path:
-    p = Path(arg)
-    if p.exists():
-        return p
-    try:
-        from .checkpoints.info import list_bundled_models
-
-        bundled = list_bundled_models()
-    except ImportError:  # pragma: no cover - checkpoints always ships
-        bundled = []
-    for f in bundled:
-        if f.stem == arg or f.name == arg:
-            return f
-    names = ", ".join(f.stem for f in bundled) or "none installed"
-    raise ValueError(f"no such model file: {arg} (bundled models: {names})")
-
-
 def _load(path: Path, device: str) -> Any:
     from .checkpoints.loading import load_model
 
@@ -57,16 +41,6 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"{what} takes comma-separated whole numbers, got {text!r}") from None
     return vals
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def _split_settings(args: argparse.Namespace) -> tuple[tuple[float, float, float], int]:
@@ -243,7 +217,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(summary))
     if args.json:
         doc = {**summary, "_settings": {**rep.settings, "n": rep.n, "n_items": len(rep.items)}}
-        Path(args.json).write_text(json.dumps(_clean(doc), indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(_json_clean(doc), indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -34,13 +34,19 @@ def network_description(config: Any) -> dict[str, Any]:
     raise ValueError(f"{type(config).__name__} is not the config of a registered network type")
 
 
-def network_from_metadata(desc: dict[str, Any]) -> nn.Module:
-    """Build a (randomly initialised) network from its metadata description."""
+def network_config_from_metadata(desc: dict[str, Any]) -> Any:
+    """The config object a metadata description names (``type`` defaults to ``unet``)."""
     d = dict(desc)
     kind = d.pop("type", "unet")
     if kind not in NETWORK_TYPES:
         raise ValueError(
             f"unknown network type {kind!r}; known types: {', '.join(sorted(NETWORK_TYPES))}"
         )
-    config_cls, net_cls = NETWORK_TYPES[kind]
-    return net_cls(config_cls.from_dict(d))
+    return NETWORK_TYPES[kind][0].from_dict(d)
+
+
+def network_from_metadata(desc: dict[str, Any]) -> nn.Module:
+    """Build a (randomly initialised) network from its metadata description."""
+    config = network_config_from_metadata(desc)
+    net_cls = next(cls for cfg_cls, cls in NETWORK_TYPES.values() if type(config) is cfg_cls)
+    return net_cls(config)

@@ -10,7 +10,11 @@ from ..diffusion import DiffusionConfig
 import torch
 
 from ..networks import UNetConfig
-from ..networks.registry import NETWORK_TYPES, network_description, network_from_metadata
+from ..networks.registry import (
+    network_config_from_metadata,
+    network_description,
+    network_from_metadata,
+)
 
 TRAIN_KINDS = ("bernoulli", "gaussian", "deterministic", "refiner")
 T_SAMPLINGS = ("uniform", "visited")
@@ -203,18 +207,9 @@ class TrainConfig:
         if self.degrade_strength < 0:
             raise ValueError(f"degrade_strength must be >= 0, got {self.degrade_strength}")
 
-    @staticmethod
-    def _config_of(desc: dict[str, Any]) -> Any:
-        d = dict(desc)
-        kind = d.pop("type", "unet")
-        if kind not in NETWORK_TYPES:
-            raise ValueError(f"unknown network type {kind!r}; known types: "
-                             f"{', '.join(sorted(NETWORK_TYPES))}")
-        return NETWORK_TYPES[kind][0].from_dict(d)
-
     def segmentor_config(self) -> Any:
         """A refiner recipe's segmentor network config."""
-        return self._config_of(self.segmentor_network)
+        return network_config_from_metadata(self.segmentor_network)
 
     def build_segmentor(self) -> torch.nn.Module:
         """A freshly initialised segmentor network of a refiner recipe."""
@@ -222,7 +217,7 @@ class TrainConfig:
 
     def network_config(self) -> Any:
         """The network's config object (its class is chosen by the ``type`` key)."""
-        return self._config_of(self.network)
+        return network_config_from_metadata(self.network)
 
     def build_network(self) -> torch.nn.Module:
         """A freshly initialised network of this recipe."""
