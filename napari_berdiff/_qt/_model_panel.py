@@ -98,12 +98,38 @@ def _flat_metrics(metrics: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 
 _HEADLINE = (("ged2", "GED²"), ("hm_iou", "HM-IoU"), ("soft_dice", "soft Dice"))
+#: a refiner's evaluation: (figure before, figure after, label, format)
+_REFINER_HEADLINE = (("prior_dice", "refined_dice_samples", "Dice", ".3f"),
+                     ("prior_hd95", "refined_hd95_mean_mask", "HD95", ".1f"))
+
+
+def _mean(block: dict[str, Any], key: str) -> float | None:
+    v = block.get(key)
+    v = v.get("mean") if isinstance(v, dict) else None
+    return v if isinstance(v, (int, float)) else None
+
+
+def _refiner_line(set_name: str, block: dict[str, Any]) -> str:
+    """``prior Dice a → refined b`` figures of a refiner's evaluation block, or ''."""
+    parts = []
+    for before, after, label, fmt in _REFINER_HEADLINE:
+        a, b = _mean(block, before), _mean(block, after)
+        if a is not None and b is not None:
+            parts.append(f"{label} {a:{fmt}} → {b:{fmt}}")
+    if not parts:
+        return ""
+    n = (block.get(_REFINER_HEADLINE[0][0]) or {}).get("n")
+    where = set_name.replace("_", " ") + (f", {n} cases" if n else "")
+    return f"prior → refined: {' · '.join(parts)} ({where})"
 
 
 def _metrics_line(metrics: dict[str, Any]) -> str:
-    """The model's headline figures from an evaluation block (``{set: {"model": {...}}}``),
-    else the first few plain figures."""
+    """The model's headline figures from an evaluation block (``{set: {"model": {...}}}``,
+    or a refiner's ``{set: {"prior_dice": {"mean": ...}, ...}}``), else the first few plain
+    figures."""
     for set_name, block in metrics.items():
+        if isinstance(block, dict) and (line := _refiner_line(str(set_name), block)):
+            return line
         own = block.get("model") if isinstance(block, dict) else None
         if isinstance(own, dict):
             parts = [f"{label} {own[k]:.3f}" for k, label in _HEADLINE
