@@ -55,12 +55,21 @@ def phantom_dataset(seed0: int, n: int, size: int = SIZE) -> SegDataset:
     return SegDataset(items, {"layout": "phantoms", "description": desc})
 
 
-def condition_once_network(kind: str) -> dict:
+def condition_once_network(kind: str, variant: str = "co") -> dict:
     """The condition-once network of the ``co`` variants (issue 7): a full-resolution image
-    encoder run once, and a base-24 denoiser with 2 res blocks per level at half resolution."""
-    cfg = CondOnceConfig(image_size=SIZE, model_channels=24, channel_mult=(1, 2, 2),
-                         num_res_blocks=2, encoder_channels=32, encoder_blocks=2, unshuffle=2,
-                         output_activation="none" if kind == "gaussian" else "sigmoid")
+    encoder run once, and a base-24 denoiser with 2 res blocks per level at half resolution.
+    ``co-full``: a base-16 denoiser at full resolution, widths 16/32/64.
+    ``co-head``: the ``co`` network with a width-16 full-resolution output head."""
+    act = "none" if kind == "gaussian" else "sigmoid"
+    if variant == "co-full":
+        cfg = CondOnceConfig(image_size=SIZE, model_channels=16, channel_mult=(1, 2, 4),
+                             num_res_blocks=2, encoder_channels=32, encoder_blocks=2, unshuffle=1,
+                             output_activation=act)
+    else:
+        cfg = CondOnceConfig(image_size=SIZE, model_channels=24, channel_mult=(1, 2, 2),
+                             num_res_blocks=2, encoder_channels=32, encoder_blocks=2, unshuffle=2,
+                             full_res_head=16 if variant == "co-head" else 0,
+                             output_activation=act)
     return network_description(cfg)
 
 
@@ -72,19 +81,22 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     timesteps drawn only among the 10 the sampler visits.
     ``co``: the condition-once network (:func:`condition_once_network`), uniform timesteps.
     ``co-visited``: the same, timesteps drawn among the visited ones.
+    ``co-full``, ``co-head``: other condition-once networks (:func:`condition_once_network`).
+    ``co-eps``: the ``co`` network predicting the flip map ε instead of x0.
     """
     net = default_network("gaussian" if kind == "gaussian" else "bernoulli", SIZE)
     if variant == "v2":
         net = net.replace(attention_resolutions=())
     net = net.to_dict()
     if variant.startswith("co"):
-        net = condition_once_network(kind)
+        net = condition_once_network(kind, variant)
     if kind == "gaussian":
         diff = DiffusionConfig(kind="gaussian", timesteps=1000, schedule="cosine",
                                prediction="eps", default_steps=10, sampler="ddim")
     else:
         diff = DiffusionConfig(kind="bernoulli", timesteps=1000, schedule="cosine",
-                               prediction="x0", default_steps=10)
+                               prediction="eps" if variant == "co-eps" else "x0",
+                               default_steps=10)
     return TrainConfig(kind=kind, network=net, diffusion=diff.to_dict(), steps=steps,
                        batch_size=batch, lr=1e-3, warmup=200, min_lr_ratio=0.05,
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=250,
@@ -132,14 +144,30 @@ def _table(summary: dict, own: str, name: str) -> str:
     return "\n".join(rows)
 
 
+def variant_of(net: dict, diffusion: dict | None = None) -> str:
+    """The ``--variant`` of :func:`recipe` that builds this network (and diffusion)."""
+    if net.get("type") != "condition_once":
+        return "v1" if net.get("attention_resolutions") else "v2"
+    if net.get("unshuffle") == 1:
+        return "co-full"
+    if net.get("full_res_head"):
+        return "co-head"
+    return "co-eps" if (diffusion or {}).get("prediction") == "eps" else "co"
+
+
 def _network_line(net: dict) -> str:
     if net.get("type") == "condition_once":
+        where = (f"at 1/{net['unshuffle']} resolution (pixel-unshuffle; "
+                 if net["unshuffle"] > 1 else "at full resolution (")
+        head = (f", and a full-resolution output head of width {net['full_res_head']} that "
+                "joins the shuffled-up denoiser features, the encoder's full-resolution "
+                "features and x_t" if net.get("full_res_head") else "")
         return (f"ConditionOnceNet: an image encoder run once per call (base "
-                f"{net['encoder_channels']}, {net['encoder_blocks']} residual blocks per level) "
-                f"and a per-step denoiser at 1/{net['unshuffle']} resolution (pixel-unshuffle; "
+                f"{net['encoder_channels']}, {net['encoder_blocks']} residual blocks per level), "
+                f"a per-step denoiser {where}"
                 f"base {net['model_channels']}, channel_mult {tuple(net['channel_mult'])}, "
-                f"{net['num_res_blocks']} res blocks per level, no attention), GroupNorm with "
-                f"{net['norm_groups']} groups")
+                f"{net['num_res_blocks']} res blocks per level, no attention){head}; GroupNorm "
+                f"with {net['norm_groups']} groups")
     return (f"ConditionalUNet (concatenation: mask state and image enter together every "
             f"step), base {net['model_channels']} channels, channel_mult "
             f"{tuple(net['channel_mult'])}, {net['num_res_blocks']} res blocks per level, "
@@ -207,7 +235,8 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
         "", "## Recipe",
         "`benchmarks/train_default.py train --kind "
         f"{'deterministic' if kind == 'segmentor' else kind}"
-        f"{' --variant co' if net.get('type') == 'condition_once' else ''}` (the exact script):",
+        + ("" if kind == "segmentor" else f" --variant {variant_of(net, meta.get('diffusion'))}")
+        + "` (the exact script):",
         "", "```json", json.dumps(rec, indent=1), "```", "",
         f"Trained for **{tr.get('steps_done')} steps in {tr.get('train_time_s', 0) / 60:.1f} "
         f"min** of wall-clock time ({machine})." + (f" {note}" if note else ""), "",
@@ -264,7 +293,8 @@ def main(argv=None) -> int:
     t.add_argument("--n-train", type=int, default=3000)
     t.add_argument("--out", default=None)
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--variant", default="v1", choices=["v1", "v2", "co", "co-visited"])
+    t.add_argument("--variant", default="v1",
+                   choices=["v1", "v2", "co", "co-visited", "co-full", "co-head", "co-eps"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))

@@ -35,6 +35,11 @@ class CondOnceConfig(ConfigMixin):
     unshuffle
         The denoiser runs at ``H/unshuffle``: the mask is pixel-unshuffled into
         ``unshuffle²`` channels and the output pixel-shuffled back.
+    full_res_head
+        Width of an optional full-resolution output head (0: none). The denoiser's last
+        features are pixel-shuffled to full resolution, joined with the encoder's
+        full-resolution features and ``x_t``, and refined by one residual block, so that
+        boundaries are placed at full resolution (only with ``unshuffle > 1``).
     norm_groups
         GroupNorm groups (widths must divide by it).
     output_activation
@@ -52,6 +57,7 @@ class CondOnceConfig(ConfigMixin):
     encoder_channels: int = 32
     encoder_blocks: int = 1
     unshuffle: int = 2
+    full_res_head: int = 0
     norm_groups: int = 8
     dropout: float = 0.0
     output_activation: str = "sigmoid"
@@ -66,6 +72,12 @@ class CondOnceConfig(ConfigMixin):
                 raise ValueError(f"width {w} is not divisible by norm_groups={self.norm_groups}")
         if self.unshuffle < 1:
             raise ValueError(f"unshuffle must be >= 1, got {self.unshuffle}")
+        if self.full_res_head < 0 or (self.full_res_head and self.unshuffle == 1):
+            raise ValueError("full_res_head must be 0, or > 0 with unshuffle > 1; "
+                             f"got {self.full_res_head} with unshuffle={self.unshuffle}")
+        if self.full_res_head % self.norm_groups:
+            raise ValueError(f"full_res_head={self.full_res_head} is not divisible by "
+                             f"norm_groups={self.norm_groups}")
 
     @property
     def encoder_widths(self) -> list[int]:
@@ -141,10 +153,20 @@ class ConditionOnceNet(nn.Module):
             w = widths[level]
             self.up.append(res(prev + w, w))
             prev = w
-        self.out = nn.Sequential(
-            normalization(prev, g), nn.SiLU(),
-            zero_init(nn.Conv2d(prev, c.out_channels * u * u, 3, padding=1)),
-        )
+        hc = c.full_res_head
+        if hc:
+            self.head_cond = nn.Conv2d(enc[0], hc, 1)
+            self.head_up = nn.Sequential(normalization(prev, g), nn.SiLU(),
+                                         nn.Conv2d(prev, hc * u * u, 1))
+            self.head_in = nn.Conv2d(hc + c.mask_channels, hc, 3, padding=1)
+            self.head_block = _ConvBlock(hc, g)
+            self.out = nn.Sequential(normalization(hc, g), nn.SiLU(),
+                                     zero_init(nn.Conv2d(hc, c.out_channels, 3, padding=1)))
+        else:
+            self.out = nn.Sequential(
+                normalization(prev, g), nn.SiLU(),
+                zero_init(nn.Conv2d(prev, c.out_channels * u * u, 3, padding=1)),
+            )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -159,15 +181,18 @@ class ConditionOnceNet(nn.Module):
             )
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Image features for every denoiser level, already projected to its width."""
+        """Image features for every denoiser level, already projected to its width (and,
+        with a full-resolution head, the head's full-resolution features last)."""
         if image.ndim == 3:
             image = image.unsqueeze(0)
         self._check(image, "image", self.config.image_channels)
-        h = self.enc_stem(image.to(self.enc_stem.weight.dtype))
+        h = stem = self.enc_stem(image.to(self.enc_stem.weight.dtype))
         out = []
         for down, blocks, proj in zip(self.enc_down, self.enc_blocks, self.cond_proj):
             h = blocks(down(h))
             out.append(proj(h))
+        if self.config.full_res_head:
+            out.append(self.head_cond(stem))
         return out
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: list[torch.Tensor]
@@ -193,9 +218,13 @@ class ConditionOnceNet(nn.Module):
             if i > 0:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = block(torch.cat([h, skips.pop()], 1), emb)
-        out = self.out(h)
-        if c.unshuffle > 1:
-            out = F.pixel_shuffle(out, c.unshuffle)
+        if c.full_res_head:
+            h = F.pixel_shuffle(self.head_up(h), c.unshuffle) + cond[-1]
+            out = self.out(self.head_block(self.head_in(torch.cat([h, x_t], 1))))
+        else:
+            out = self.out(h)
+            if c.unshuffle > 1:
+                out = F.pixel_shuffle(out, c.unshuffle)
         return torch.sigmoid(out) if c.output_activation == "sigmoid" else out
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, image: torch.Tensor
@@ -210,4 +239,5 @@ class ConditionOnceNet(nn.Module):
         for level, m in enumerate(c.channel_mult):
             pix = (h / c.unshuffle / 2**level) * (w / c.unshuffle / 2**level)
             total += 6 * c.model_channels * m * pix
+        total += 5 * c.full_res_head * h * w
         return int(4 * total)

@@ -79,3 +79,34 @@ def test_samples_through_the_model_object_at_any_size(net):
     assert a.probs.shape == (5, 19, 22)
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
     np.testing.assert_array_equal(a.masks, b.masks)
+
+
+@pytest.fixture
+def head_net():
+    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
+                                     full_res_head=8))
+
+
+def test_full_res_head_adds_a_full_resolution_condition_and_matches_forward(head_net):
+    img = torch.rand(1, 1, 16, 16)
+    x = (torch.rand(3, 1, 16, 16) > 0.5).float()
+    t = torch.tensor([1, 50, 99])
+    cond = head_net.encode(img)
+    assert [c.shape[1:] for c in cond] == [(8, 8, 8), (16, 4, 4), (8, 16, 16)]
+    with torch.no_grad():
+        a = head_net(x, t, img)
+        torch.testing.assert_close(a, head_net.predict(x, t, cond))
+        assert not torch.allclose(a, head_net(x, 90, img))
+        assert not torch.allclose(a, head_net(1 - x, t, img))
+        assert not torch.allclose(a, head_net(x, t, torch.rand(1, 1, 16, 16)))
+    assert a.shape == (3, 1, 16, 16) and (a > 0).all() and (a < 1).all()
+    again = network_from_metadata(network_to_metadata(head_net))
+    assert again.config.full_res_head == 8
+    assert list(again.state_dict()) == list(head_net.state_dict())
+
+
+def test_full_res_head_config_errors():
+    with pytest.raises(ValueError, match="full_res_head must be 0, or > 0 with unshuffle > 1"):
+        CondOnceConfig(unshuffle=1, full_res_head=8)
+    with pytest.raises(ValueError, match="not divisible by norm_groups=8"):
+        CondOnceConfig(full_res_head=12)
