@@ -104,11 +104,12 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
     seg = seg.replace(**changes) if changes else seg
     refiner = kind == "refiner"
     timesteps = args.timesteps or (10 if refiner else 1000)
-    schedule = args.schedule or ("alpha_bar_linear" if refiner else "cosine")
+    schedule = args.schedule or ("alpha_bar_linear" if refiner
+                                 else "linear" if kind == "gaussian" else "cosine")
     if kind == "gaussian":
         diff = DiffusionConfig(kind="gaussian", timesteps=timesteps, schedule=schedule,
                                prediction="eps", default_steps=args.sampling_steps,
-                               sampler="ddim")
+                               sampler="ddpm")
     else:
         diff = DiffusionConfig(kind="bernoulli", timesteps=timesteps,
                                schedule=schedule, prediction=args.prediction,
@@ -259,7 +260,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--normalisation", default="minmax", choices=["minmax", "none", "zscore"])
     p.add_argument("--timesteps", type=int, help="T (default 1000; a refiner: 10)")
     p.add_argument("--schedule", choices=["cosine", "linear", "alpha_bar_linear"],
-                   help="default cosine; a refiner: alpha_bar_linear")
+                   help="default cosine; gaussian: linear (Wolleb's; cosine's ᾱ_T ≈ 0 spoils "
+                        "ε-prediction's first step); a refiner: alpha_bar_linear")
     p.add_argument("--prediction", default="x0", choices=["x0", "eps"], help="Bernoulli only")
     p.add_argument("--sampling-steps", type=int, default=10, help="the model's default steps")
     p.add_argument("--base-channels", type=int, help="UNet base width (default 16)")

@@ -39,13 +39,18 @@ def default_network(kind: str = "bernoulli", image_size: int = 64,
 
 
 def default_diffusion(kind: str = "bernoulli") -> DiffusionConfig:
-    """The diffusion settings of a recipe of ``kind`` (a refiner: T = 10, ᾱ linear, x0)."""
+    """The diffusion settings of a recipe of ``kind`` (a refiner: T = 10, ᾱ linear, x0).
+
+    The Gaussian kernel uses Wolleb et al.'s linear β schedule: with the cosine one ᾱ_999 is
+    2.4e-9, so the ε-prediction's x̂0 at the first sampling step is amplified 20 000× and
+    the chain starts from garbage (BENCHMARKS.md, "Issue 4, session 3"). Its default sampler
+    is DDPM, which scored far above DDIM at 10 steps on validation phantoms."""
     if kind == "refiner":
         return DiffusionConfig(kind="bernoulli", timesteps=10, schedule="alpha_bar_linear",
                                prediction="x0", default_steps=10)
     if kind == "gaussian":
-        return DiffusionConfig(kind="gaussian", timesteps=1000, schedule="cosine",
-                               prediction="eps", default_steps=10, sampler="ddim")
+        return DiffusionConfig(kind="gaussian", timesteps=1000, schedule="linear",
+                               prediction="eps", default_steps=10, sampler="ddpm")
     # The deterministic baseline carries a placeholder (it is never sampled).
     return DiffusionConfig(kind="bernoulli", timesteps=1000, schedule="cosine",
                            prediction="x0", default_steps=10)
