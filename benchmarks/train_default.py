@@ -156,7 +156,9 @@ def variant_of(net: dict, diffusion: dict | None = None) -> str:
         return "co-full"
     if net.get("full_res_head"):
         return "co-head"
-    return "co-eps" if (diffusion or {}).get("prediction") == "eps" else "co"
+    diffusion = diffusion or {}
+    eps_bernoulli = diffusion.get("kind") == "bernoulli" and diffusion.get("prediction") == "eps"
+    return "co-eps" if eps_bernoulli else "co"
 
 
 def _network_line(net: dict) -> str:
@@ -234,7 +236,8 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
         d = meta["diffusion"]
         lines.append(f"- Diffusion: T = {d['timesteps']}, {d['schedule']} schedule, "
                      f"{d['prediction']}-prediction, {d['default_steps']} sampling steps by "
-                     "default.")
+                     "default" + (f" ({d['sampler'].upper()})" if kind == "gaussian" else "")
+                     + ".")
     lines += [
         "", "## Recipe",
         "`benchmarks/train_default.py train --kind "
