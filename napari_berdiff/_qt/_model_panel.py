@@ -151,7 +151,9 @@ def summary_html(model: Any, label: str = "") -> str:
     lines.append(
         f"{_fmt_count(int(s.get('parameters', 0)))} parameters · T={d.get('timesteps', '?')} "
         f"{d.get('schedule', '')} · {d.get('prediction', '')} · "
-        f"{d.get('default_steps', '?')} steps by default"
+        f"{d.get('default_steps', '?')} "
+        + (f"{str(d.get('sampler', '')).upper()} " if s.get("kind") == "gaussian" else "")
+        + "steps by default"
     )
     data = s.get("data") or ""
     size = (getattr(model, "data", None) or {}).get("image_size")

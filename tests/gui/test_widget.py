@@ -540,3 +540,19 @@ def test_model_summary_shows_the_headline_metrics():
         "refined_hd95_mean_mask": {"mean": 2.1026, "n": 98}}}
     assert _metrics_line(refiner) == ("prior → refined: Dice 0.639 → 0.709 · HD95 4.7 → 2.1 "
                                       "(heldout phantoms, 100 cases)")
+
+
+def test_model_summary_names_the_gaussian_sampler():
+    from napari_berdiff._qt._model_panel import summary_html
+    from napari_berdiff.diffusion import DiffusionConfig
+    from napari_berdiff.model import DiffusionModel
+    from napari_berdiff.networks import CondOnceConfig, ConditionOnceNet
+
+    net = ConditionOnceNet(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
+                                          output_activation="none"))
+    gauss = DiffusionModel(net, DiffusionConfig(kind="gaussian", timesteps=100, schedule="linear",
+                                                default_steps=10, sampler="ddpm"))
+    assert "10 DDPM steps by default" in summary_html(gauss)
+    net_b = ConditionOnceNet(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2)))
+    bern = DiffusionModel(net_b, DiffusionConfig(kind="bernoulli", timesteps=100, default_steps=10))
+    assert "· 10 steps by default" in summary_html(bern)
