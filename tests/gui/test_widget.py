@@ -548,11 +548,11 @@ def test_model_summary_names_the_gaussian_sampler():
     from napari_berdiff.model import DiffusionModel
     from napari_berdiff.networks import CondOnceConfig, ConditionOnceNet
 
-    net = ConditionOnceNet(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
-                                          output_activation="none"))
+    tiny = {"model_channels": 8, "encoder_channels": 8, "channel_mult": (1, 2)}
+    net = ConditionOnceNet(CondOnceConfig(**tiny, output_activation="none"))
     gauss = DiffusionModel(net, DiffusionConfig(kind="gaussian", timesteps=100, schedule="linear",
                                                 default_steps=10, sampler="ddpm"))
     assert "10 DDPM steps by default" in summary_html(gauss)
-    net_b = ConditionOnceNet(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2)))
+    net_b = ConditionOnceNet(CondOnceConfig(**tiny))
     bern = DiffusionModel(net_b, DiffusionConfig(kind="bernoulli", timesteps=100, default_steps=10))
     assert "· 10 steps by default" in summary_html(bern)
