@@ -34,7 +34,12 @@ from napari_berdiff.data.dataset import SegDataset, SegItem  # noqa: E402
 from napari_berdiff.data.phantoms import make_phantom  # noqa: E402
 from napari_berdiff.diffusion import DiffusionConfig  # noqa: E402
 from napari_berdiff.networks import CondOnceConfig, network_description  # noqa: E402
-from napari_berdiff.training import TrainConfig, default_network, train  # noqa: E402
+from napari_berdiff.training import (  # noqa: E402
+    TrainConfig,
+    default_diffusion,
+    default_network,
+    train,
+)
 
 SIZE = 64
 TRAIN_SEED0, TEST_SEED0 = 10_000, 900_000
@@ -92,15 +97,10 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     net = net.to_dict()
     if variant.startswith("co"):
         net = condition_once_network(kind, variant)
-    if kind == "gaussian":
-        # Wolleb et al.'s linear schedule: with the cosine one ᾱ_999 = 2.4e-9, so x̂0 from
-        # ε at the first step is amplified 20000× and the chain starts from garbage.
-        diff = DiffusionConfig(kind="gaussian", timesteps=1000, schedule="linear",
-                               prediction="eps", default_steps=10, sampler="ddim")
-    else:
-        diff = DiffusionConfig(kind="bernoulli", timesteps=1000, schedule="cosine",
-                               prediction="eps" if variant == "co-eps" else "x0",
-                               default_steps=10)
+    # Gaussian: Wolleb et al.'s linear schedule and DDPM (see default_diffusion).
+    diff = default_diffusion(kind)
+    if variant == "co-eps":
+        diff = diff.replace(prediction="eps")
     return TrainConfig(kind=kind, network=net, diffusion=diff.to_dict(), steps=steps,
                        batch_size=batch, lr=1e-3, warmup=200, min_lr_ratio=0.05,
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=250,
@@ -181,12 +181,13 @@ def _network_line(net: dict) -> str:
             f"block, GroupNorm with {net['norm_groups']} groups")
 
 
-def _store_metrics(path: Path, metrics: dict) -> None:
+def _update_model(path: Path, metadata: dict, diffusion: DiffusionConfig | None = None) -> None:
+    """Rewrite a model file in place with extra metadata (and other diffusion settings)."""
     from napari_berdiff.checkpoints import load_model, save_model
 
     m = load_model(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_model(m, tmp, metadata={"metrics": metrics})
+    save_model(m, tmp, diffusion=diffusion, metadata=metadata)
     tmp.replace(path)
 
 
@@ -200,7 +201,7 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
     metrics = {"heldout_phantoms": heldout, "settings": settings}
     if speed:
         metrics["sampling_s_16x10"] = speed
-    _store_metrics(path, metrics)
+    _update_model(path, {"metrics": metrics})
     model = load_model(path)
     meta = model.metadata
     name = meta.get("name", path.stem)
@@ -294,9 +295,7 @@ def tune_sampling(path: Path, candidates: list[tuple[str, int]], n_val: int = 40
     The best pair has the highest HM-IoU + (1 − GED²)/2, both means over ``n_val`` phantoms of
     seeds ``VAL_SEED0..`` (disjoint from the training and the test seeds), ``n`` masks each.
     """
-    from dataclasses import replace
-
-    from napari_berdiff.checkpoints import load_model, save_model
+    from napari_berdiff.checkpoints import load_model
     from napari_berdiff.model import DiffusionModel
     from napari_berdiff.training.evaluate import item_metrics
 
@@ -304,7 +303,7 @@ def tune_sampling(path: Path, candidates: list[tuple[str, int]], n_val: int = 40
     ds = phantom_dataset(VAL_SEED0, n_val)
     rows = []
     for sampler, steps in candidates:
-        m = DiffusionModel(model.net, replace(model.diffusion, sampler=sampler), model.metadata)
+        m = DiffusionModel(model.net, model.diffusion.replace(sampler=sampler), model.metadata)
         scores = [item_metrics(m.sample_all(it.image, n=n, steps=steps, seed=i).masks,
                                it.masks) for i, it in enumerate(ds.items)]
         row = {"sampler": sampler, "steps": steps,
@@ -313,11 +312,10 @@ def tune_sampling(path: Path, candidates: list[tuple[str, int]], n_val: int = 40
         print(json.dumps(row), flush=True)
         rows.append(row)
     best = max(rows, key=lambda r: r["score"])
-    chosen = replace(model.diffusion, sampler=best["sampler"], default_steps=best["steps"])
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, tmp, diffusion=chosen, metadata={"sampling_tuned": {
-        "validation_seeds": [VAL_SEED0, VAL_SEED0 + n_val - 1], "n": n, "candidates": rows}})
-    tmp.replace(path)
+    chosen = model.diffusion.replace(sampler=best["sampler"], default_steps=best["steps"])
+    _update_model(path, {"sampling_tuned": {
+        "validation_seeds": [VAL_SEED0, VAL_SEED0 + n_val - 1], "n": n, "candidates": rows}},
+        diffusion=chosen)
     return rows
 
 

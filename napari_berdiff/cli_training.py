@@ -83,8 +83,7 @@ def cmd_data_phantoms(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- train
 def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> Any:
-    from .diffusion import DiffusionConfig
-    from .training import TrainConfig, default_network
+    from .training import TrainConfig, default_diffusion, default_network
 
     kind = args.kind
     net = default_network(kind, image_size, channels)
@@ -103,17 +102,11 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
     net = net.replace(**changes) if changes else net
     seg = seg.replace(**changes) if changes else seg
     refiner = kind == "refiner"
-    timesteps = args.timesteps or (10 if refiner else 1000)
-    schedule = args.schedule or ("alpha_bar_linear" if refiner
-                                 else "linear" if kind == "gaussian" else "cosine")
-    if kind == "gaussian":
-        diff = DiffusionConfig(kind="gaussian", timesteps=timesteps, schedule=schedule,
-                               prediction="eps", default_steps=args.sampling_steps,
-                               sampler="ddpm")
-    else:
-        diff = DiffusionConfig(kind="bernoulli", timesteps=timesteps,
-                               schedule=schedule, prediction=args.prediction,
-                               default_steps=args.sampling_steps)
+    base = default_diffusion(kind)
+    diff = base.replace(timesteps=args.timesteps or base.timesteps,
+                        schedule=args.schedule or base.schedule,
+                        default_steps=args.sampling_steps,
+                        **({} if kind == "gaussian" else {"prediction": args.prediction}))
     return TrainConfig(
         kind=kind, network=net.to_dict(), diffusion=diff.to_dict(), steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
