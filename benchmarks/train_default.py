@@ -66,14 +66,16 @@ def condition_once_network(kind: str, variant: str = "co") -> dict:
     """The condition-once network of the ``co`` variants (issue 7): a full-resolution image
     encoder run once, and a base-24 denoiser with 2 res blocks per level at half resolution.
     ``co-full``: a base-16 denoiser at full resolution, widths 16/32/64.
-    ``co-head``: the ``co`` network with a width-16 full-resolution output head."""
+    ``co-head``: the ``co`` network with a width-16 full-resolution output head.
+    ``co-deep``: the ``co`` network with a 4× (not 2×) wide lowest denoiser level."""
     act = "none" if kind == "gaussian" else "sigmoid"
     if variant == "co-full":
         cfg = CondOnceConfig(image_size=SIZE, model_channels=16, channel_mult=(1, 2, 4),
                              num_res_blocks=2, encoder_channels=32, encoder_blocks=2, unshuffle=1,
                              output_activation=act)
     else:
-        cfg = CondOnceConfig(image_size=SIZE, model_channels=24, channel_mult=(1, 2, 2),
+        cfg = CondOnceConfig(image_size=SIZE, model_channels=24,
+                             channel_mult=(1, 2, 4) if variant == "co-deep" else (1, 2, 2),
                              num_res_blocks=2, encoder_channels=32, encoder_blocks=2, unshuffle=2,
                              full_res_head=16 if variant == "co-head" else 0,
                              output_activation=act)
@@ -88,7 +90,7 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     timesteps drawn only among the 10 the sampler visits.
     ``co``: the condition-once network (:func:`condition_once_network`), uniform timesteps.
     ``co-visited``: the same, timesteps drawn among the visited ones.
-    ``co-full``, ``co-head``: other condition-once networks (:func:`condition_once_network`).
+    ``co-full``, ``co-head``, ``co-deep``: other condition-once networks (:func:`condition_once_network`).
     ``co-eps``: the ``co`` network predicting the flip map ε instead of x0.
     """
     net = default_network("gaussian" if kind == "gaussian" else "bernoulli", SIZE)
@@ -156,6 +158,8 @@ def variant_of(net: dict, diffusion: dict | None = None) -> str:
         return "co-full"
     if net.get("full_res_head"):
         return "co-head"
+    if tuple(net.get("channel_mult", ())) == (1, 2, 4):
+        return "co-deep"
     diffusion = diffusion or {}
     eps_bernoulli = diffusion.get("kind") == "bernoulli" and diffusion.get("prediction") == "eps"
     return "co-eps" if eps_bernoulli else "co"
@@ -288,12 +292,14 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
     return card
 
 
-def tune_sampling(path: Path, candidates: list[tuple[str, int]], n_val: int = 40, n: int = 16
-                  ) -> list[dict]:
-    """Score (sampler, steps) pairs on validation phantoms and store the best in the model.
+def tune_sampling(path: Path, candidates: list[tuple[str, int, float]], n_val: int = 40,
+                  n: int = 16) -> list[dict]:
+    """Score (sampler, steps, draw correlation) candidates on validation phantoms and store
+    the best in the model.
 
-    The best pair has the highest HM-IoU + (1 − GED²)/2, both means over ``n_val`` phantoms of
+    The best has the highest HM-IoU + (1 − GED²)/2, both means over ``n_val`` phantoms of
     seeds ``VAL_SEED0..`` (disjoint from the training and the test seeds), ``n`` masks each.
+    The draw correlation applies to Bernoulli models only (Gaussian candidates use 0).
     """
     from napari_berdiff.checkpoints import load_model
     from napari_berdiff.model import DiffusionModel
@@ -302,21 +308,32 @@ def tune_sampling(path: Path, candidates: list[tuple[str, int]], n_val: int = 40
     model = load_model(path)
     ds = phantom_dataset(VAL_SEED0, n_val)
     rows = []
-    for sampler, steps in candidates:
-        m = DiffusionModel(model.net, model.diffusion.replace(sampler=sampler), model.metadata)
+    for sampler, steps, rho in candidates:
+        diffusion = model.diffusion.replace(sampler=sampler, draw_correlation=rho)
+        m = DiffusionModel(model.net, diffusion, model.metadata)
         scores = [item_metrics(m.sample_all(it.image, n=n, steps=steps, seed=i).masks,
                                it.masks) for i, it in enumerate(ds.items)]
-        row = {"sampler": sampler, "steps": steps,
+        row = {"sampler": sampler, "steps": steps, "draw_correlation": rho,
                **{k: float(np.mean([sc[k] for sc in scores])) for k in ("ged2", "hm_iou")}}
         row["score"] = row["hm_iou"] + (1 - row["ged2"]) / 2
         print(json.dumps(row), flush=True)
         rows.append(row)
     best = max(rows, key=lambda r: r["score"])
-    chosen = model.diffusion.replace(sampler=best["sampler"], default_steps=best["steps"])
+    chosen = model.diffusion.replace(sampler=best["sampler"], default_steps=best["steps"],
+                                     draw_correlation=best["draw_correlation"])
     _update_model(path, {"sampling_tuned": {
         "validation_seeds": [VAL_SEED0, VAL_SEED0 + n_val - 1], "n": n, "candidates": rows}},
         diffusion=chosen)
     return rows
+
+
+def parse_candidate(text: str) -> tuple[str, int, float]:
+    """``sampler:steps`` or ``sampler:steps:draw_correlation``, e.g. ``ddim:10:0.9``."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(
+            f"a candidate is sampler:steps or sampler:steps:draw_correlation, got {text!r}")
+    return parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
 
 
 # ---------------------------------------------------------------------------- main
@@ -333,7 +350,8 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--variant", default="v1",
-                   choices=["v1", "v2", "co", "co-visited", "co-full", "co-head", "co-eps"])
+                   choices=["v1", "v2", "co", "co-visited", "co-full", "co-head", "co-eps",
+                            "co-deep"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))
@@ -348,14 +366,14 @@ def main(argv=None) -> int:
                    help="a sentence added to the baseline card's recipe section")
     u = sub.add_parser("tune", help="choose the sampler and step count on validation phantoms")
     u.add_argument("--model", required=True)
-    u.add_argument("--candidates", nargs="+", default=["ddim:10", "ddpm:10", "ddpm:25"],
-                   help="sampler:steps pairs")
+    u.add_argument("--candidates", nargs="+", type=parse_candidate,
+                   default=[("ddim", 10, 0.0), ("ddpm", 10, 0.0), ("ddpm", 25, 0.0)],
+                   help="sampler:steps or sampler:steps:draw_correlation (Bernoulli)")
     u.add_argument("--n-val", type=int, default=40)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "tune":
-        pairs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.candidates]
-        tune_sampling(Path(args.model), pairs, args.n_val)
+        tune_sampling(Path(args.model), args.candidates, args.n_val)
         return 0
     if args.cmd == "train":
         tic = time.perf_counter()

@@ -105,31 +105,64 @@ class BernoulliKernel:
         ``σ = (1 − ᾱ_s)/(1 − ᾱ_t)`` and the mean is ``σ x_t + (ᾱ_s − σ ᾱ_t) x̂_0``; the prior
         cancels for this σ, and the mean is a convex combination, so it stays in [0, 1].
         """
-        if not s < t:
-            raise ValueError(f"an accelerated step must go backwards in time; got t={t}, s={s}")
+        sigma = self._keep_probability(t, s)
         abar_t = self.schedule.alpha_bar(t)
         abar_s = self.schedule.alpha_bar(s)
-        sigma = (1.0 - abar_s) / (1.0 - abar_t)
         return (sigma * x_t + (abar_s - sigma * abar_t) * x0_hat).clamp(0.0, 1.0)
+
+    def _keep_probability(self, t: int, s: int) -> float:
+        """σ = (1 − ᾱ_s)/(1 − ᾱ_t): the chance that the step t → s keeps a pixel of x_t."""
+        if not s < t:
+            raise ValueError(f"an accelerated step must go backwards in time; got t={t}, s={s}")
+        return (1.0 - self.schedule.alpha_bar(s)) / (1.0 - self.schedule.alpha_bar(t))
 
     # ------------------------------------------------------------------ sampler protocol
     def noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        """Uniform draws (on the CPU) that drive one step for the whole batch."""
-        return torch.rand(shape, generator=generator, dtype=torch.float32)
+        """Uniform draws (on the CPU) that drive one step for the whole batch.
+
+        Independent draws (``draw_correlation == 0``): one uniform per pixel, shape ``shape``.
+        Correlated draws: two uniforms per pixel, stacked on the channel axis (``2C``
+        channels): the first decides whether a pixel keeps ``x_t``, the second draws it from
+        ``x̂0``; the second is ``Φ(ρ z + √(1 − ρ²) ε)`` with ``z`` shared by the whole sample.
+        Either way every value is uniform on [0, 1].
+        """
+        rho = float(self.config.draw_correlation)
+        if not rho:
+            return torch.rand(shape, generator=generator, dtype=torch.float32)
+        keep = torch.rand(shape, generator=generator, dtype=torch.float32)
+        eps = torch.randn(shape, generator=generator, dtype=torch.float32)
+        z = torch.randn((shape[0],) + (1,) * (len(shape) - 1), generator=generator,
+                        dtype=torch.float32)
+        draw = torch.special.ndtr(rho * z + math.sqrt(1.0 - rho * rho) * eps)
+        return torch.cat([keep, draw], 1)
 
     def init(self, noise: torch.Tensor, prior: PriorLike = 0.5) -> torch.Tensor:
-        """The start of the chain: ``x_T ~ B(p)``."""
+        """The start of the chain: ``x_T ~ B(p)`` (independent pixels in either mode)."""
+        if self.config.draw_correlation:
+            noise = noise[:, : noise.shape[1] // 2]
         return (noise < prior).to(noise.dtype)
 
     def denoise(
         self, x_t: torch.Tensor, net_out: torch.Tensor, t: int, s: int, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One reverse step. Returns ``(x_s, x̂_0)``; at the last step (``s < 0``) x_s = x̂_0."""
+        """One reverse step. Returns ``(x_s, x̂_0)``; at the last step (``s < 0``) x_s = x̂_0.
+
+        The step's mean is ``σ x_t + (1 − σ) x̂0`` (:meth:`step_probs`): with independent
+        draws ``x_s ~ B(mean)``. With correlated draws the same mixture is drawn in two parts,
+        ``x_s = x_t`` where the first uniform is below σ and ``x_s = [u₂ < x̂0]`` elsewhere,
+        so each pixel's probability is unchanged and only the ``x̂0`` draws are correlated.
+        """
         x0_hat = self.predict_x0(net_out, x_t)
         if s < 0:
             return x0_hat, x0_hat
-        mean = self.step_probs(x_t, x0_hat, t, s)
-        return (noise < mean).to(x_t.dtype), x0_hat
+        if not self.config.draw_correlation:
+            mean = self.step_probs(x_t, x0_hat, t, s)
+            return (noise < mean).to(x_t.dtype), x0_hat
+        sigma = self._keep_probability(t, s)
+        c = x_t.shape[1]
+        keep, draw = noise[:, :c], noise[:, c:]
+        x_s = torch.where(keep < sigma, x_t, (draw < x0_hat).to(x_t.dtype))
+        return x_s, x0_hat
 
     @staticmethod
     def probabilities(x0_hat: torch.Tensor) -> torch.Tensor:

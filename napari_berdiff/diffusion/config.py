@@ -33,6 +33,12 @@ class DiffusionConfig(ConfigMixin):
         spec such as ``"ddimuni10"`` (see :func:`timestep_subsequence`).
     sampler
         Gaussian only: ``"ddim"`` or ``"ddpm"``. Bernoulli always uses its accelerated step.
+    draw_correlation
+        Bernoulli only, in [0, 1]: correlation ρ of the fresh draws of each reverse step
+        within one sample. 0 (the default) draws every pixel independently, as BerDiff does;
+        ρ > 0 draws them through a Gaussian copula with one shared factor per sample and step,
+        so a step's newly drawn pixels form a near level set of x̂0 while every pixel keeps
+        its Bernoulli probability (see :meth:`BernoulliKernel.denoise`).
     """
 
     _what = "diffusion"
@@ -43,6 +49,7 @@ class DiffusionConfig(ConfigMixin):
     learn_sigma: bool = False
     default_steps: int | str = 10
     sampler: str = "ddim"
+    draw_correlation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -59,6 +66,10 @@ class DiffusionConfig(ConfigMixin):
             raise ValueError("learn_sigma applies to the Gaussian kernel only")
         if self.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
+        if not 0.0 <= self.draw_correlation <= 1.0:
+            raise ValueError(f"draw_correlation must lie in [0, 1], got {self.draw_correlation}")
+        if self.kind != "bernoulli" and self.draw_correlation:
+            raise ValueError("draw_correlation applies to the Bernoulli kernel only")
         if isinstance(self.default_steps, str):
             from .schedules import timestep_subsequence
 

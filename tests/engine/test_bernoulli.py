@@ -155,3 +155,65 @@ def test_forward_start_is_bernoulli_of_prior():
 def test_kernel_rejects_gaussian_config():
     with pytest.raises(ValueError, match="kind='bernoulli'"):
         BernoulliKernel(DiffusionConfig(kind="gaussian"))
+
+
+# ---------------------------------------------------------------- correlated draws
+def _correlated(rho):
+    return BernoulliKernel(DiffusionConfig(kind="bernoulli", prediction="x0",
+                                           draw_correlation=rho))
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.95])
+def test_correlated_step_keeps_every_pixels_probability(rho):
+    """Whatever ρ, P(x_s = 1) per pixel is the step mean σ x_t + (1 − σ) x̂0."""
+    k = _correlated(rho)
+    g = torch.Generator().manual_seed(1)
+    n = 40000
+    x0_hat = torch.linspace(0.02, 0.98, 8).reshape(1, 1, 1, 8).expand(n, 1, 2, 8)
+    x_t = torch.tensor([0.0, 1.0]).reshape(1, 1, 2, 1).expand(n, 1, 2, 8)
+    x_s, _ = k.denoise(x_t, x0_hat, 600, 400, k.noise((n, 1, 2, 8), g))
+    expected = k.step_probs(x_t[:1], x0_hat[:1], 600, 400)[0]
+    np.testing.assert_allclose(x_s.mean(0).numpy(), expected.numpy(), atol=0.01)
+    assert set(torch.unique(x_s).tolist()) <= {0.0, 1.0}
+
+
+def test_correlated_draws_make_a_sample_agree_with_itself():
+    """With x̂0 = 1/2 everywhere, independent draws give each sample about half its pixels;
+    correlated draws (one shared factor per sample) spread that fraction far wider, while
+    the mean over samples stays 1/2."""
+    g = torch.Generator().manual_seed(2)
+    n, shape = 2000, (2000, 1, 16, 16)
+    x0_hat = torch.full(shape, 0.5)
+    x_t = torch.zeros(shape)
+    spread = {}
+    for rho in (0.0, 0.9):
+        k = _correlated(rho)
+        x_s, _ = k.denoise(x_t, x0_hat, 999, 0, k.noise(shape, g))
+        drawn = 1.0 - k._keep_probability(999, 0)  # fraction of pixels drawn from x̂0
+        frac = x_s.reshape(n, -1).mean(1) / drawn
+        assert frac.mean().item() == pytest.approx(0.5, abs=0.02)
+        spread[rho] = frac.std().item()
+    binomial_sd = (0.25 / (256 * (1.0 - _correlated(0.0)._keep_probability(999, 0)))) ** 0.5
+    assert spread[0.0] == pytest.approx(binomial_sd, rel=0.15)
+    assert spread[0.9] > 5 * spread[0.0]
+
+
+def test_correlated_chain_starts_from_independent_noise():
+    k = _correlated(0.9)
+    g = torch.Generator().manual_seed(3)
+    noise = k.noise((20000, 1, 1, 11), g)
+    assert noise.shape == (20000, 2, 1, 11)
+    p = torch.linspace(0, 1, 11).reshape(1, 1, 1, 11)
+    x = k.init(noise, p)
+    assert x.shape == (20000, 1, 1, 11)
+    np.testing.assert_allclose(x.mean(0).flatten().numpy(), p.flatten().numpy(), atol=0.015)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"kind": "bernoulli", "draw_correlation": 1.5}, r"draw_correlation must lie in \[0, 1\]"),
+    ({"kind": "bernoulli", "draw_correlation": -0.1}, r"draw_correlation must lie in \[0, 1\]"),
+    ({"kind": "gaussian", "draw_correlation": 0.5}, "Bernoulli kernel only"),
+])
+def test_draw_correlation_is_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionConfig(**kwargs)

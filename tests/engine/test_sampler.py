@@ -23,6 +23,13 @@ def bern():
     return BernoulliKernel(DiffusionConfig(kind="bernoulli", timesteps=1000, default_steps=10))
 
 
+@pytest.fixture(params=[0.0, 0.9], ids=["independent", "correlated"])
+def bern_draws(request):
+    """The Bernoulli kernel with independent and with correlated draws."""
+    return BernoulliKernel(DiffusionConfig(kind="bernoulli", timesteps=1000, default_steps=10,
+                                           draw_correlation=request.param))
+
+
 @pytest.fixture
 def image():
     return np.random.default_rng(0).random((12, 10)).astype(np.float32)
@@ -75,9 +82,9 @@ def test_gaussian_kernel_runs_through_the_same_sampler(image):
         assert set(np.unique(frames[-1].masks)) <= {0, 1}
 
 
-def test_same_seed_same_samples_other_seed_differs(bern, image):
+def test_same_seed_same_samples_other_seed_differs(bern_draws, image):
     def run(seed):
-        return run_to_end(sample_stream(TinyConvNet(), bern, image, n=4, steps=6, seed=seed,
+        return run_to_end(sample_stream(TinyConvNet(), bern_draws, image, n=4, steps=6, seed=seed,
                                         device="cpu"))
 
     a, b, c = run(7), run(7), run(8)
@@ -86,10 +93,10 @@ def test_same_seed_same_samples_other_seed_differs(bern, image):
     assert not np.array_equal(a.probs, c.probs)
 
 
-def test_chunked_and_unchunked_runs_agree(bern, image):
+def test_chunked_and_unchunked_runs_agree(bern_draws, image):
     net = TinyConvNet()
-    whole = run_to_end(sample_stream(net, bern, image, n=7, steps=6, seed=2, device="cpu"))
-    parts = run_to_end(sample_stream(net, bern, image, n=7, steps=6, seed=2, device="cpu",
+    whole = run_to_end(sample_stream(net, bern_draws, image, n=7, steps=6, seed=2, device="cpu"))
+    parts = run_to_end(sample_stream(net, bern_draws, image, n=7, steps=6, seed=2, device="cpu",
                                      max_batch=3))
     assert whole.chunk_size == 7 and parts.chunk_size == 3
     np.testing.assert_allclose(parts.probs, whole.probs, atol=1e-6)
