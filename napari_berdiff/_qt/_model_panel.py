@@ -154,6 +154,8 @@ def summary_html(model: Any, label: str = "") -> str:
         f"{d.get('default_steps', '?')} "
         + (f"{str(d.get('sampler', '')).upper()} " if s.get("kind") == "gaussian" else "")
         + "steps by default"
+        + (f" · correlated draws (ρ = {d['draw_correlation']:g})"
+           if d.get("draw_correlation") else "")
     )
     data = s.get("data") or ""
     size = (getattr(model, "data", None) or {}).get("image_size")

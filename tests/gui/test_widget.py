@@ -542,7 +542,7 @@ def test_model_summary_shows_the_headline_metrics():
                                       "(heldout phantoms, 100 cases)")
 
 
-def test_model_summary_names_the_gaussian_sampler():
+def test_model_summary_names_the_sampler_settings():
     from napari_berdiff._qt._model_panel import summary_html
     from napari_berdiff.diffusion import DiffusionConfig
     from napari_berdiff.model import DiffusionModel
@@ -556,3 +556,7 @@ def test_model_summary_names_the_gaussian_sampler():
     net_b = ConditionOnceNet(CondOnceConfig(**tiny))
     bern = DiffusionModel(net_b, DiffusionConfig(kind="bernoulli", timesteps=100, default_steps=10))
     assert "· 10 steps by default" in summary_html(bern)
+    assert "correlated" not in summary_html(bern)
+    corr = DiffusionModel(net_b, DiffusionConfig(kind="bernoulli", timesteps=100, default_steps=10,
+                                                 draw_correlation=0.9))
+    assert "10 steps by default · correlated draws (ρ = 0.9)" in summary_html(corr)
