@@ -195,6 +195,21 @@ def _update_model(path: Path, metadata: dict, diffusion: DiffusionConfig | None 
     tmp.replace(path)
 
 
+def _tuning_lines(tuned: dict | None, kind: str) -> list[str]:
+    """The validation scores behind the default sampling settings (``tune``), as a list."""
+    if not tuned:
+        return []
+    seeds = tuned.get("validation_seeds", ["?", "?"])
+    out = [f"- Sampling settings chosen by `train_default.py tune` on {seeds[1] - seeds[0] + 1} "
+           f"validation phantoms (seeds {seeds[0]}..{seeds[1]}, never the test cases), "
+           f"N = {tuned.get('n')}:"]
+    for r in tuned.get("candidates", []):
+        how = (f"{r['sampler'].upper()}, {r['steps']} steps" if kind == "gaussian" else
+               f"{r['steps']} steps, draw correlation {r.get('draw_correlation', 0.0):g}")
+        out.append(f"  - {how}: HM-IoU {r['hm_iou']:.3f}, GED² {r['ged2']:.3f}")
+    return out
+
+
 def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict | None,
                machine: str, note: str = "") -> Path:
     """Store the held-out figures in the file's metadata and write ``<name>.md`` next to it."""
@@ -242,7 +257,10 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
         lines.append(f"- Diffusion: T = {d['timesteps']}, {d['schedule']} schedule, "
                      f"{d['prediction']}-prediction, {d['default_steps']} sampling steps by "
                      "default" + (f" ({d['sampler'].upper()})" if kind == "gaussian" else "")
-                     + ".")
+                     + (f", correlated draws within a sample (draw_correlation ρ = "
+                        f"{d['draw_correlation']:g}; 0 is BerDiff's independent draws)"
+                        if d.get("draw_correlation") else "") + ".")
+        lines += _tuning_lines(meta.get("sampling_tuned"), kind)
     lines += [
         "", "## Recipe",
         "`benchmarks/train_default.py train --kind "
