@@ -322,6 +322,9 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
         "n": args.n,
         "seed": args.seed,
         "steps": spec,
+        "draw_correlation": (model.diffusion.draw_correlation
+                             if getattr(args, "draw_correlation", None) is None
+                             else args.draw_correlation),
         "timesteps": visited,
         "steps_done": result.steps_done,
         "roi": list(result.roi),
@@ -366,7 +369,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     spec = model.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
     stream = model.sample(image, n=args.n, steps=steps, seed=args.seed, roi=roi,
-                          max_batch=args.max_batch)
+                          max_batch=args.max_batch, draw_correlation=args.draw_correlation)
     result, visited = run_with_progress(stream, n_steps, args.quiet, "sampling")
     out = Path(args.out)
     written = write_results(out, result, args.n)
@@ -432,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", help="sampling steps: a number, or a spec such as ddimuni10 "
                                    "(default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--draw-correlation", type=float, metavar="RHO",
+                   help="Bernoulli models: correlation in [0, 1] of a step's draws within a "
+                        "sample; 0 draws pixels independently as BerDiff does (default: the "
+                        "model's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", help="preset for an official .pt file")
     add_run_options(p, "sample", "slice index of a 3D volume (first axis)")

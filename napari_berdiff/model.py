@@ -189,19 +189,25 @@ class DiffusionModel:
         max_batch: int | None = None,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         normalise: bool = True,
+        draw_correlation: float | None = None,
     ) -> SampleStream:
         """Stream ``n`` samples for ``image``: an iterator of :class:`Frame`, one per step,
         whose ``.result`` is the :class:`SampleResult` once it is exhausted.
 
         See :func:`napari_berdiff.diffusion.sample_stream` for the arguments. The image
         is normalised the way the model's metadata says unless ``normalise=False``.
+        ``draw_correlation`` overrides the model's (Bernoulli only; see
+        :class:`~napari_berdiff.diffusion.DiffusionConfig`); None keeps it.
         """
         if self.kind == "segmentor":
             raise ValueError("a segmentor is not a diffusion model and cannot be sampled")
+        kernel = self.kernel
+        if draw_correlation is not None and draw_correlation != self.diffusion.draw_correlation:
+            kernel = make_kernel(self.diffusion.replace(draw_correlation=float(draw_correlation)))
         cond = self.prepare(image, prior, normalise, roi)
         start_prior = prior if self.kind == "refiner" else None
         return sample_stream(
-            self.net, self.kernel, cond, n=n, steps=steps, seed=seed, prior=start_prior,
+            self.net, kernel, cond, n=n, steps=steps, seed=seed, prior=start_prior,
             roi=roi, device=self.device, max_batch=max_batch,
             memory_budget_mb=memory_budget_mb, cancel=cancel,
             image_channels=self.network_channels,

@@ -180,3 +180,18 @@ def test_bad_checkpoints_print_errors_not_tracebacks(capsys, tmp_path):
     assert code == 2 and "no such" in err
     assert main([]) == 2
     assert main(["info", "--help"]) == 0
+
+
+def test_sample_draw_correlation_is_recorded_and_checked(capsys, files, tmp_path):
+    code, _, err = _sample(capsys, files, tmp_path / "ind", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "ind" / "run.json").read_text())["draw_correlation"] == 0.0
+    code, _, err = _sample(capsys, files, tmp_path / "cor", "--quiet", "--draw-correlation", "0.9")
+    assert code == 0, err
+    assert json.loads((tmp_path / "cor" / "run.json").read_text())["draw_correlation"] == 0.9
+    assert not np.array_equal(np.load(tmp_path / "ind" / "probabilities.npy"),
+                              np.load(tmp_path / "cor" / "probabilities.npy"))
+
+    code, _, err = _sample(capsys, files, tmp_path / "bad", "--draw-correlation", "1.5")
+    assert code == 2 and "draw_correlation must lie in [0, 1], got 1.5" in err
+    assert not (tmp_path / "bad").exists()

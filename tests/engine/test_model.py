@@ -52,6 +52,19 @@ def test_tiny_model_samples_any_roi_size(kind):
     np.testing.assert_array_equal(res.probs, frames[-1].x0_prob)
 
 
+def test_draw_correlation_can_be_overridden_per_call():
+    m = tiny_model()
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    default = m.sample_all(img, n=4, steps=4, seed=1)
+    same = m.sample_all(img, n=4, steps=4, seed=1, draw_correlation=0.0)
+    np.testing.assert_array_equal(default.probs, same.probs)
+    other = m.sample_all(img, n=4, steps=4, seed=1, draw_correlation=0.9)
+    assert not np.array_equal(default.probs, other.probs)
+    assert m.diffusion.draw_correlation == 0.0  # the model itself is unchanged
+    with pytest.raises(ValueError, match="Bernoulli kernel only"):
+        tiny_model("gaussian").sample_all(img, n=2, steps=2, draw_correlation=0.5)
+
+
 def test_roi_is_normalised_on_its_own_like_a_crop():
     """Sampling a region equals sampling the cropped image (as the widgets do): min-max
     statistics come from the region, not from the rest of the slice."""
