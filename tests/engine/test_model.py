@@ -54,6 +54,9 @@ def test_tiny_model_samples_any_roi_size(kind):
 
 def test_draw_correlation_can_be_overridden_per_call():
     m = tiny_model()
+    with torch.no_grad():  # the zero-initialised output would ignore x_t altogether
+        for p in m.net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
     default = m.sample_all(img, n=4, steps=4, seed=1)
     same = m.sample_all(img, n=4, steps=4, seed=1, draw_correlation=0.0)
