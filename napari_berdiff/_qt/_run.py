@@ -45,8 +45,6 @@ class Job:
     consumed: threading.Event = field(default_factory=threading.Event)
     #: a refiner's prior probability map per crop (same (h, w) as the crop), else None
     priors: list[np.ndarray] | None = None
-    #: overrides the model's Bernoulli draw correlation (None: the model's own)
-    draw_correlation: float | None = None
 
     def __post_init__(self) -> None:
         self.consumed.set()
@@ -120,8 +118,6 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                 cancelled = True
                 break
             extra = {} if job.priors is None else {"prior": job.priors[pos]}
-            if job.draw_correlation is not None:
-                extra["draw_correlation"] = job.draw_correlation
             try:
                 stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
                                           cancel=job.cancel, **extra)

@@ -8,7 +8,6 @@ from typing import Any
 from qtpy.QtWidgets import (
     QButtonGroup,
     QCheckBox,
-    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -70,15 +69,6 @@ class SamplingPanel(QGroupBox):
         self.seed_spin.setRange(0, 2**31 - 1)
         self.seed_spin.setToolTip("The same seed gives the same samples")
         self.new_seed_btn = QPushButton("New seed")
-        self.corr_spin = QDoubleSpinBox()
-        self.corr_spin.setRange(0.0, 1.0)
-        self.corr_spin.setSingleStep(0.1)
-        self.corr_spin.setDecimals(2)
-        self.corr_spin.setToolTip(
-            "Bernoulli models: how strongly the pixels drawn at each step agree within one "
-            "sample (0: independent, as in BerDiff). Each pixel's probability is the same "
-            "either way; the model's value was chosen on validation data."
-        )
         self.interval_spin = QSpinBox()
         self.interval_spin.setRange(0, 5000)
         self.interval_spin.setSingleStep(50)
@@ -112,8 +102,6 @@ class SamplingPanel(QGroupBox):
         form.addRow("Samples:", self.n_spin)
         form.addRow("Steps:", self.steps_spin)
         form.addRow("Seed:", seed_row)
-        self._corr_label = QLabel("Draw correlation:")
-        form.addRow(self._corr_label, self.corr_spin)
         form.addRow("Stream every:", self.interval_spin)
         buttons = QHBoxLayout()
         buttons.addWidget(self.sample_btn, 2)
@@ -187,7 +175,7 @@ class SamplingPanel(QGroupBox):
 
     def set_running(self, running: bool) -> None:
         for w in (self.sample_btn, self.image_combo, self.region_combo, self.draw_btn,
-                  self.volume_row, self.n_spin, self.steps_spin, self.seed_spin, self.corr_spin,
+                  self.volume_row, self.n_spin, self.steps_spin, self.seed_spin,
                   self.new_seed_btn, self.keep_check):
             w.setEnabled(not running)
         self.cancel_btn.setEnabled(running)
@@ -200,19 +188,7 @@ class SamplingPanel(QGroupBox):
         n = self.steps_spin.value()
         return None if n == model.diffusion.default_step_count else n
 
-    def draw_correlation(self, model: Any) -> float | None:
-        """The draw correlation to ask for: None keeps the model's own (and for a Gaussian
-        model, which has none)."""
-        if model.diffusion.kind != "bernoulli":
-            return None
-        rho = round(self.corr_spin.value(), 2)
-        return None if rho == round(model.diffusion.draw_correlation, 2) else rho
-
     def set_model_defaults(self, model: Any) -> None:
         cfg = model.diffusion
         self.steps_spin.setRange(1, int(cfg.timesteps))
         self.steps_spin.setValue(cfg.default_step_count)
-        bernoulli = cfg.kind == "bernoulli"
-        self.corr_spin.setValue(cfg.draw_correlation if bernoulli else 0.0)
-        self.corr_spin.setVisible(bernoulli)
-        self._corr_label.setVisible(bernoulli)

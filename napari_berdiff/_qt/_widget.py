@@ -237,7 +237,7 @@ class DiffusionSegmentationWidget(QWidget):
         self.metrics.clear()
         job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
                   sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0,
-                  priors=prepared.priors, draw_correlation=sp.draw_correlation(self.model))
+                  priors=prepared.priors)
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)

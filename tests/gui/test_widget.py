@@ -108,36 +108,6 @@ def test_rerun_replaces_layers_unless_kept(docked, qtbot):
     assert SAMPLES in names and f"{SAMPLES} (run 2)" in names and len(names) == 11
 
 
-def test_draw_correlation_defaults_to_the_models_and_can_be_changed(docked, qtbot):
-    viewer, widget = docked
-    image = blob(seed=2)
-    viewer.add_image(image, name="img")
-    model = toy_model(steps=3)
-    model = type(model)(model.net, model.diffusion.replace(draw_correlation=0.9), model.metadata)
-    widget.set_model(model, "toy")
-    sp = widget.sampling
-    assert sp.corr_spin.value() == pytest.approx(0.9) and not sp.corr_spin.isHidden()
-    _settings(widget, n=3, seed=5)
-    run_and_wait(qtbot, widget)
-    ref = model.sample_all(image, n=3, steps=3, seed=5)
-    np.testing.assert_array_equal(_layer(viewer, SAMPLES).data, ref.masks)
-
-    sp.corr_spin.setValue(0.0)  # the user asks for BerDiff's independent draws
-    run_and_wait(qtbot, widget)
-    ind = model.sample_all(image, n=3, steps=3, seed=5, draw_correlation=0.0)
-    np.testing.assert_allclose(_layer(viewer, "x̂0 probability").data, ind.probs, atol=1e-6)
-    assert not np.allclose(ind.probs, ref.probs)
-
-    from napari_berdiff.diffusion import DiffusionConfig
-    from napari_berdiff.model import DiffusionModel
-    from napari_berdiff.networks import CondOnceConfig, ConditionOnceNet
-
-    net = ConditionOnceNet(CondOnceConfig(model_channels=8, encoder_channels=8,
-                                          channel_mult=(1, 2), output_activation="none"))
-    widget.set_model(DiffusionModel(net, DiffusionConfig(kind="gaussian", timesteps=100)), "g")
-    assert sp.corr_spin.isHidden() and sp.draw_correlation(widget.model) is None
-
-
 def test_cancel_stops_within_one_step(docked, qtbot):
     viewer, widget = docked
     viewer.add_image(blob(), name="img")
