@@ -67,7 +67,9 @@ def condition_once_network(kind: str, variant: str = "co") -> dict:
     encoder run once, and a base-24 denoiser with 2 res blocks per level at half resolution.
     ``co-full``: a base-16 denoiser at full resolution, widths 16/32/64.
     ``co-head``: the ``co`` network with a width-16 full-resolution output head.
-    ``co-deep``: the ``co`` network with a 4× (not 2×) wide lowest denoiser level."""
+    ``co-deep``: the ``co`` network with a 4× (not 2×) wide lowest denoiser level.
+    ``co-sc``: the ``co`` network, self-conditioned on the previous step's x̂0.
+    ``co-sc-head``: ``co-head`` self-conditioned (the head sees x̂0 at full resolution too)."""
     act = "none" if kind == "gaussian" else "sigmoid"
     if variant == "co-full":
         cfg = CondOnceConfig(image_size=SIZE, model_channels=16, channel_mult=(1, 2, 4),
@@ -77,7 +79,8 @@ def condition_once_network(kind: str, variant: str = "co") -> dict:
         cfg = CondOnceConfig(image_size=SIZE, model_channels=24,
                              channel_mult=(1, 2, 4) if variant == "co-deep" else (1, 2, 2),
                              num_res_blocks=2, encoder_channels=32, encoder_blocks=2, unshuffle=2,
-                             full_res_head=16 if variant == "co-head" else 0,
+                             full_res_head=16 if variant in ("co-head", "co-sc-head") else 0,
+                             self_condition=variant in ("co-sc", "co-sc-head"),
                              output_activation=act)
     return network_description(cfg)
 
@@ -90,7 +93,7 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     timesteps drawn only among the 10 the sampler visits.
     ``co``: the condition-once network (:func:`condition_once_network`), uniform timesteps.
     ``co-visited``: the same, timesteps drawn among the visited ones.
-    ``co-full``, ``co-head``, ``co-deep``: other condition-once networks
+    ``co-full``, ``co-head``, ``co-deep``, ``co-sc``: other condition-once networks
     (:func:`condition_once_network`).
     ``co-eps``: the ``co`` network predicting the flip map ε instead of x0.
     """
@@ -158,9 +161,11 @@ def variant_of(net: dict, diffusion: dict | None = None) -> str:
     if net.get("unshuffle") == 1:
         return "co-full"
     if net.get("full_res_head"):
-        return "co-head"
+        return "co-sc-head" if net.get("self_condition") else "co-head"
     if tuple(net.get("channel_mult", ())) == (1, 2, 4):
         return "co-deep"
+    if net.get("self_condition"):
+        return "co-sc"
     diffusion = diffusion or {}
     eps_bernoulli = diffusion.get("kind") == "bernoulli" and diffusion.get("prediction") == "eps"
     return "co-eps" if eps_bernoulli else "co"
@@ -173,11 +178,15 @@ def _network_line(net: dict) -> str:
         head = (f", and a full-resolution output head of width {net['full_res_head']} that "
                 "joins the shuffled-up denoiser features, the encoder's full-resolution "
                 "features and x_t" if net.get("full_res_head") else "")
+        sc = (", self-conditioned: the denoiser also takes the previous step's x̂0 (zeros at "
+              "the first step, and on half the training steps)" if net.get("self_condition")
+              else "")
         return (f"ConditionOnceNet: an image encoder run once per call (base "
                 f"{net['encoder_channels']}, {net['encoder_blocks']} residual blocks per level), "
                 f"a per-step denoiser {where}"
                 f"base {net['model_channels']}, channel_mult {tuple(net['channel_mult'])}, "
-                f"{net['num_res_blocks']} res blocks per level, no attention){head}; GroupNorm "
+                f"{net['num_res_blocks']} res blocks per level, no attention){head}"
+                f"{sc}; GroupNorm "
                 f"with {net['norm_groups']} groups")
     return (f"ConditionalUNet (concatenation: mask state and image enter together every "
             f"step), base {net['model_channels']} channels, channel_mult "
@@ -379,7 +388,7 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--variant", default="v1",
                    choices=["v1", "v2", "co", "co-visited", "co-full", "co-head", "co-eps",
-                            "co-deep"])
+                            "co-deep", "co-sc", "co-sc-head"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))

@@ -388,6 +388,8 @@ def _stream(
     net_seconds = encode_seconds  # the network's forward time: the encoding and every step
     first_frame = None
     x0_hat: torch.Tensor | None = None
+    # A self-conditioned network also takes the previous step's x̂0 (zeros at the first step).
+    x0_prev = torch.zeros_like(x) if getattr(net, "self_conditioned", False) else None
     done = 0
     n_chunks = -(-n // chunk)
     for k, t in enumerate(order):
@@ -406,11 +408,16 @@ def _stream(
                 xin = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
                 _sync()
                 tic = time.perf_counter()
-                out = net.predict(xin, tb, cond)
+                if x0_prev is None:
+                    out = net.predict(xin, tb, cond)
+                else:
+                    out = net.predict(xin, tb, cond, x0_prev[a : a + chunk])
                 _sync()
                 net_seconds += time.perf_counter() - tic
                 nb = noise[a : a + chunk] if noise is not None else None
                 xs, x0b = kernel.denoise(xb, out.float(), t, s, nb)
+                if x0_prev is not None:
+                    x0_prev[a : a + chunk] = x0b
                 if n_chunks == 1:
                     x, x0_hat = xs, kernel.probabilities(x0b)
                 else:

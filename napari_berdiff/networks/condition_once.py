@@ -38,8 +38,12 @@ class CondOnceConfig(ConfigMixin):
     full_res_head
         Width of an optional full-resolution output head (0: none). The denoiser's last
         features are pixel-shuffled to full resolution, joined with the encoder's
-        full-resolution features and ``x_t``, and refined by one residual block, so that
+        full-resolution features and ``x_t`` (and ``x̂0`` when self-conditioned), and refined by one residual block, so that
         boundaries are placed at full resolution (only with ``unshuffle > 1``).
+    self_condition
+        Self-conditioning (Chen et al., "Analog Bits"): the denoiser also takes the previous
+        step's ``x̂0`` as ``mask_channels`` extra input channels (zeros at the first step and,
+        in training, on half the batches).
     norm_groups
         GroupNorm groups (widths must divide by it).
     output_activation
@@ -58,12 +62,14 @@ class CondOnceConfig(ConfigMixin):
     encoder_blocks: int = 1
     unshuffle: int = 2
     full_res_head: int = 0
+    self_condition: bool = False
     norm_groups: int = 8
     dropout: float = 0.0
     output_activation: str = "sigmoid"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        object.__setattr__(self, "self_condition", bool(self.self_condition))
         if self.output_activation not in ("sigmoid", "none"):
             raise ValueError(f"output_activation must be 'sigmoid' or 'none', "
                              f"got {self.output_activation!r}")
@@ -134,7 +140,8 @@ class ConditionOnceNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
-        self.x_in = nn.Conv2d(c.mask_channels * u * u, widths[0], 3, padding=1)
+        in_masks = c.mask_channels * (2 if c.self_condition else 1)
+        self.x_in = nn.Conv2d(in_masks * u * u, widths[0], 3, padding=1)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, emb_dim, c.dropout, cout, use_scale_shift_norm=True,
@@ -158,7 +165,7 @@ class ConditionOnceNet(nn.Module):
             self.head_cond = nn.Conv2d(enc[0], hc, 1)
             self.head_up = nn.Sequential(normalization(prev, g), nn.SiLU(),
                                          nn.Conv2d(prev, hc * u * u, 1))
-            self.head_in = nn.Conv2d(hc + c.mask_channels, hc, 3, padding=1)
+            self.head_in = nn.Conv2d(hc + in_masks, hc, 3, padding=1)
             self.head_block = _ConvBlock(hc, g)
             self.out = nn.Sequential(normalization(hc, g), nn.SiLU(),
                                      zero_init(nn.Conv2d(hc, c.out_channels, 3, padding=1)))
@@ -195,16 +202,31 @@ class ConditionOnceNet(nn.Module):
             out.append(self.head_cond(stem))
         return out
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: list[torch.Tensor]
-                ) -> torch.Tensor:
-        """One denoiser pass with the cached condition (a batch of 1 is broadcast)."""
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: list[torch.Tensor],
+                x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """One denoiser pass with the cached condition (a batch of 1 is broadcast).
+
+        ``x0_prev`` is the previous ``x̂0`` for a self-conditioned network (zeros when None);
+        other networks take none.
+        """
         c = self.config
         self._check(x_t, "x_t", c.mask_channels)
         n = x_t.shape[0]
         ts = torch.as_tensor(t, device=x_t.device).reshape(-1)
         ts = ts.expand(n) if ts.numel() == 1 else ts
         emb = self.time_embed(timestep_embedding(ts, c.model_channels).to(x_t.dtype))
-        h = self.x_in(F.pixel_unshuffle(x_t, c.unshuffle) if c.unshuffle > 1 else x_t)
+        x_in = x_t
+        if c.self_condition:
+            if x0_prev is None:
+                x0_prev = torch.zeros_like(x_t)
+            elif x0_prev.shape != x_t.shape:
+                raise ValueError(f"x0_prev must have x_t's shape {tuple(x_t.shape)}; "
+                                 f"got {tuple(x0_prev.shape)}")
+            x_in = torch.cat([x_t, x0_prev.to(x_t.dtype)], 1)
+        elif x0_prev is not None:
+            raise ValueError("this network is not self-conditioned (self_condition=False); "
+                             "it takes no x0_prev")
+        h = self.x_in(F.pixel_unshuffle(x_in, c.unshuffle) if c.unshuffle > 1 else x_in)
         skips = []
         for level, blocks in enumerate(self.down):
             if level > 0:
@@ -220,17 +242,22 @@ class ConditionOnceNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], 1), emb)
         if c.full_res_head:
             h = F.pixel_shuffle(self.head_up(h), c.unshuffle) + cond[-1]
-            out = self.out(self.head_block(self.head_in(torch.cat([h, x_t], 1))))
+            out = self.out(self.head_block(self.head_in(torch.cat([h, x_in], 1))))
         else:
             out = self.out(h)
             if c.unshuffle > 1:
                 out = F.pixel_shuffle(out, c.unshuffle)
         return torch.sigmoid(out) if c.output_activation == "sigmoid" else out
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, image: torch.Tensor
-                ) -> torch.Tensor:
-        """``predict(x_t, t, encode(image))``."""
-        return self.predict(x_t, t, self.encode(image))
+    @property
+    def self_conditioned(self) -> bool:
+        """Whether :meth:`predict` takes the previous ``x̂0`` (see ``self_condition``)."""
+        return self.config.self_condition
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, image: torch.Tensor,
+                x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``predict(x_t, t, encode(image), x0_prev)``."""
+        return self.predict(x_t, t, self.encode(image), x0_prev)
 
     def activation_bytes(self, h: int, w: int) -> int:
         """Rough float32 activation memory of one sample's denoiser pass (for chunking)."""

@@ -183,6 +183,9 @@ class TrainConfig:
             raise ValueError(f"a {self.kind} model needs output_activation={want_act!r}")
         if net.mask_channels != 1:
             raise ValueError("the trainers handle single-channel binary masks (mask_channels=1)")
+        if getattr(net, "self_condition", False) and self.kind != "bernoulli":
+            raise ValueError("self-conditioning (network self_condition=True) is implemented "
+                             f"for kind 'bernoulli' only, not {self.kind!r}")
 
     def _check_refiner(self, net: Any, diff: DiffusionConfig) -> None:
         if diff.kind != "bernoulli":

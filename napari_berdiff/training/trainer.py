@@ -164,6 +164,21 @@ def export_model(net: torch.nn.Module, cfg: TrainConfig, out: str | Path,
     return out
 
 
+def _self_condition(net: torch.nn.Module, kernel: BernoulliKernel, gen: torch.Generator,
+                    x_in: torch.Tensor, t: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """The ``x̂0`` input of a self-conditioned step (Analog Bits' recipe).
+
+    On half the steps (one coin from ``gen``, drawn every step so that resume stays exact)
+    it is the network's own prediction from ``x_t``, without gradient; otherwise zeros, as
+    at the first sampling step.
+    """
+    coin = bool(torch.rand((), generator=gen) < 0.5)
+    if not coin:
+        return torch.zeros_like(x_in)
+    with torch.no_grad():
+        return kernel.predict_x0(net(x_in, t, img), x_in).detach()
+
+
 # ---------------------------------------------------------------------------- the trainer
 def train(
     config: TrainConfig,
@@ -252,6 +267,7 @@ def train(
         model = DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     kernel = make_kernel(cfg.diffusion_config()) if cfg.kind != "deterministic" else None
+    self_cond = bool(getattr(net, "self_conditioned", False))  # Bernoulli only (TrainConfig)
     T = cfg.diffusion_config().timesteps
     visited = torch.tensor(timestep_subsequence(cfg.diffusion_config().default_steps, T))
 
@@ -299,7 +315,10 @@ def train(
             noise = noise[lo:hi].to(dev)
 
         lr = set_lr([opt], cfg, step)
-        out_t = model(x_in, t, img)
+        if self_cond:
+            out_t = model(x_in, t, img, _self_condition(net, kernel, gen, x_in, t, img))
+        else:
+            out_t = model(x_in, t, img)
         if cfg.kind == "deterministic":
             p1, p2 = segmentor_loss_parts(out_t, x0)
             loss = p1 + cfg.dice_weight * p2

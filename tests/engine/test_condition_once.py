@@ -110,3 +110,36 @@ def test_full_res_head_config_errors():
         CondOnceConfig(unshuffle=1, full_res_head=8)
     with pytest.raises(ValueError, match="not divisible by norm_groups=8"):
         CondOnceConfig(full_res_head=12)
+
+
+@pytest.fixture(params=[0, 8], ids=["no-head", "head"])
+def sc_net(request):
+    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
+                                     full_res_head=request.param, self_condition=True))
+
+
+def test_self_conditioned_net_takes_the_previous_x0(sc_net, net):
+    img = torch.rand(1, 1, 16, 16)
+    x = (torch.rand(2, 1, 16, 16) > 0.5).float()
+    prev = torch.rand(2, 1, 16, 16)
+    cond = sc_net.encode(img)
+    with torch.no_grad():
+        zeros = sc_net.predict(x, 10, cond)
+        torch.testing.assert_close(zeros, sc_net.predict(x, 10, cond, torch.zeros_like(x)))
+        with_prev = sc_net.predict(x, 10, cond, prev)
+        assert not torch.allclose(zeros, with_prev)
+        torch.testing.assert_close(with_prev, sc_net(x, 10, img, prev))
+    assert sc_net.self_conditioned and not net.self_conditioned
+    with pytest.raises(ValueError, match="x0_prev must have x_t's shape"):
+        sc_net.predict(x, 10, cond, prev[:1])
+    with pytest.raises(ValueError, match="not self-conditioned"):
+        net.predict(x, 10, net.encode(img), prev)
+    again = network_from_metadata(network_to_metadata(sc_net))
+    assert again.config.self_condition
+    assert list(again.state_dict()) == list(sc_net.state_dict())
+
+
+def test_networks_saved_before_self_conditioning_load_without_it(net):
+    desc = network_to_metadata(net)
+    del desc["self_condition"]
+    assert not network_from_metadata(desc).config.self_condition

@@ -205,3 +205,19 @@ def test_gaussian_refuses_a_prior(image):
     with pytest.raises(ValueError, match="only to the Bernoulli"):
         sample_stream(TinyConvNet(), k, image, n=1, steps=2, prior=np.zeros((12, 10)),
                       device="cpu")
+
+
+def test_self_conditioned_net_gets_the_previous_steps_x0(bern_draws, image):
+    from .toys import RecordingSelfCondNet
+
+    net = RecordingSelfCondNet()
+    stream = sample_stream(net, bern_draws, image, n=3, steps=4, seed=2)
+    frames = list(stream)
+    assert len(net.seen) == 4
+    assert not net.seen[0].any()  # zeros at the first step
+    for prev, frame in zip(net.seen[1:], frames[:-1]):
+        np.testing.assert_allclose(prev[:, 0].numpy(), frame.x0_prob, atol=1e-6)
+    # chunking threads each sample's own x̂0: the same samples, in any number of chunks
+    chunked = run_to_end(sample_stream(RecordingSelfCondNet(), bern_draws, image, n=3,
+                                       steps=4, seed=2, max_batch=2))
+    np.testing.assert_allclose(chunked.probs, stream.result.probs, atol=1e-6)

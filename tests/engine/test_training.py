@@ -211,3 +211,35 @@ def test_ddp_two_processes_on_gloo_match_one_process(tmp_path):
     b = load_state(state_path_for(tmp_path / "one.safetensors"))["net"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def _self_conditioned_network() -> dict:
+    from napari_berdiff.networks import CondOnceConfig, network_description
+
+    return network_description(CondOnceConfig(image_size=SIZE, model_channels=8,
+                                              channel_mult=(1, 2), encoder_channels=8,
+                                              norm_groups=4, self_condition=True))
+
+
+def test_self_conditioned_network_trains_resumes_exactly_and_samples(tmp_path, data):
+    from napari_berdiff.checkpoints.loading import load_model
+
+    cfg = _config(network=_self_conditioned_network(), steps=12, checkpoint_every=4)
+    full = train(cfg, data, tmp_path / "full.safetensors", progress=False)
+    assert np.mean(full.losses[-4:]) < np.mean(full.losses[:4])
+    part = tmp_path / "part.safetensors"
+    first = train(cfg, data, part, progress=False, stop_after=5)
+    second = train(cfg, data, part, progress=False, resume=True)
+    np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=0, atol=1e-6)
+    m = load_model(part)
+    assert m.net.self_conditioned
+    r = m.sample_all(data[0].image, n=2, steps=3, seed=0)
+    assert r.masks.shape == (2, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "deterministic"])
+def test_self_conditioning_is_refused_for_other_kinds(kind):
+    net = _self_conditioned_network()
+    net["output_activation"] = "none" if kind == "gaussian" else "sigmoid"
+    with pytest.raises(ValueError, match="for kind 'bernoulli' only, not '" + kind):
+        _config(kind, network=net)

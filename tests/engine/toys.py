@@ -58,3 +58,19 @@ class TinyConvNet(nn.Module):
         cond = cond.expand(x_t.shape[0], *cond.shape[1:])
         tmap = (t.float() / 1000.0).reshape(-1, 1, 1, 1).expand_as(x_t)
         return torch.sigmoid(self.body(torch.cat([x_t, cond, tmap], 1)))
+
+
+class RecordingSelfCondNet(TinyConvNet):
+    """A self-conditioned :class:`TinyConvNet` that records every ``x0_prev`` it is given
+    and mixes it into its output, so that the sampler's threading of x̂0 shows in results."""
+
+    self_conditioned = True
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed=seed)
+        self.seen: list[torch.Tensor] = []
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                x0_prev: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x0_prev.clone())
+        return 0.5 * super().predict(x_t, t, cond) + 0.5 * x0_prev
