@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT))
 from napari_berdiff.data.dataset import SegDataset, SegItem  # noqa: E402
 from napari_berdiff.data.phantoms import make_phantom  # noqa: E402
 from napari_berdiff.diffusion import DiffusionConfig  # noqa: E402
-from napari_berdiff.networks import CondOnceConfig, network_description  # noqa: E402
+from napari_berdiff.networks import network_description  # noqa: E402
 from napari_berdiff.training import (  # noqa: E402
     TrainConfig,
+    condition_once_network as lib_condition_once_network,
     default_diffusion,
     default_network,
     train,
@@ -64,24 +65,21 @@ def phantom_dataset(seed0: int, n: int, size: int = SIZE) -> SegDataset:
 
 def condition_once_network(kind: str, variant: str = "co") -> dict:
     """The condition-once network of the ``co`` variants (issue 7): a full-resolution image
-    encoder run once, and a base-24 denoiser with 2 res blocks per level at half resolution.
+    encoder run once, and a base-24 denoiser with 2 res blocks per level at half resolution
+    (:func:`napari_berdiff.training.condition_once_network`).
     ``co-full``: a base-16 denoiser at full resolution, widths 16/32/64.
     ``co-head``: the ``co`` network with a width-16 full-resolution output head.
     ``co-deep``: the ``co`` network with a 4× (not 2×) wide lowest denoiser level.
     ``co-sc``: the ``co`` network, self-conditioned on the previous step's x̂0.
     ``co-sc-head``: ``co-head`` self-conditioned (the head sees x̂0 at full resolution too)."""
-    act = "none" if kind == "gaussian" else "sigmoid"
+    cfg = lib_condition_once_network(kind, SIZE, self_condition=variant in ("co-sc",
+                                                                             "co-sc-head"))
     if variant == "co-full":
-        cfg = CondOnceConfig(image_size=SIZE, model_channels=16, channel_mult=(1, 2, 4),
-                             num_res_blocks=2, encoder_channels=32, encoder_blocks=2, unshuffle=1,
-                             output_activation=act)
-    else:
-        cfg = CondOnceConfig(image_size=SIZE, model_channels=24,
-                             channel_mult=(1, 2, 4) if variant == "co-deep" else (1, 2, 2),
-                             num_res_blocks=2, encoder_channels=32, encoder_blocks=2, unshuffle=2,
-                             full_res_head=16 if variant in ("co-head", "co-sc-head") else 0,
-                             self_condition=variant in ("co-sc", "co-sc-head"),
-                             output_activation=act)
+        cfg = cfg.replace(model_channels=16, channel_mult=(1, 2, 4), unshuffle=1)
+    elif variant == "co-deep":
+        cfg = cfg.replace(channel_mult=(1, 2, 4))
+    elif variant in ("co-head", "co-sc-head"):
+        cfg = cfg.replace(full_res_head=16)
     return network_description(cfg)
 
 
@@ -320,6 +318,28 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
     return card
 
 
+def _validation_scores(model, ds, steps: int | None, n: int) -> dict[str, np.ndarray]:
+    """Per-phantom GED² and HM-IoU of ``n`` masks (seed i for phantom i)."""
+    from napari_berdiff.training.evaluate import item_metrics
+
+    scores = [item_metrics(model.sample_all(it.image, n=n, steps=steps, seed=i).masks, it.masks)
+              for i, it in enumerate(ds.items)]
+    return {k: np.array([sc[k] for sc in scores]) for k in ("ged2", "hm_iou")}
+
+
+def _scored_row(per_case: dict[str, np.ndarray], first: dict[str, np.ndarray]) -> dict:
+    """Means, ``HM-IoU + (1 − GED²)/2``, and the paired difference from ``first`` with its
+    standard error (with 40 phantoms a difference of 0.02 in HM-IoU can be chance)."""
+    row = {k: float(v.mean()) for k, v in per_case.items()}
+    row["score"] = row["hm_iou"] + (1 - row["ged2"]) / 2
+    for k, v in per_case.items():
+        d = v - first[k]
+        row[f"{k}_minus_first"] = float(d.mean())
+        sem = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+        row[f"{k}_minus_first_sem"] = float(sem)
+    return row
+
+
 def tune_sampling(path: Path, candidates: list[tuple[str, int, float]], n_val: int = 40,
                   n: int = 16) -> list[dict]:
     """Score (sampler, steps, draw correlation) candidates on validation phantoms and store
@@ -327,32 +347,22 @@ def tune_sampling(path: Path, candidates: list[tuple[str, int, float]], n_val: i
 
     The best has the highest HM-IoU + (1 − GED²)/2, both means over ``n_val`` phantoms of
     seeds ``VAL_SEED0..`` (disjoint from the training and the test seeds), ``n`` masks each.
-    Each row also holds its paired difference from the first candidate and that difference's
-    standard error: with 40 phantoms a difference of 0.02 in HM-IoU can be chance (session 4).
+    Each row also holds its paired difference from the first candidate (:func:`_scored_row`).
     The draw correlation applies to Bernoulli models only (Gaussian candidates use 0).
     """
     from napari_berdiff.checkpoints import load_model
     from napari_berdiff.model import DiffusionModel
-    from napari_berdiff.training.evaluate import item_metrics
 
     model = load_model(path)
     ds = phantom_dataset(VAL_SEED0, n_val)
     rows, first = [], None
     for sampler, steps, rho in candidates:
         diffusion = model.diffusion.replace(sampler=sampler, draw_correlation=rho)
-        m = DiffusionModel(model.net, diffusion, model.metadata)
-        scores = [item_metrics(m.sample_all(it.image, n=n, steps=steps, seed=i).masks,
-                               it.masks) for i, it in enumerate(ds.items)]
-        per_case = {k: np.array([sc[k] for sc in scores]) for k in ("ged2", "hm_iou")}
-        row = {"sampler": sampler, "steps": steps, "draw_correlation": rho,
-               **{k: float(v.mean()) for k, v in per_case.items()}}
-        row["score"] = row["hm_iou"] + (1 - row["ged2"]) / 2
+        per_case = _validation_scores(DiffusionModel(model.net, diffusion, model.metadata), ds,
+                                      steps, n)
         first = per_case if first is None else first
-        for k, v in per_case.items():  # paired against the first candidate: is it noise?
-            d = v - first[k]
-            row[f"{k}_minus_first"] = float(d.mean())
-            sem = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
-            row[f"{k}_minus_first_sem"] = float(sem)
+        row = {"sampler": sampler, "steps": steps, "draw_correlation": rho,
+               **_scored_row(per_case, first)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     best = max(rows, key=lambda r: r["score"])
@@ -361,6 +371,22 @@ def tune_sampling(path: Path, candidates: list[tuple[str, int, float]], n_val: i
     _update_model(path, {"sampling_tuned": {
         "validation_seeds": [VAL_SEED0, VAL_SEED0 + n_val - 1], "n": n, "candidates": rows}},
         diffusion=chosen)
+    return rows
+
+
+def compare_models(paths: list[Path], n_val: int = 100, n: int = 16) -> list[dict]:
+    """Score models, each with its own default sampling settings, on the same validation
+    phantoms; every row holds its paired difference from the first model. Read-only."""
+    from napari_berdiff.checkpoints import load_model
+
+    ds = phantom_dataset(VAL_SEED0, n_val)
+    rows, first = [], None
+    for path in paths:
+        per_case = _validation_scores(load_model(path), ds, None, n)
+        first = per_case if first is None else first
+        row = {"model": str(path), **_scored_row(per_case, first)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -407,10 +433,16 @@ def main(argv=None) -> int:
                    default=[("ddim", 10, 0.0), ("ddpm", 10, 0.0), ("ddpm", 25, 0.0)],
                    help="sampler:steps or sampler:steps:draw_correlation (Bernoulli)")
     u.add_argument("--n-val", type=int, default=40)
+    c = sub.add_parser("compare", help="models side by side on the same validation phantoms")
+    c.add_argument("--models", nargs="+", required=True)
+    c.add_argument("--n-val", type=int, default=100)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "tune":
         tune_sampling(Path(args.model), args.candidates, args.n_val)
+        return 0
+    if args.cmd == "compare":
+        compare_models([Path(m) for m in args.models], args.n_val)
         return 0
     if args.cmd == "train":
         tic = time.perf_counter()

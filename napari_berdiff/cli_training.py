@@ -83,11 +83,22 @@ def cmd_data_phantoms(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- train
 def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> Any:
-    from .training import TrainConfig, default_diffusion, default_network
+    from .networks import network_description
+    from .training import TrainConfig, condition_once_network, default_diffusion, default_network
 
     kind = args.kind
-    net = default_network(kind, image_size, channels)
     seg = default_network("deterministic", image_size, channels)
+    condition_once = args.network == "condition-once"
+    if condition_once and kind not in ("bernoulli", "gaussian"):
+        raise ValueError(f"--network condition-once is for --kind bernoulli or gaussian; "
+                         f"--kind {kind} uses the UNet")
+    if args.self_condition and not (condition_once and kind == "bernoulli"):
+        raise ValueError("--self-condition needs --kind bernoulli --network condition-once")
+    if condition_once and args.attention is not None:
+        raise ValueError("--attention applies to the UNet only; the condition-once network "
+                         "has no attention")
+    net = (condition_once_network(kind, image_size, channels, args.self_condition)
+           if condition_once else default_network(kind, image_size, channels))
     changes: dict[str, Any] = {}
     if args.base_channels:
         changes["model_channels"] = args.base_channels
@@ -100,15 +111,15 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
     if args.norm_groups:
         changes["norm_groups"] = args.norm_groups
     net = net.replace(**changes) if changes else net
-    seg = seg.replace(**changes) if changes else seg
     refiner = kind == "refiner"
+    seg = seg.replace(**changes) if changes and refiner else seg
     base = default_diffusion(kind)
     diff = base.replace(timesteps=args.timesteps or base.timesteps,
                         schedule=args.schedule or base.schedule,
                         default_steps=args.sampling_steps,
                         **({} if kind == "gaussian" else {"prediction": args.prediction}))
     return TrainConfig(
-        kind=kind, network=net.to_dict(), diffusion=diff.to_dict(), steps=args.steps,
+        kind=kind, network=network_description(net), diffusion=diff.to_dict(), steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
         grad_clip=args.grad_clip, augment=not args.no_augment, bce_weight=args.bce_weight,
         focal=args.focal, t_sampling=args.t_sampling, normalisation=args.normalisation,
@@ -257,8 +268,16 @@ def register(subparsers: Any) -> None:
                         "ε-prediction's first step); a refiner: alpha_bar_linear")
     p.add_argument("--prediction", default="x0", choices=["x0", "eps"], help="Bernoulli only")
     p.add_argument("--sampling-steps", type=int, default=10, help="the model's default steps")
-    p.add_argument("--base-channels", type=int, help="UNet base width (default 16)")
-    p.add_argument("--channel-mult", help="e.g. 1,2,2,4 (default)")
+    p.add_argument("--network", default="unet", choices=["unet", "condition-once"],
+                   help="the concatenation UNet, or the bundled diffusion models' network: an "
+                        "image encoder run once and a light per-step denoiser (bernoulli and "
+                        "gaussian only)")
+    p.add_argument("--self-condition", action="store_true",
+                   help="condition-once Bernoulli models: feed the previous step's x̂0 back in")
+    p.add_argument("--base-channels", type=int,
+                   help="base width (default: UNet 16, condition-once denoiser 24)")
+    p.add_argument("--channel-mult", help="e.g. 1,2,2,4 (default: UNet 1,2,2,4; condition-once "
+                                          "1,2,2)")
     p.add_argument("--res-blocks", type=int, help="residual blocks per level (default 2)")
     p.add_argument("--attention",
                    help="attention downsample factors, e.g. 4 (default); '' for none")

@@ -1,6 +1,6 @@
 """Training loops and their recipes (torch only; no Qt, no napari)."""
 
-from .config import TrainConfig, default_diffusion, default_network
+from .config import TrainConfig, condition_once_network, default_diffusion, default_network
 from .ema import EMA
 from .trainer import (
     TrainResult,
@@ -18,6 +18,7 @@ __all__ = [
     "TrainResult",
     "default_diffusion",
     "default_network",
+    "condition_once_network",
     "export_model",
     "log_path_for",
     "segmentor_file_for",

@@ -9,7 +9,7 @@ from typing import Any
 from ..diffusion import DiffusionConfig
 import torch
 
-from ..networks import UNetConfig
+from ..networks import CondOnceConfig, UNetConfig
 from ..networks.registry import (
     network_config_from_metadata,
     network_description,
@@ -34,6 +34,20 @@ def default_network(kind: str = "bernoulli", image_size: int = 64,
         image_size=image_size, image_channels=image_channels, mask_channels=1,
         out_channels=1, model_channels=16, num_res_blocks=2, attention_resolutions=(4,),
         channel_mult=(1, 2, 2, 4), num_heads=1, norm_groups=8, concat_order="mask_first",
+        output_activation="none" if kind == "gaussian" else "sigmoid",
+    )
+
+
+def condition_once_network(kind: str = "bernoulli", image_size: int = 64,
+                           image_channels: int = 1, self_condition: bool = False
+                           ) -> CondOnceConfig:
+    """The condition-once network of the bundled diffusion models: an image encoder (base
+    32, 2 residual blocks per level) run once, and a base-24 denoiser with channel_mult
+    (1, 2, 2) and 2 res blocks per level at half resolution; optionally self-conditioned."""
+    return CondOnceConfig(
+        image_size=image_size, image_channels=image_channels, model_channels=24,
+        channel_mult=(1, 2, 2), num_res_blocks=2, encoder_channels=32, encoder_blocks=2,
+        unshuffle=2, self_condition=self_condition,
         output_activation="none" if kind == "gaussian" else "sigmoid",
     )
 

@@ -163,6 +163,32 @@ def test_cli_train_and_resume(tmp_path):
     assert main(missing) == 2
 
 
+def test_cli_trains_a_self_conditioned_condition_once_model(tmp_path, capsys):
+    from napari_berdiff.cli import main
+    from napari_berdiff.checkpoints.loading import load_model
+    from napari_berdiff.networks import ConditionOnceNet
+
+    d = tmp_path / "data"
+    assert main(["data", "phantoms", "--out", str(d), "--cases", "6", "--size", "16"]) == 0
+    out = tmp_path / "co.safetensors"
+    common = ["train", "--data", str(d), "-o", str(out), "--network", "condition-once",
+              "--base-channels", "8", "--channel-mult", "1,2", "--res-blocks", "1",
+              "--norm-groups", "4", "--batch-size", "2", "--timesteps", "20",
+              "--sampling-steps", "4", "--threads", "1", "--quiet", "--steps", "2"]
+    assert main(common + ["--self-condition"]) == 0
+    m = load_model(out)
+    assert isinstance(m.net, ConditionOnceNet) and m.net.self_conditioned
+    assert m.net.config.model_channels == 8 and m.net.config.encoder_channels == 32
+    capsys.readouterr()
+    for extra, message in [
+        (["--kind", "deterministic"], "--network condition-once is for --kind bernoulli or"),
+        (["--kind", "gaussian", "--self-condition"], "--self-condition needs --kind bernoulli"),
+        (["--attention", "4"], "--attention applies to the UNet only"),
+    ]:
+        assert main(common + ["--force"] + extra) == 2
+        assert message in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- DDP
 def _free_port() -> int:
     with socket.socket() as s:
