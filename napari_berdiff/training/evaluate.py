@@ -19,7 +19,11 @@ Metrics per item (then averaged over items):
 * ``hm_iou``: Hungarian-matched IoU, labels repeated to N;
 * ``soft_dice``: Dice of the mean mask vs the mean label, averaged over thresholds
   {.1, .3, .5, .7, .9};
-* ``dice``: mean Dice over all (sample, annotator) pairs (1 when both are empty).
+* ``dice``: mean Dice over all (sample, annotator) pairs (1 when both are empty);
+* ``hm_iou_loo``: HM-IoU against the annotations with one annotator left out, averaged over
+  which one; ``annotator_k`` is scored against the others only. Plain ``hm_iou`` gives a
+  repeated annotator N/K exact matches with its own copies in the reference (IoU 1 each),
+  which no sample of a model can get; this one compares them on equal terms. Needs K ≥ 2.
 
 Items of phantoms carry ``faint``; the summary also gives each metric on the *clear* items.
 """
@@ -42,9 +46,11 @@ from ..uncertainty import ged2, hm_iou, soft_dice
 
 __all__ = ["Method", "EvalReport", "evaluate", "evaluate_methods", "model_method",
            "segmentor_method", "constant_method", "format_table", "item_metrics",
-           "default_baseline_path", "METRICS"]
+           "hm_iou_leave_one_out", "default_baseline_path", "METRICS"]
 
 METRICS = ("ged2", "hm_iou", "soft_dice", "dice")
+#: Every per-item figure of a report: :data:`METRICS` and ``hm_iou_loo``.
+REPORTED = METRICS + ("hm_iou_loo",)
 #: A method maps (image (C,H,W) float32 as loaded, n, seed) to (n, H, W) binary masks.
 Method = Callable[[np.ndarray, int, int], np.ndarray]
 
@@ -69,6 +75,19 @@ def item_metrics(samples: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "soft_dice": soft_dice(samples.astype(np.float32), labels),
         "dice": mean_pair_dice(samples, labels),
     }
+
+
+def hm_iou_leave_one_out(samples: np.ndarray, labels: np.ndarray, own: int | None = None
+                         ) -> float:
+    """HM-IoU against ``labels`` without label ``own``; with ``own=None`` the mean over every
+    label left out in turn. NaN for fewer than two labels."""
+    samples = (np.asarray(samples) > 0).astype(np.uint8)
+    labels = (np.asarray(labels) > 0).astype(np.uint8)
+    k = labels.shape[0]
+    if k < 2:
+        return float("nan")
+    left_out = range(k) if own is None else [own]
+    return float(np.mean([hm_iou(samples, np.delete(labels, j, 0)) for j in left_out]))
 
 
 # ---------------------------------------------------------------------------- methods
@@ -159,6 +178,10 @@ class EvalReport:
         if annot:
             best = min(annot, key=lambda m: out[m]["ged2"])
             out["best_annotator"] = {**out[best], "which": best}
+            loo = [m for m in annot if np.isfinite(out[m].get("hm_iou_loo", float("nan")))]
+            if loo:
+                best_loo = max(loo, key=lambda m: out[m]["hm_iou_loo"])
+                out["best_annotator_loo"] = {**out[best_loo], "which": best_loo}
             if "model" in out and "oracle" in out:
                 gap = out["best_annotator"]["ged2"] - out["oracle"]["ged2"]
                 if gap > 0:
@@ -182,23 +205,30 @@ class EvalReport:
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: one row per method."""
-    order = ["model", "deterministic", "oracle", "oracle_fresh", "best_annotator"]
+    order = ["model", "deterministic", "oracle", "oracle_fresh", "best_annotator",
+             "best_annotator_loo"]
     rows = [m for m in order if m in summary] + sorted(
         m for m in summary if m not in order)
     has_clear = any("hm_iou_clear" in summary[m] for m in rows)
-    head = f"{'method':<18}{'GED²':>8}{'HM-IoU':>8}{'softDice':>10}{'Dice':>8}"
+    head = f"{'method':<20}{'GED²':>8}{'HM-IoU':>8}{'softDice':>10}{'Dice':>8}{'HM-IoU LOO':>12}"
     if has_clear:
         head += f"{'HM-IoU clear':>14}"
     lines = [head, "-" * len(head)]
+    nan = float("nan")
     for m in rows:
         s = summary[m]
-        label = m if m != "best_annotator" else f"best ({s.get('which', '?')[10:]})"
-        label = label if m != "best_annotator" else f"best annot. {s.get('which', '')[10:]}"
-        line = (f"{label:<18}{s['ged2']:>8.4f}{s['hm_iou']:>8.4f}{s['soft_dice']:>10.4f}"
-                f"{s['dice']:>8.4f}")
+        label = m
+        if m == "best_annotator":
+            label = f"best annot. {s.get('which', '')[10:]}"
+        elif m == "best_annotator_loo":
+            label = f"best LOO annot. {s.get('which', '')[10:]}"
+        line = (f"{label:<20}{s['ged2']:>8.4f}{s['hm_iou']:>8.4f}{s['soft_dice']:>10.4f}"
+                f"{s['dice']:>8.4f}{s.get('hm_iou_loo', nan):>12.4f}")
         if has_clear:
-            line += f"{s.get('hm_iou_clear', float('nan')):>14.4f}"
+            line += f"{s.get('hm_iou_clear', nan):>14.4f}"
         lines.append(line)
+    lines.append("HM-IoU LOO: against the annotations with one annotator left out (a repeated "
+                 "annotator: the others only)")
     if "ged2_gap_closed" in summary.get("model", {}):
         lines.append(f"model closes {100 * summary['model']['ged2_gap_closed']:.0f}% of the GED² "
                      "gap between the best single annotator and the oracle")
@@ -221,6 +251,14 @@ def _phantom_of(item: Any) -> Any:
     except (TypeError, ValueError):
         return None
     return ph if np.array_equal(ph.masks, (item.masks > 0).astype(np.uint8)) else None
+
+
+def _record(into: dict[str, list[float]], masks: np.ndarray, labels: np.ndarray,
+            own: int | None = None) -> None:
+    """Append one item's figures (``own``: the annotator whose masks these are)."""
+    for k, v in item_metrics(masks, labels).items():
+        into[k].append(v)
+    into["hm_iou_loo"].append(hm_iou_leave_one_out(masks, labels, own))
 
 
 def evaluate_methods(
@@ -261,7 +299,7 @@ def evaluate_methods(
         names.append("oracle_fresh")
     if annotators:
         names += [f"annotator_{k}" for k in range(kmax)]
-    per_item = {m: {k: [] for k in METRICS} for m in names}
+    per_item = {m: {k: [] for k in REPORTED} for m in names}
     seconds = {m: 0.0 for m in methods}
     items_info = []
     it = enumerate(dataset)
@@ -280,26 +318,21 @@ def evaluate_methods(
             if masks.shape != (n, *labels.shape[1:]):
                 raise ValueError(f"method {name!r} returned masks of shape {masks.shape}; "
                                  f"expected {(n, *labels.shape[1:])}")
-            for k, v in item_metrics(masks, labels).items():
-                per_item[name][k].append(v)
+            _record(per_item[name], masks, labels)
         if oracle:
             rng = np.random.default_rng([seed, i, 7])
-            o = labels[rng.integers(0, labels.shape[0], n)]
-            for k, v in item_metrics(o, labels).items():
-                per_item["oracle"][k].append(v)
+            _record(per_item["oracle"], labels[rng.integers(0, labels.shape[0], n)], labels)
         if phantoms:
             o = oracle_samples(phantoms[i], n, np.random.default_rng([seed, i, 11]), fresh=True)
-            for k, v in item_metrics(o, labels).items():
-                per_item["oracle_fresh"][k].append(v)
+            _record(per_item["oracle_fresh"], o, labels)
         if annotators:
             for a in range(kmax):
                 key = f"annotator_{a}"
                 if a < labels.shape[0]:
-                    vals = item_metrics(np.repeat(labels[a:a + 1], n, 0), labels)
+                    _record(per_item[key], np.repeat(labels[a:a + 1], n, 0), labels, own=a)
                 else:
-                    vals = {k: float("nan") for k in METRICS}
-                for k, v in vals.items():
-                    per_item[key][k].append(v)
+                    for k in REPORTED:
+                        per_item[key][k].append(float("nan"))
     return EvalReport(per_item=per_item, items=items_info, n=n, seconds=seconds,
                       settings=dict(settings or {}))
 

@@ -13,6 +13,7 @@ from napari_berdiff.training.evaluate import (
     constant_method,
     evaluate_methods,
     format_table,
+    hm_iou_leave_one_out,
     item_metrics,
     mean_pair_dice,
 )
@@ -67,6 +68,49 @@ def test_oracle_beats_a_constant_mask_and_json_is_keyed_by_method(tmp_path):
     # reproducible
     rep2 = evaluate_methods(ds, {"model": constant_method(disc)}, n=8, seed=0)
     assert rep2.summary()["oracle"] == s["oracle"]
+
+
+def _brute_hm_iou(samples, labels):
+    """Mean IoU of the best one-to-one assignment of samples to labels repeated to N, by
+    trying every permutation (N = 4 samples only)."""
+    from itertools import permutations
+
+    reps = np.concatenate([labels] * -(-len(samples) // len(labels)))
+
+    def iou(a, b):
+        u = np.logical_or(a, b).sum()
+        return 1.0 if u == 0 else np.logical_and(a, b).sum() / u
+
+    m = np.array([[iou(a, b) for b in reps] for a in samples])
+    return max(m[range(len(samples)), list(p)].mean()
+               for p in permutations(range(len(reps)), len(samples)))
+
+
+def test_leave_one_out_hm_iou_matches_brute_force_and_removes_self_matches():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((3, 6, 6)) < 0.5).astype(np.uint8)
+    samples = (rng.random((4, 6, 6)) < 0.5).astype(np.uint8)
+    brute = np.mean([_brute_hm_iou(samples, np.delete(labels, j, 0)) for j in range(3)])
+    assert hm_iou_leave_one_out(samples, labels) == pytest.approx(brute)
+    own = np.repeat(labels[1:2], 4, 0)
+    assert item_metrics(own, labels)["hm_iou"] > hm_iou_leave_one_out(own, labels, own=1)
+    assert hm_iou_leave_one_out(own, labels, own=1) == pytest.approx(
+        _brute_hm_iou(own, labels[[0, 2]]))
+    assert np.isnan(hm_iou_leave_one_out(samples, labels[:1]))
+
+
+def test_report_scores_annotators_against_the_others():
+    ds = _phantoms(3)
+    rep = evaluate_methods(ds, {"model": constant_method(ds[0].masks[0])}, n=8, seed=0)
+    for k in range(4):
+        expect = [hm_iou_leave_one_out(np.repeat(it.masks[k:k + 1], 8, 0), it.masks, own=k)
+                  for it in ds]
+        assert rep.per_item[f"annotator_{k}"]["hm_iou_loo"] == pytest.approx(expect)
+    s = rep.summary()
+    assert s["best_annotator_loo"]["hm_iou_loo"] == max(
+        s[f"annotator_{k}"]["hm_iou_loo"] for k in range(4))
+    model = [hm_iou_leave_one_out(np.repeat(ds[0].masks[:1], 8, 0), it.masks) for it in ds]
+    assert rep.per_item["model"]["hm_iou_loo"] == pytest.approx(model)
 
 
 def test_bad_method_output_and_empty_data_are_errors():
