@@ -71,9 +71,9 @@ def condition_once_network(kind: str, variant: str = "co") -> dict:
     ``co-head``: the ``co`` network with a width-16 full-resolution output head.
     ``co-deep``: the ``co`` network with a 4× (not 2×) wide lowest denoiser level.
     ``co-sc``: the ``co`` network, self-conditioned on the previous step's x̂0.
-    ``co-sc-head``: ``co-head`` self-conditioned (the head sees x̂0 at full resolution too)."""
-    cfg = lib_condition_once_network(kind, SIZE, self_condition=variant in ("co-sc",
-                                                                             "co-sc-head"))
+    ``co-sc-head``: ``co-head`` self-conditioned (the head sees x̂0 at full resolution too).
+    ``co-sc-gap``: ``co-sc`` trained on x̂0 from a state 111 steps noisier (the sampler's gap)."""
+    cfg = lib_condition_once_network(kind, SIZE, self_condition=variant.startswith("co-sc"))
     if variant == "co-full":
         cfg = cfg.replace(model_channels=16, channel_mult=(1, 2, 4), unshuffle=1)
     elif variant == "co-deep":
@@ -109,7 +109,8 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
                        batch_size=batch, lr=1e-3, warmup=200, min_lr_ratio=0.05,
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=250,
                        max_minutes=minutes, seed=0, threads=1,
-                       t_sampling="visited" if variant in ("v2", "co-visited") else "uniform")
+                       t_sampling="visited" if variant in ("v2", "co-visited") else "uniform",
+                       self_condition_gap=111 if variant == "co-sc-gap" else 0)
 
 
 def sampling_speed(model, size: int, n: int = 16, steps: int = 10, repeats: int = 3) -> float:
@@ -426,7 +427,8 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--variant", default="v1",
                    choices=["v1", "v2", "co", "co-visited", "co-full", "co-head", "co-eps",
-                            "co-deep", "co-sc", "co-sc-head"])
+                            "co-deep", "co-sc", "co-sc-head",
+                            "co-sc-gap"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))

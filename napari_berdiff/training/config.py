@@ -103,6 +103,10 @@ class TrainConfig:
     t_sampling
         ``uniform`` over 0..T-1, or ``visited``: only the timesteps the sampler visits with
         the model's default step count.
+    self_condition_gap
+        Self-conditioned networks: on the self-conditioned steps the x̂0 input is predicted
+        from ``x_{t'}`` drawn from ``q(x_{t'} | x_t)``, ``t' = min(t + gap, T − 1)``, as the
+        sampler's previous step is noisier than the current one. 0: from ``x_t`` itself.
     dice_weight
         Deterministic baseline: ``BCE + dice_weight · (1 − soft Dice)``.
     normalisation
@@ -149,6 +153,7 @@ class TrainConfig:
     vb_weight: float = 1.0
     focal: bool = False
     t_sampling: str = "uniform"
+    self_condition_gap: int = 0
     dice_weight: float = 1.0
     normalisation: str = "minmax"
     checkpoint_every: int = 500
@@ -197,6 +202,8 @@ class TrainConfig:
             raise ValueError(f"a {self.kind} model needs output_activation={want_act!r}")
         if net.mask_channels != 1:
             raise ValueError("the trainers handle single-channel binary masks (mask_channels=1)")
+        if self.self_condition_gap < 0:
+            raise ValueError(f"self_condition_gap must be >= 0, got {self.self_condition_gap}")
         if getattr(net, "self_condition", False) and self.kind != "bernoulli":
             raise ValueError("self-conditioning (network self_condition=True) is implemented "
                              f"for kind 'bernoulli' only, not {self.kind!r}")

@@ -165,18 +165,25 @@ def export_model(net: torch.nn.Module, cfg: TrainConfig, out: str | Path,
 
 
 def _self_condition(net: torch.nn.Module, kernel: BernoulliKernel, gen: torch.Generator,
-                    x_in: torch.Tensor, t: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+                    x_in: torch.Tensor, t: torch.Tensor, img: torch.Tensor, gap: int = 0
+                    ) -> torch.Tensor:
     """The ``x̂0`` input of a self-conditioned step (Analog Bits' recipe).
 
     On half the steps (one coin from ``gen``, drawn every step so that resume stays exact)
-    it is the network's own prediction from ``x_t``, without gradient; otherwise zeros, as
-    at the first sampling step.
+    it is the network's own prediction without gradient, from ``x_t`` itself (``gap = 0``)
+    or from a noisier ``x_{t'} ~ q(x_{t'} | x_t)``, ``t' = min(t + gap, T − 1)``; otherwise
+    zeros, as at the first sampling step.
     """
     coin = bool(torch.rand((), generator=gen) < 0.5)
     if not coin:
         return torch.zeros_like(x_in)
+    x_prev, t_prev = x_in, t
+    if gap > 0:
+        t_prev = (t + gap).clamp(max=kernel.config.timesteps - 1)
+        x_prev = kernel.q_sample_later(x_in.cpu(), t.cpu(), t_prev.cpu(),
+                                       generator=gen).to(x_in.device)
     with torch.no_grad():
-        return kernel.predict_x0(net(x_in, t, img), x_in).detach()
+        return kernel.predict_x0(net(x_prev, t_prev, img), x_prev).detach()
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -316,7 +323,8 @@ def train(
 
         lr = set_lr([opt], cfg, step)
         if self_cond:
-            out_t = model(x_in, t, img, _self_condition(net, kernel, gen, x_in, t, img))
+            out_t = model(x_in, t, img, _self_condition(net, kernel, gen, x_in, t, img,
+                                                        cfg.self_condition_gap))
         else:
             out_t = model(x_in, t, img)
         if cfg.kind == "deterministic":

@@ -217,3 +217,20 @@ def test_correlated_chain_starts_from_independent_noise():
 def test_draw_correlation_is_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiffusionConfig(**kwargs)
+
+
+def test_forward_from_a_later_state_composes_to_the_forward_process(kernel):
+    """q(x_t | x_s) after q(x_s | x_0) has the marginal of q(x_t | x_0), sample by sample."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.zeros(4, 1, 200, 200)
+    x0[:, :, :100] = 1
+    s = torch.tensor([0, 100, 400, 999])
+    t = torch.tensor([50, 300, 400, 999])
+    x_s = kernel.q_sample(x0, s, generator=g)
+    x_t = kernel.q_sample_later(x_s, s, t, generator=g)
+    want = kernel.q_probs(x0, t)
+    for i in range(4):
+        for half in (slice(0, 100), slice(100, 200)):
+            got = float(x_t[i, 0, half].mean())
+            assert got == pytest.approx(float(want[i, 0, half].mean()), abs=0.01), (i, half)
+    torch.testing.assert_close(x_t[2], x_s[2])  # t == s keeps the state

@@ -247,10 +247,12 @@ def _self_conditioned_network() -> dict:
                                               norm_groups=4, self_condition=True))
 
 
-def test_self_conditioned_network_trains_resumes_exactly_and_samples(tmp_path, data):
+@pytest.mark.parametrize("gap", [0, 10])
+def test_self_conditioned_network_trains_resumes_exactly_and_samples(tmp_path, data, gap):
     from napari_berdiff.checkpoints.loading import load_model
 
-    cfg = _config(network=_self_conditioned_network(), steps=12, checkpoint_every=4)
+    cfg = _config(network=_self_conditioned_network(), steps=12, checkpoint_every=4,
+                  self_condition_gap=gap)
     full = train(cfg, data, tmp_path / "full.safetensors", progress=False)
     assert np.mean(full.losses[-4:]) < np.mean(full.losses[:4])
     part = tmp_path / "part.safetensors"
@@ -261,6 +263,11 @@ def test_self_conditioned_network_trains_resumes_exactly_and_samples(tmp_path, d
     assert m.net.self_conditioned
     r = m.sample_all(data[0].image, n=2, steps=3, seed=0)
     assert r.masks.shape == (2, SIZE, SIZE)
+
+
+def test_self_condition_gap_must_not_be_negative():
+    with pytest.raises(ValueError, match="self_condition_gap must be >= 0"):
+        _config(self_condition_gap=-1)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "deterministic"])
