@@ -29,6 +29,12 @@ def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Bernoulli draws ``u < probs`` with the uniforms made on the CPU (seeded generators)."""
+    u = torch.rand(probs.shape, generator=generator, dtype=probs.dtype).to(probs.device)
+    return u < probs
+
+
 class BernoulliKernel:
     """Forward process, posterior, accelerated reverse step and loss of Bernoulli diffusion.
 
@@ -71,9 +77,7 @@ class BernoulliKernel:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Draw ``x_t ~ q(x_t | x_0)``."""
-        probs = self.q_probs(x0, t, prior)
-        u = torch.rand(probs.shape, generator=generator, dtype=probs.dtype).to(probs.device)
-        return (u < probs).to(x0.dtype)
+        return _draw(self.q_probs(x0, t, prior), generator).to(x0.dtype)
 
     def q_sample_later(
         self,
@@ -83,16 +87,12 @@ class BernoulliKernel:
         prior: PriorLike = 0.5,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Draw ``x_t ~ q(x_t | x_s) = B(r x_s + (1 − r) p)``, ``r = ᾱ_t / ᾱ_s``, for ``t ≥ s``
-        (per sample); ``x_t = x_s`` where ``t == s``."""
+        """Draw ``x_t ~ q(x_t | x_s) = B(r x_s + (1 − r) p)``, ``r = ᾱ_t / ᾱ_s``, for
+        ``t ≥ s`` (per sample). Where ``t == s``, ``r = 1`` and ``x_t = x_s`` exactly."""
         abar_s = self._coef(self._abar, s, x_s)
         abar_t = self._coef(self._abar, t, x_s)
         r = torch.where(abar_s > 0, abar_t / abar_s.clamp_min(1e-30), torch.ones_like(abar_s))
-        probs = r * x_s + (1.0 - r) * prior
-        u = torch.rand(probs.shape, generator=generator, dtype=probs.dtype).to(probs.device)
-        same = torch.as_tensor(t).reshape(-1) == torch.as_tensor(s).reshape(-1)
-        return torch.where(_per_sample(same, x_s).bool().to(x_s.device), x_s,
-                           (u < probs).to(x_s.dtype))
+        return _draw(r * x_s + (1.0 - r) * prior, generator).to(x_s.dtype)
 
     def posterior(
         self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, prior: PriorLike = 0.5

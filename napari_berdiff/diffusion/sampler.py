@@ -408,10 +408,8 @@ def _stream(
                 xin = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
                 _sync()
                 tic = time.perf_counter()
-                if x0_prev is None:
-                    out = net.predict(xin, tb, cond)
-                else:
-                    out = net.predict(xin, tb, cond, x0_prev[a : a + chunk])
+                extra = () if x0_prev is None else (x0_prev[a : a + chunk],)
+                out = net.predict(xin, tb, cond, *extra)
                 _sync()
                 net_seconds += time.perf_counter() - tic
                 nb = noise[a : a + chunk] if noise is not None else None

@@ -38,8 +38,9 @@ class CondOnceConfig(ConfigMixin):
     full_res_head
         Width of an optional full-resolution output head (0: none). The denoiser's last
         features are pixel-shuffled to full resolution, joined with the encoder's
-        full-resolution features and ``x_t`` (and ``x̂0`` when self-conditioned), and refined by one residual block, so that
-        boundaries are placed at full resolution (only with ``unshuffle > 1``).
+        full-resolution features and ``x_t`` (and ``x̂0`` when self-conditioned), and
+        refined by one residual block, so that boundaries are placed at full resolution
+        (only with ``unshuffle > 1``).
     self_condition
         Self-conditioning (Chen et al., "Analog Bits"): the denoiser also takes the previous
         step's ``x̂0`` as ``mask_channels`` extra input channels (zeros at the first step and,

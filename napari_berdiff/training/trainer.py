@@ -172,7 +172,8 @@ def _self_condition(net: torch.nn.Module, kernel: BernoulliKernel, gen: torch.Ge
     On half the steps (one coin from ``gen``, drawn every step so that resume stays exact)
     it is the network's own prediction without gradient, from ``x_t`` itself (``gap = 0``)
     or from a noisier ``x_{t'} ~ q(x_{t'} | x_t)``, ``t' = min(t + gap, T − 1)``; otherwise
-    zeros, as at the first sampling step.
+    zeros, as at the first sampling step. Under DDP the coin is shared by every rank, but
+    the ``x_{t'}`` noise is drawn for this rank's slice only.
     """
     coin = bool(torch.rand((), generator=gen) < 0.5)
     if not coin:
