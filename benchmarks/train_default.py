@@ -94,6 +94,8 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     ``co-full``, ``co-head``, ``co-deep``, ``co-sc``: other condition-once networks
     (:func:`condition_once_network`).
     ``co-eps``: the ``co`` network predicting the flip map ε instead of x0.
+    ``co-unroll``, ``co-unroll-all``: the ``co`` recipe with half / all of the training
+    states made by one sampler step of the network itself (``TrainConfig.unroll_prob``).
     """
     net = default_network("gaussian" if kind == "gaussian" else "bernoulli", SIZE)
     if variant == "v2":
@@ -110,7 +112,8 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=250,
                        max_minutes=minutes, seed=0, threads=1,
                        t_sampling="visited" if variant in ("v2", "co-visited") else "uniform",
-                       self_condition_gap=111 if variant == "co-sc-gap" else 0)
+                       self_condition_gap=111 if variant == "co-sc-gap" else 0,
+                       unroll_prob={"co-unroll": 0.5, "co-unroll-all": 1.0}.get(variant, 0.0))
 
 
 def sampling_speed(model, size: int, n: int = 16, steps: int = 10, repeats: int = 3) -> float:
@@ -428,7 +431,7 @@ def main(argv=None) -> int:
     t.add_argument("--variant", default="v1",
                    choices=["v1", "v2", "co", "co-visited", "co-full", "co-head", "co-eps",
                             "co-deep", "co-sc", "co-sc-head",
-                            "co-sc-gap"])
+                            "co-sc-gap", "co-unroll", "co-unroll-all"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))

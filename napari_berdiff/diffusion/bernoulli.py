@@ -129,6 +129,20 @@ class BernoulliKernel:
         abar_s = self.schedule.alpha_bar(s)
         return (sigma * x_t + (abar_s - sigma * abar_t) * x0_hat).clamp(0.0, 1.0)
 
+    def step_probs_batch(
+        self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`step_probs` with a per-sample ``t`` and ``s`` (tensors, ``s < t``); used to
+        unroll sampler steps in training."""
+        t = torch.as_tensor(t).long().reshape(-1)
+        s = torch.as_tensor(s).long().reshape(-1)
+        if bool((s >= t).any()):
+            raise ValueError("an accelerated step must go backwards in time (s < t everywhere)")
+        abar_t = self._coef(self._abar, t, x_t)
+        abar_s = self._coef(self._abar, s, x_t)
+        sigma = (1.0 - abar_s) / (1.0 - abar_t)
+        return (sigma * x_t + (abar_s - sigma * abar_t) * x0_hat).clamp(0.0, 1.0)
+
     def _keep_probability(self, t: int, s: int) -> float:
         """σ = (1 − ᾱ_s)/(1 − ᾱ_t): the chance that the step t → s keeps a pixel of x_t."""
         if not s < t:

@@ -107,6 +107,12 @@ class TrainConfig:
         Self-conditioned networks: on the self-conditioned steps the x̂0 input is predicted
         from ``x_{t'}`` drawn from ``q(x_{t'} | x_t)``, ``t' = min(t + gap, T − 1)``, as the
         sampler's previous step is noisier than the current one. 0: from ``x_t`` itself.
+    unroll_prob, unroll_gap
+        Bernoulli only: the fraction of training items whose ``x_t`` is not drawn from
+        ``q(x_t | x_0)`` but made by one sampler step of the network itself (no gradient),
+        from ``x_{t'} ~ q(x_{t'} | x_0)``, ``t' = min(t + gap, T − 1)`` (step-unrolled
+        denoising, as SUNDAE): the network then learns to recover ``x_0`` from the states its
+        own sampler visits. ``unroll_gap`` 0 means the sampler's gap, ``T // default steps``.
     dice_weight
         Deterministic baseline: ``BCE + dice_weight · (1 − soft Dice)``.
     normalisation
@@ -154,6 +160,8 @@ class TrainConfig:
     focal: bool = False
     t_sampling: str = "uniform"
     self_condition_gap: int = 0
+    unroll_prob: float = 0.0
+    unroll_gap: int = 0
     dice_weight: float = 1.0
     normalisation: str = "minmax"
     checkpoint_every: int = 500
@@ -204,6 +212,14 @@ class TrainConfig:
             raise ValueError("the trainers handle single-channel binary masks (mask_channels=1)")
         if self.self_condition_gap < 0:
             raise ValueError(f"self_condition_gap must be >= 0, got {self.self_condition_gap}")
+        if not 0.0 <= self.unroll_prob <= 1.0:
+            raise ValueError(f"unroll_prob must lie in [0, 1], got {self.unroll_prob}")
+        if self.unroll_gap < 0:
+            raise ValueError(f"unroll_gap must be >= 0, got {self.unroll_gap}")
+        if self.unroll_prob > 0 and (self.kind != "bernoulli"
+                                     or getattr(net, "self_condition", False)):
+            raise ValueError("step-unrolled training (unroll_prob > 0) is implemented for kind "
+                             "'bernoulli' without self-conditioning only")
         if getattr(net, "self_condition", False) and self.kind != "bernoulli":
             raise ValueError("self-conditioning (network self_condition=True) is implemented "
                              f"for kind 'bernoulli' only, not {self.kind!r}")

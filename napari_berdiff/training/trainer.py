@@ -187,6 +187,57 @@ def _self_condition(net: torch.nn.Module, kernel: BernoulliKernel, gen: torch.Ge
         return kernel.predict_x0(net(x_prev, t_prev, img), x_prev).detach()
 
 
+@dataclass
+class _Unroll:
+    """The draws of a step-unrolled batch (global batch, CPU): which items are unrolled, the
+    noisier state each one starts from, its timestep and the step's uniforms."""
+
+    chosen: torch.Tensor
+    x_prev: torch.Tensor
+    t_prev: torch.Tensor
+    uniforms: torch.Tensor
+
+    @classmethod
+    def draw(cls, kernel: BernoulliKernel, gen: torch.Generator, x_t: torch.Tensor,
+             t: torch.Tensor, prob: float, gap: int) -> "_Unroll":
+        """Draw everything for the whole batch, chosen or not, so that the generator's use
+        does not depend on the coins (resume stays exact, DDP ranks stay in step)."""
+        t_prev = (t + gap).clamp(max=kernel.config.timesteps - 1)
+        chosen = (torch.rand(t.shape, generator=gen) < prob) & (t_prev > t)
+        x_prev = kernel.q_sample_later(x_t, t, t_prev, generator=gen)
+        uniforms = torch.rand(x_t.shape, generator=gen, dtype=x_t.dtype)
+        return cls(chosen, x_prev, t_prev, uniforms)
+
+    def slice(self, lo: int, hi: int, dev: torch.device) -> "_Unroll":
+        return _Unroll(*(v[lo:hi].to(dev) for v in (self.chosen, self.x_prev, self.t_prev,
+                                                   self.uniforms)))
+
+    def apply(self, net: torch.nn.Module, kernel: BernoulliKernel, x_t: torch.Tensor,
+              t: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """``x_t`` with the chosen items replaced by one sampler step of ``net`` (no
+        gradient) from their noisier state ``x_{t'}`` to ``t``."""
+        idx = self.chosen.nonzero().flatten()
+        if idx.numel() == 0:
+            return x_t
+        x_prev, t_prev = self.x_prev[idx], self.t_prev[idx]
+        with torch.no_grad():
+            x0_hat = kernel.predict_x0(net(x_prev, t_prev, img[idx]), x_prev)
+        mean = kernel.step_probs_batch(x_prev, x0_hat, t_prev, t[idx])
+        out = x_t.clone()
+        out[idx] = (self.uniforms[idx] < mean).to(x_t.dtype)
+        return out
+
+
+def unroll_gap_for(cfg: TrainConfig) -> int:
+    """The unrolled step's gap: ``cfg.unroll_gap``, or the mean spacing of the timesteps the
+    sampler visits by default (111 for 10 steps of T = 1000)."""
+    if cfg.unroll_gap > 0:
+        return int(cfg.unroll_gap)
+    diff = cfg.diffusion_config()
+    visited = timestep_subsequence(diff.default_steps, diff.timesteps)
+    return max(1, round((visited[-1] - visited[0]) / max(len(visited) - 1, 1)))
+
+
 # ---------------------------------------------------------------------------- the trainer
 def train(
     config: TrainConfig,
@@ -278,6 +329,7 @@ def train(
     self_cond = bool(getattr(net, "self_conditioned", False))  # Bernoulli only (TrainConfig)
     T = cfg.diffusion_config().timesteps
     visited = torch.tensor(timestep_subsequence(cfg.diffusion_config().default_steps, T))
+    unroll_gap = unroll_gap_for(cfg) if cfg.unroll_prob > 0 else 0
 
     log = RunLog(log_file, LOG_FIELDS, total=cfg.steps, step=step, resumed=saved is not None,
                  desc=f"train {cfg.kind}", progress=progress, enabled=rank == 0,
@@ -315,12 +367,16 @@ def train(
             if isinstance(kernel, BernoulliKernel):
                 x_in = kernel.q_sample(x0, t, generator=gen)
                 noise = None
+                if unroll_gap:
+                    unroll = _Unroll.draw(kernel, gen, x_in, t, cfg.unroll_prob, unroll_gap)
             else:
                 noise = torch.randn(x0.shape, generator=gen)
                 x_in = kernel.q_sample(x0, t, noise)
         img, x0, x_in, t = (v[lo:hi].to(dev) for v in (img, x0, x_in, t))
         if noise is not None:
             noise = noise[lo:hi].to(dev)
+        if unroll_gap:
+            x_in = unroll.slice(lo, hi, dev).apply(net, kernel, x_in, t, img)
 
         lr = set_lr([opt], cfg, step)
         if self_cond:

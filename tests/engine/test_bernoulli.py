@@ -234,3 +234,16 @@ def test_forward_from_a_later_state_composes_to_the_forward_process(kernel):
             got = float(x_t[i, 0, half].mean())
             assert got == pytest.approx(float(want[i, 0, half].mean()), abs=0.01), (i, half)
     torch.testing.assert_close(x_t[2], x_s[2])  # t == s keeps the state
+
+
+def test_batched_step_probs_equal_the_scalar_step_per_sample(kernel):
+    g = torch.Generator().manual_seed(1)
+    x_t = (torch.rand(4, 1, 5, 5, generator=g) < 0.5).float()
+    x0_hat = torch.rand(4, 1, 5, 5, generator=g)
+    t, s = torch.tensor([999, 500, 111, 40]), torch.tensor([888, 389, 0, 39])
+    got = kernel.step_probs_batch(x_t, x0_hat, t, s)
+    for i in range(4):
+        want = kernel.step_probs(x_t[i:i + 1], x0_hat[i:i + 1], int(t[i]), int(s[i]))
+        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must go backwards in time"):
+        kernel.step_probs_batch(x_t, x0_hat, t, t)

@@ -276,3 +276,58 @@ def test_self_conditioning_is_refused_for_other_kinds(kind):
     net["output_activation"] = "none" if kind == "gaussian" else "sigmoid"
     with pytest.raises(ValueError, match="for kind 'bernoulli' only, not '" + kind):
         _config(kind, network=net)
+
+
+def test_step_unrolled_training_lowers_the_loss_and_resumes_exactly(tmp_path, data):
+    cfg = _config(steps=12, checkpoint_every=4, unroll_prob=0.5)
+    full = train(cfg, data, tmp_path / "full.safetensors", progress=False)
+    assert np.mean(full.losses[-4:]) < np.mean(full.losses[:4])
+    part = tmp_path / "part.safetensors"
+    first = train(cfg, data, part, progress=False, stop_after=5)
+    second = train(cfg, data, part, progress=False, resume=True)
+    np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=0, atol=1e-6)
+
+
+def test_unrolled_states_are_one_sampler_step_of_the_network(data):
+    """Every chosen item's x_t is the step from its x_{t'} with the network's own x̂0, drawn
+    with the stored uniforms; the others keep the forward-process draw."""
+    from napari_berdiff.diffusion import make_kernel
+    from napari_berdiff.training.trainer import _Unroll, unroll_gap_for
+
+    cfg = _config(unroll_prob=0.5)
+    kernel = make_kernel(cfg.diffusion_config())
+    assert unroll_gap_for(cfg) == round(49 / 3)  # 4 visited steps of T = 50: 0, 16, 33, 49
+    assert unroll_gap_for(cfg.replace(unroll_gap=7)) == 7
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.from_numpy(np.stack([it.masks[0] for it in data])[:, None]).float()
+    img = torch.rand(x0.shape, generator=gen)
+    t = torch.tensor([0, 5, 20, 40, 45, 49, 10, 30])
+    x_t = kernel.q_sample(x0, t, generator=gen)
+    u = _Unroll.draw(kernel, gen, x_t, t, 0.5, 16)
+    assert not u.chosen[t + 16 > 49].any()  # nowhere noisier to start from: never unrolled
+    assert u.chosen.any() and not u.chosen.all()
+    torch.manual_seed(0)
+    net = cfg.build_network().eval()
+    out = u.apply(net, kernel, x_t, t, img)
+    for i in range(len(t)):
+        if not u.chosen[i]:
+            assert torch.equal(out[i], x_t[i])
+            continue
+        s, tp = int(t[i]), int(u.t_prev[i])
+        with torch.no_grad():
+            x0_hat = net(u.x_prev[i:i + 1], u.t_prev[i:i + 1], img[i:i + 1])
+        sigma = (1 - kernel.schedule.alpha_bar(s)) / (1 - kernel.schedule.alpha_bar(tp))
+        mean = (sigma * u.x_prev[i] + (kernel.schedule.alpha_bar(s)
+                                      - sigma * kernel.schedule.alpha_bar(tp)) * x0_hat[0])
+        torch.testing.assert_close(out[i], (u.uniforms[i] < mean).float())
+
+
+def test_unrolled_training_settings_are_checked():
+    with pytest.raises(ValueError, match="unroll_prob must lie in"):
+        _config(unroll_prob=1.5)
+    with pytest.raises(ValueError, match="unroll_gap must be >= 0"):
+        _config(unroll_gap=-1)
+    with pytest.raises(ValueError, match="implemented for kind 'bernoulli' without"):
+        _config("gaussian", unroll_prob=0.5)
+    with pytest.raises(ValueError, match="implemented for kind 'bernoulli' without"):
+        _config(network=_self_conditioned_network(), unroll_prob=0.5)
