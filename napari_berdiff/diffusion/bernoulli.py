@@ -138,10 +138,11 @@ class BernoulliKernel:
         s = torch.as_tensor(s).long().reshape(-1)
         if bool((s >= t).any()):
             raise ValueError("an accelerated step must go backwards in time (s < t everywhere)")
-        abar_t = self._coef(self._abar, t, x_t)
-        abar_s = self._coef(self._abar, s, x_t)
+        abar_t, abar_s = self._abar[t], self._abar[s]  # float64, as the scalar step
         sigma = (1.0 - abar_s) / (1.0 - abar_t)
-        return (sigma * x_t + (abar_s - sigma * abar_t) * x0_hat).clamp(0.0, 1.0)
+        keep = _per_sample(sigma, x_t).to(x_t.device)
+        take = _per_sample(abar_s - sigma * abar_t, x_t).to(x_t.device)
+        return (keep * x_t + take * x0_hat).clamp(0.0, 1.0)
 
     def _keep_probability(self, t: int, s: int) -> float:
         """σ = (1 − ᾱ_s)/(1 − ᾱ_t): the chance that the step t → s keeps a pixel of x_t."""
