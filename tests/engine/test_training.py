@@ -239,6 +239,18 @@ def test_ddp_two_processes_on_gloo_match_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
 
+def _trains_and_resumes_exactly(cfg: TrainConfig, data, tmp_path):
+    """Train ``cfg`` in one go and in two parts (stop after step 5, resume): the loss falls,
+    and the resumed run logs exactly the uninterrupted run's losses. Returns the part run."""
+    full = train(cfg, data, tmp_path / "full.safetensors", progress=False)
+    assert np.mean(full.losses[-4:]) < np.mean(full.losses[:4])
+    part = tmp_path / "part.safetensors"
+    first = train(cfg, data, part, progress=False, stop_after=5)
+    second = train(cfg, data, part, progress=False, resume=True)
+    np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=0, atol=1e-6)
+    return part
+
+
 def _self_conditioned_network() -> dict:
     from napari_berdiff.networks import CondOnceConfig, network_description
 
@@ -253,12 +265,7 @@ def test_self_conditioned_network_trains_resumes_exactly_and_samples(tmp_path, d
 
     cfg = _config(network=_self_conditioned_network(), steps=12, checkpoint_every=4,
                   self_condition_gap=gap)
-    full = train(cfg, data, tmp_path / "full.safetensors", progress=False)
-    assert np.mean(full.losses[-4:]) < np.mean(full.losses[:4])
-    part = tmp_path / "part.safetensors"
-    first = train(cfg, data, part, progress=False, stop_after=5)
-    second = train(cfg, data, part, progress=False, resume=True)
-    np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=0, atol=1e-6)
+    part = _trains_and_resumes_exactly(cfg, data, tmp_path)
     m = load_model(part)
     assert m.net.self_conditioned
     r = m.sample_all(data[0].image, n=2, steps=3, seed=0)
@@ -279,13 +286,8 @@ def test_self_conditioning_is_refused_for_other_kinds(kind):
 
 
 def test_step_unrolled_training_lowers_the_loss_and_resumes_exactly(tmp_path, data):
-    cfg = _config(steps=12, checkpoint_every=4, unroll_prob=0.5)
-    full = train(cfg, data, tmp_path / "full.safetensors", progress=False)
-    assert np.mean(full.losses[-4:]) < np.mean(full.losses[:4])
-    part = tmp_path / "part.safetensors"
-    first = train(cfg, data, part, progress=False, stop_after=5)
-    second = train(cfg, data, part, progress=False, resume=True)
-    np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=0, atol=1e-6)
+    _trains_and_resumes_exactly(_config(steps=12, checkpoint_every=4, unroll_prob=0.5), data,
+                                tmp_path)
 
 
 def test_unrolled_states_are_one_sampler_step_of_the_network(data):
