@@ -161,8 +161,11 @@ def _table(summary: dict, own: str, name: str) -> str:
     return "\n".join(rows)
 
 
-def variant_of(net: dict, diffusion: dict | None = None) -> str:
-    """The ``--variant`` of :func:`recipe` that builds this network (and diffusion)."""
+def variant_of(net: dict, diffusion: dict | None = None, recipe: dict | None = None) -> str:
+    """The ``--variant`` of :func:`recipe` that builds this network (diffusion, recipe)."""
+    unroll = (recipe or {}).get("unroll_prob", 0.0)
+    if unroll:
+        return "co-unroll-all" if unroll == 1.0 else "co-unroll"
     if net.get("type") != "condition_once":
         return "v1" if net.get("attention_resolutions") else "v2"
     if net.get("unshuffle") == 1:
@@ -282,7 +285,7 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
         "", "## Recipe",
         "`benchmarks/train_default.py train --kind "
         f"{'deterministic' if kind == 'segmentor' else kind}"
-        + ("" if kind == "segmentor" else f" --variant {variant_of(net, meta.get('diffusion'))}")
+        + ("" if kind == "segmentor" else f" --variant {variant_of(net, meta.get('diffusion'), rec)}")
         + "` (the exact script):",
         "", "```json", json.dumps(rec, indent=1), "```", "",
         f"Trained for **{tr.get('steps_done')} steps in {tr.get('train_time_s', 0) / 60:.1f} "
