@@ -393,12 +393,14 @@ def tune_sampling(path: Path, candidates: list[tuple[str, int, float]], n_val: i
     return rows
 
 
-def compare_models(paths: list[Path], n_val: int = 100, n: int = 16) -> list[dict]:
+def compare_models(paths: list[Path], n_val: int = 100, n: int = 16, skip: int = 0
+                   ) -> list[dict]:
     """Score models, each with its own default sampling settings, on the same validation
-    phantoms; every row holds its paired difference from the first model. Read-only."""
+    phantoms (seeds ``VAL_SEED0 + skip ..``); every row holds its paired difference from
+    the first model. Read-only."""
     from napari_berdiff.checkpoints import load_model
 
-    ds = phantom_dataset(VAL_SEED0, n_val)
+    ds = phantom_dataset(VAL_SEED0 + skip, n_val)
     rows, first = [], None
     for path in paths:
         per_case = _validation_scores(load_model(path), ds, None, n)
@@ -456,13 +458,15 @@ def main(argv=None) -> int:
     c = sub.add_parser("compare", help="models side by side on the same validation phantoms")
     c.add_argument("--models", nargs="+", required=True)
     c.add_argument("--n-val", type=int, default=100)
+    c.add_argument("--skip", type=int, default=0,
+                   help="start at validation seed 800000 + SKIP (fresh phantoms to confirm)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "tune":
         tune_sampling(Path(args.model), args.candidates, args.n_val)
         return 0
     if args.cmd == "compare":
-        compare_models([Path(m) for m in args.models], args.n_val)
+        compare_models([Path(m) for m in args.models], args.n_val, skip=args.skip)
         return 0
     if args.cmd == "train":
         tic = time.perf_counter()
