@@ -122,7 +122,8 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
         kind=kind, network=network_description(net), diffusion=diff.to_dict(), steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
         grad_clip=args.grad_clip, augment=not args.no_augment, bce_weight=args.bce_weight,
-        focal=args.focal, t_sampling=args.t_sampling, normalisation=args.normalisation,
+        focal=args.focal, t_sampling=args.t_sampling, unroll_prob=args.unroll_prob,
+        normalisation=args.normalisation,
         checkpoint_every=args.checkpoint_every, max_minutes=args.minutes, seed=args.seed,
         threads=args.threads, device=args.device,
         **(_refiner_settings(args, seg) if refiner else {}),
@@ -261,6 +262,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--bce-weight", type=float, default=1.0)
     p.add_argument("--focal", action="store_true", help="focal loss (γ=2) instead of BCE")
     p.add_argument("--t-sampling", default="uniform", choices=["uniform", "visited"])
+    p.add_argument("--unroll-prob", type=float, default=0.0,
+                   help="Bernoulli: fraction of training states made by one sampler step of the "
+                        "network itself (step-unrolled training; BENCHMARKS.md, session 6)")
     p.add_argument("--normalisation", default="minmax", choices=["minmax", "none", "zscore"])
     p.add_argument("--timesteps", type=int, help="T (default 1000; a refiner: 10)")
     p.add_argument("--schedule", choices=["cosine", "linear", "alpha_bar_linear"],

@@ -179,11 +179,15 @@ def test_cli_trains_a_self_conditioned_condition_once_model(tmp_path, capsys):
     m = load_model(out)
     assert isinstance(m.net, ConditionOnceNet) and m.net.self_conditioned
     assert m.net.config.model_channels == 8 and m.net.config.encoder_channels == 32
+    assert main(common + ["--force", "--unroll-prob", "0.5"]) == 0
+    assert load_model(out).metadata["training"]["recipe"]["unroll_prob"] == 0.5
     capsys.readouterr()
     for extra, message in [
         (["--kind", "deterministic"], "--network condition-once is for --kind bernoulli or"),
         (["--kind", "gaussian", "--self-condition"], "--self-condition needs --kind bernoulli"),
         (["--attention", "4"], "--attention applies to the UNet only"),
+        (["--kind", "gaussian", "--unroll-prob", "0.5"],
+         "implemented for kind 'bernoulli' without self-conditioning"),
     ]:
         assert main(common + ["--force"] + extra) == 2
         assert message in capsys.readouterr().err
