@@ -124,31 +124,36 @@ class BernoulliKernel:
         ``σ = (1 − ᾱ_s)/(1 − ᾱ_t)`` and the mean is ``σ x_t + (ᾱ_s − σ ᾱ_t) x̂_0``; the prior
         cancels for this σ, and the mean is a convex combination, so it stays in [0, 1].
         """
-        sigma = self._keep_probability(t, s)
-        abar_t = self.schedule.alpha_bar(t)
-        abar_s = self.schedule.alpha_bar(s)
-        return (sigma * x_t + (abar_s - sigma * abar_t) * x0_hat).clamp(0.0, 1.0)
+        sigma, take = (float(v) for v in self._step_coefficients(t, s))
+        return (sigma * x_t + take * x0_hat).clamp(0.0, 1.0)
 
     def step_probs_batch(
         self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor
     ) -> torch.Tensor:
         """:meth:`step_probs` with a per-sample ``t`` and ``s`` (tensors, ``s < t``); used to
         unroll sampler steps in training."""
-        t = torch.as_tensor(t).long().reshape(-1)
-        s = torch.as_tensor(s).long().reshape(-1)
-        if bool((s >= t).any()):
-            raise ValueError("an accelerated step must go backwards in time (s < t everywhere)")
-        abar_t, abar_s = self._abar[t], self._abar[s]  # float64, as the scalar step
-        sigma = (1.0 - abar_s) / (1.0 - abar_t)
+        sigma, take = self._step_coefficients(t, s)
         keep = _per_sample(sigma, x_t).to(x_t.device)
-        take = _per_sample(abar_s - sigma * abar_t, x_t).to(x_t.device)
+        take = _per_sample(take, x_t).to(x_t.device)
         return (keep * x_t + take * x0_hat).clamp(0.0, 1.0)
 
     def _keep_probability(self, t: int, s: int) -> float:
         """σ = (1 − ᾱ_s)/(1 − ᾱ_t): the chance that the step t → s keeps a pixel of x_t."""
-        if not s < t:
-            raise ValueError(f"an accelerated step must go backwards in time; got t={t}, s={s}")
-        return (1.0 - self.schedule.alpha_bar(s)) / (1.0 - self.schedule.alpha_bar(t))
+        return float(self._step_coefficients(t, s)[0])
+
+    def _step_coefficients(
+        self, t: int | torch.Tensor, s: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(σ, ᾱ_s − σ ᾱ_t)`` of the step ``t → s`` per sample, in float64 (s = −1: ᾱ = 1)."""
+        t = torch.as_tensor(t).long().reshape(-1)
+        s = torch.as_tensor(s).long().reshape(-1)
+        if bool((s >= t).any()):
+            show = [v.item() if v.numel() == 1 else v.tolist() for v in (t, s)]
+            raise ValueError("an accelerated step must go backwards in time; got "
+                             f"t={show[0]}, s={show[1]}")
+        abar_t, abar_s = (torch.where(i < 0, 1.0, self._abar[i.clamp_min(0)]) for i in (t, s))
+        sigma = (1.0 - abar_s) / (1.0 - abar_t)
+        return sigma, abar_s - sigma * abar_t
 
     # ------------------------------------------------------------------ sampler protocol
     def noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

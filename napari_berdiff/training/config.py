@@ -112,7 +112,8 @@ class TrainConfig:
         ``q(x_t | x_0)`` but made by one sampler step of the network itself (no gradient),
         from ``x_{t'} ~ q(x_{t'} | x_0)``, ``t' = min(t + gap, T − 1)`` (step-unrolled
         denoising, as SUNDAE): the network then learns to recover ``x_0`` from the states its
-        own sampler visits. ``unroll_gap`` 0 means the sampler's gap, ``T // default steps``.
+        own sampler visits. ``unroll_gap`` 0 means the mean spacing of the timesteps the
+        sampler visits by default (111 for 10 steps of T = 1000).
     dice_weight
         Deterministic baseline: ``BCE + dice_weight · (1 − soft Dice)``.
     normalisation
