@@ -72,7 +72,8 @@ def condition_once_network(kind: str, variant: str = "co") -> dict:
     ``co-deep``: the ``co`` network with a 4× (not 2×) wide lowest denoiser level.
     ``co-sc``: the ``co`` network, self-conditioned on the previous step's x̂0.
     ``co-sc-head``: ``co-head`` self-conditioned (the head sees x̂0 at full resolution too).
-    ``co-sc-gap``: ``co-sc`` trained on x̂0 from a state 111 steps noisier (the sampler's gap)."""
+    ``co-sc-gap``: ``co-sc`` trained on x̂0 from a state 111 steps noisier (the sampler's gap).
+    ``co-unroll-25-prior``: the ``co`` network with a prior head (``prior_head``)."""
     cfg = lib_condition_once_network(kind, SIZE, self_condition=variant.startswith("co-sc"))
     if variant == "co-full":
         cfg = cfg.replace(model_channels=16, channel_mult=(1, 2, 4), unshuffle=1)
@@ -80,6 +81,8 @@ def condition_once_network(kind: str, variant: str = "co") -> dict:
         cfg = cfg.replace(channel_mult=(1, 2, 4))
     elif variant in ("co-head", "co-sc-head"):
         cfg = cfg.replace(full_res_head=16)
+    elif variant == "co-unroll-25-prior":
+        cfg = cfg.replace(prior_head=True)
     return network_description(cfg)
 
 
@@ -96,6 +99,9 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     ``co-eps``: the ``co`` network predicting the flip map ε instead of x0.
     ``co-unroll``, ``co-unroll-all``: the ``co`` recipe with half / all of the training
     states made by one sampler step of the network itself (``TrainConfig.unroll_prob``).
+    ``co-unroll-25``: ``co-unroll-all`` for a 25-step sampler (the default step count, so the
+    unrolled step's gap is 25-step spacing); ``co-unroll-25-prior``: the same with a prior
+    head trained with BCE + Dice (:func:`condition_once_network`).
     """
     net = default_network("gaussian" if kind == "gaussian" else "bernoulli", SIZE)
     if variant == "v2":
@@ -107,13 +113,16 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     diff = default_diffusion(kind)
     if variant == "co-eps":
         diff = diff.replace(prediction="eps")
+    elif variant.startswith("co-unroll-25"):
+        diff = diff.replace(default_steps=25)
     return TrainConfig(kind=kind, network=net, diffusion=diff.to_dict(), steps=steps,
                        batch_size=batch, lr=1e-3, warmup=200, min_lr_ratio=0.05,
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=250,
                        max_minutes=minutes, seed=0, threads=1,
                        t_sampling="visited" if variant in ("v2", "co-visited") else "uniform",
                        self_condition_gap=111 if variant == "co-sc-gap" else 0,
-                       unroll_prob={"co-unroll": 0.5, "co-unroll-all": 1.0}.get(variant, 0.0))
+                       unroll_prob={"co-unroll": 0.5, "co-unroll-all": 1.0,
+                                    "co-unroll-25": 1.0, "co-unroll-25-prior": 1.0}.get(variant, 0.0))
 
 
 def sampling_speed(model, size: int, n: int = 16, steps: int = 10, repeats: int = 3) -> float:
@@ -165,6 +174,8 @@ def variant_of(net: dict, diffusion: dict | None = None, recipe: dict | None = N
     """The ``--variant`` of :func:`recipe` that builds this network (diffusion, recipe)."""
     unroll = (recipe or {}).get("unroll_prob", 0.0)
     if unroll:
+        if unroll == 1.0 and (diffusion or {}).get("default_steps") == 25:
+            return "co-unroll-25-prior" if net.get("prior_head") else "co-unroll-25"
         return "co-unroll-all" if unroll == 1.0 else "co-unroll"
     if net.get("type") != "condition_once":
         return "v1" if net.get("attention_resolutions") else "v2"
@@ -436,7 +447,8 @@ def main(argv=None) -> int:
     t.add_argument("--variant", default="v1",
                    choices=["v1", "v2", "co", "co-visited", "co-full", "co-head", "co-eps",
                             "co-deep", "co-sc", "co-sc-head",
-                            "co-sc-gap", "co-unroll", "co-unroll-all"])
+                            "co-sc-gap", "co-unroll", "co-unroll-all", "co-unroll-25",
+                            "co-unroll-25-prior"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))

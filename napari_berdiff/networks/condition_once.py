@@ -41,6 +41,11 @@ class CondOnceConfig(ConfigMixin):
         full-resolution features and ``x_t`` (and ``x̂0`` when self-conditioned), and
         refined by one residual block, so that boundaries are placed at full resolution
         (only with ``unshuffle > 1``).
+    prior_head
+        A deterministic segmentation head on the image encoder (HiDiff's prior, inside one
+        network). Its probability map is computed once per image with the rest of the
+        encoding, trained with BCE + Dice against the annotation, and given to the denoiser
+        as one extra input channel, without gradient through that input.
     self_condition
         Self-conditioning (Chen et al., "Analog Bits"): the denoiser also takes the previous
         step's ``x̂0`` as ``mask_channels`` extra input channels (zeros at the first step and,
@@ -63,6 +68,7 @@ class CondOnceConfig(ConfigMixin):
     encoder_blocks: int = 1
     unshuffle: int = 2
     full_res_head: int = 0
+    prior_head: bool = False
     self_condition: bool = False
     norm_groups: int = 8
     dropout: float = 0.0
@@ -71,6 +77,7 @@ class CondOnceConfig(ConfigMixin):
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         object.__setattr__(self, "self_condition", bool(self.self_condition))
+        object.__setattr__(self, "prior_head", bool(self.prior_head))
         if self.output_activation not in ("sigmoid", "none"):
             raise ValueError(f"output_activation must be 'sigmoid' or 'none', "
                              f"got {self.output_activation!r}")
@@ -141,7 +148,10 @@ class ConditionOnceNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
-        in_masks = c.mask_channels * (2 if c.self_condition else 1)
+        in_masks = c.mask_channels * (2 if c.self_condition else 1) + int(c.prior_head)
+        if c.prior_head:
+            self.prior_out = nn.Sequential(normalization(enc[0], g), nn.SiLU(),
+                                           nn.Conv2d(enc[0], u * u, 3, padding=1))
         self.x_in = nn.Conv2d(in_masks * u * u, widths[0], 3, padding=1)
 
         def res(cin: int, cout: int) -> ResBlock:
@@ -189,19 +199,31 @@ class ConditionOnceNet(nn.Module):
             )
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Image features for every denoiser level, already projected to its width (and,
-        with a full-resolution head, the head's full-resolution features last)."""
+        """Image features for every denoiser level, already projected to its width; then,
+        with a full-resolution head, the head's full-resolution features, and with a prior
+        head, the prior probability map (N, 1, H, W) last."""
         if image.ndim == 3:
             image = image.unsqueeze(0)
         self._check(image, "image", self.config.image_channels)
         h = stem = self.enc_stem(image.to(self.enc_stem.weight.dtype))
         out = []
+        first = None
         for down, blocks, proj in zip(self.enc_down, self.enc_blocks, self.cond_proj):
             h = blocks(down(h))
+            first = h if first is None else first
             out.append(proj(h))
         if self.config.full_res_head:
             out.append(self.head_cond(stem))
+        if self.config.prior_head:
+            logits = self.prior_out(first)
+            u = self.config.unshuffle
+            out.append(torch.sigmoid(F.pixel_shuffle(logits, u) if u > 1 else logits))
         return out
+
+    @staticmethod
+    def _batch(cond: torch.Tensor, n: int) -> torch.Tensor:
+        """A batch-1 condition repeated to ``n`` (others unchanged)."""
+        return cond.expand(n, *cond.shape[1:]) if cond.shape[0] == 1 and n > 1 else cond
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: list[torch.Tensor],
                 x0_prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,6 +249,9 @@ class ConditionOnceNet(nn.Module):
         elif x0_prev is not None:
             raise ValueError("this network is not self-conditioned (self_condition=False); "
                              "it takes no x0_prev")
+        if c.prior_head:
+            prior = self._batch(cond[-1], n).detach().to(x_t.dtype)
+            x_in = torch.cat([x_in, prior], 1)
         h = self.x_in(F.pixel_unshuffle(x_in, c.unshuffle) if c.unshuffle > 1 else x_in)
         skips = []
         for level, blocks in enumerate(self.down):
@@ -242,7 +267,7 @@ class ConditionOnceNet(nn.Module):
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = block(torch.cat([h, skips.pop()], 1), emb)
         if c.full_res_head:
-            h = F.pixel_shuffle(self.head_up(h), c.unshuffle) + cond[-1]
+            h = F.pixel_shuffle(self.head_up(h), c.unshuffle) + cond[len(self.down)]
             out = self.out(self.head_block(self.head_in(torch.cat([h, x_in], 1))))
         else:
             out = self.out(h)
@@ -255,10 +280,23 @@ class ConditionOnceNet(nn.Module):
         """Whether :meth:`predict` takes the previous ``x̂0`` (see ``self_condition``)."""
         return self.config.self_condition
 
+    @property
+    def has_prior_head(self) -> bool:
+        """Whether :meth:`encode` also gives a prior probability map (see ``prior_head``)."""
+        return self.config.prior_head
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, image: torch.Tensor,
-                x0_prev: torch.Tensor | None = None) -> torch.Tensor:
-        """``predict(x_t, t, encode(image), x0_prev)``."""
-        return self.predict(x_t, t, self.encode(image), x0_prev)
+                x0_prev: torch.Tensor | None = None, return_prior: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``predict(x_t, t, encode(image), x0_prev)``; with ``return_prior`` (a network
+        with a prior head only) also the prior probability map, for its training loss."""
+        cond = self.encode(image)
+        out = self.predict(x_t, t, cond, x0_prev)
+        if not return_prior:
+            return out
+        if not self.config.prior_head:
+            raise ValueError("this network has no prior head (prior_head=False)")
+        return out, cond[-1]
 
     def activation_bytes(self, h: int, w: int) -> int:
         """Rough float32 activation memory of one sample's denoiser pass (for chunking)."""

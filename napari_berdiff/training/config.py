@@ -116,6 +116,10 @@ class TrainConfig:
         sampler visits by default (111 for 10 steps of T = 1000).
     dice_weight
         Deterministic baseline: ``BCE + dice_weight · (1 − soft Dice)``.
+    prior_weight
+        Networks with a prior head (``prior_head``): the weight of the head's loss, ``BCE +
+        dice_weight · (1 − soft Dice)`` against the same annotation, added to the diffusion
+        loss.
     normalisation
         Intensity normalisation applied to every training image and recorded in the model's
         metadata, so that sampling applies the same (``minmax``: each image to [0, 1];
@@ -164,6 +168,7 @@ class TrainConfig:
     unroll_prob: float = 0.0
     unroll_gap: int = 0
     dice_weight: float = 1.0
+    prior_weight: float = 1.0
     normalisation: str = "minmax"
     checkpoint_every: int = 500
     max_minutes: float = 0.0
@@ -221,6 +226,11 @@ class TrainConfig:
                                      or getattr(net, "self_condition", False)):
             raise ValueError("step-unrolled training (unroll_prob > 0) is implemented for kind "
                              "'bernoulli' without self-conditioning only")
+        if self.prior_weight < 0:
+            raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
+        if getattr(net, "prior_head", False) and self.kind not in ("bernoulli", "gaussian"):
+            raise ValueError("a network with a prior head (prior_head=True) is trained with "
+                             f"kind 'bernoulli' or 'gaussian', not {self.kind!r}")
         if getattr(net, "self_condition", False) and self.kind != "bernoulli":
             raise ValueError("self-conditioning (network self_condition=True) is implemented "
                              f"for kind 'bernoulli' only, not {self.kind!r}")

@@ -327,6 +327,7 @@ def train(
 
     kernel = make_kernel(cfg.diffusion_config()) if cfg.kind != "deterministic" else None
     self_cond = bool(getattr(net, "self_conditioned", False))  # Bernoulli only (TrainConfig)
+    prior_head = bool(getattr(net, "has_prior_head", False))
     T = cfg.diffusion_config().timesteps
     visited = torch.tensor(timestep_subsequence(cfg.diffusion_config().default_steps, T))
     unroll_gap = unroll_gap_for(cfg) if cfg.unroll_prob > 0 else 0
@@ -379,11 +380,13 @@ def train(
             x_in = unroll.slice(lo, hi, dev).apply(net, kernel, x_in, t, img)
 
         lr = set_lr([opt], cfg, step)
-        if self_cond:
-            out_t = model(x_in, t, img, _self_condition(net, kernel, gen, x_in, t, img,
-                                                        cfg.self_condition_gap))
+        x0_prev = (_self_condition(net, kernel, gen, x_in, t, img, cfg.self_condition_gap)
+                   if self_cond else None)
+        prior = None
+        if prior_head:
+            out_t, prior = model(x_in, t, img, x0_prev, return_prior=True)
         else:
-            out_t = model(x_in, t, img)
+            out_t = model(x_in, t, img, x0_prev) if self_cond else model(x_in, t, img)
         if cfg.kind == "deterministic":
             p1, p2 = segmentor_loss_parts(out_t, x0)
             loss = p1 + cfg.dice_weight * p2
@@ -396,6 +399,9 @@ def train(
             p1 = kernel.loss(out_t, x0, x_in, t, noise)["mse"].mean()
             p2 = torch.zeros(())
             loss = p1
+        if prior is not None:
+            bce, dice = segmentor_loss_parts(prior, x0)
+            loss = loss + cfg.prior_weight * (bce + cfg.dice_weight * dice)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = clip_gradients(net, cfg.grad_clip)

@@ -143,3 +143,55 @@ def test_networks_saved_before_self_conditioning_load_without_it(net):
     desc = network_to_metadata(net)
     del desc["self_condition"]
     assert not network_from_metadata(desc).config.self_condition
+
+
+@pytest.fixture(params=[0, 8], ids=["no-head", "head"])
+def prior_net(request):
+    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
+                                     full_res_head=request.param, prior_head=True))
+
+
+def test_prior_head_encodes_a_probability_map_once_that_the_denoiser_sees(prior_net):
+    img = torch.rand(1, 1, 16, 16)
+    x = (torch.rand(3, 1, 16, 16) > 0.5).float()
+    t = torch.tensor([1, 50, 99])
+    cond = prior_net.encode(img)
+    prior = cond[-1]
+    assert prior.shape == (1, 1, 16, 16) and (prior > 0).all() and (prior < 1).all()
+    with torch.no_grad():
+        a = prior_net.predict(x, t, cond)
+        out, p = prior_net(x, t, img, return_prior=True)
+        torch.testing.assert_close(out, a)
+        torch.testing.assert_close(p, prior)
+        # The prior is an input of the denoiser: another map, other predictions.
+        other = cond[:-1] + [1 - prior]
+        assert not torch.allclose(a, prior_net.predict(x, t, other))
+        # A batch-1 encoding broadcasts over the samples like an encoding per sample.
+        torch.testing.assert_close(
+            a, prior_net.predict(x, t, prior_net.encode(img.expand(3, -1, -1, -1))))
+    assert prior_net.has_prior_head
+    again = network_from_metadata(network_to_metadata(prior_net))
+    assert again.config.prior_head
+    assert list(again.state_dict()) == list(prior_net.state_dict())
+
+
+def test_prior_head_trains_the_encoder_but_no_gradient_flows_through_the_input(prior_net):
+    img = torch.rand(2, 1, 16, 16)
+    x = (torch.rand(2, 1, 16, 16) > 0.5).float()
+    out, prior = prior_net(x, torch.tensor([3, 7]), img, return_prior=True)
+    out.sum().backward()  # the denoiser's output alone
+    assert all(p.grad is None or not p.grad.any() for p in prior_net.prior_out.parameters())
+    prior_net.zero_grad()
+    _, prior = prior_net(x, torch.tensor([3, 7]), img, return_prior=True)
+    prior.sum().backward()
+    assert all(p.grad is not None and p.grad.any() for p in prior_net.prior_out.parameters())
+    assert prior_net.enc_stem.weight.grad.any()
+
+
+def test_a_network_without_a_prior_head_refuses_to_return_one(net):
+    assert not net.has_prior_head
+    with pytest.raises(ValueError, match="no prior head"):
+        net(torch.zeros(1, 1, 16, 16), 3, torch.rand(1, 1, 16, 16), return_prior=True)
+    desc = network_to_metadata(net)
+    del desc["prior_head"]
+    assert not network_from_metadata(desc).config.prior_head

@@ -281,6 +281,48 @@ def test_self_condition_gap_must_not_be_negative():
         _config(self_condition_gap=-1)
 
 
+def _prior_head_network(kind: str = "bernoulli") -> dict:
+    from napari_berdiff.networks import CondOnceConfig, network_description
+
+    return network_description(CondOnceConfig(
+        image_size=SIZE, model_channels=8, channel_mult=(1, 2), encoder_channels=8,
+        norm_groups=4, prior_head=True,
+        output_activation="none" if kind == "gaussian" else "sigmoid"))
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "gaussian"])
+def test_prior_head_network_trains_resumes_exactly_and_its_head_learns(tmp_path, data, kind):
+    """The head's loss is part of the logged loss, and training makes it a segmentor."""
+    from napari_berdiff.checkpoints.loading import load_model
+    from napari_berdiff.training.trainer import segmentor_loss_parts
+
+    cfg = _config(kind, network=_prior_head_network(kind), steps=12, checkpoint_every=4,
+                  unroll_prob=0.5 if kind == "bernoulli" else 0.0)
+    part = _trains_and_resumes_exactly(cfg, data, tmp_path)
+    without = train(cfg.replace(prior_weight=0.0), data, tmp_path / "w.safetensors",
+                    progress=False)
+    trained, untrained = load_model(part).net, load_model(tmp_path / "w.safetensors").net
+    img = torch.stack([torch.as_tensor(it.image) for it in data]).float()[:, None]
+    lo, hi = img.amin((1, 2, 3), keepdim=True), img.amax((1, 2, 3), keepdim=True)
+    img = (img - lo) / (hi - lo)  # the recipe's min-max normalisation
+    target = torch.stack([torch.as_tensor(it.masks[:1]) for it in data]).float()
+
+    def head_loss(net):
+        with torch.no_grad():
+            return sum(segmentor_loss_parts(net.encode(img)[-1], target))
+
+    assert head_loss(trained) < head_loss(untrained)
+    r = load_model(part).sample_all(data[0].image, n=2, steps=3, seed=0)
+    assert r.masks.shape == (2, SIZE, SIZE)
+
+
+def test_prior_head_config_errors():
+    with pytest.raises(ValueError, match="prior_weight must be >= 0"):
+        _config(prior_weight=-1.0)
+    with pytest.raises(ValueError, match="prior head .* not 'deterministic'"):
+        _config("deterministic", network=_prior_head_network())
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "deterministic"])
 def test_self_conditioning_is_refused_for_other_kinds(kind):
     net = _self_conditioned_network()
