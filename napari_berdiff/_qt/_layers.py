@@ -3,10 +3,16 @@
 Each layer owns one preallocated numpy array; a streamed frame is copied into it and the
 layer refreshed, so no layer is re-created while the reverse process runs. Layers sit over
 the full image through ``translate`` (the region's offset), never by padding.
+
+A new run over the same region with the same number of samples takes over the previous
+run's layers (:meth:`RunLayers.take_over`): removing and adding five napari layers blocks the
+event loop for seconds (each removal runs a full garbage collection), emptying them takes
+milliseconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -101,6 +107,25 @@ class RunLayers:
                          opacity=0.55, metadata=self._meta("samples"))
         self.layers["samples"] = self.viewer.add_layer(samples)
 
+    def take_over(self, previous: RunLayers) -> bool:
+        """Reuse ``previous``'s layers and arrays, emptied, for this run; False (nothing
+        changed) unless they all still exist and the region and number of samples match."""
+        if (previous.viewer is not self.viewer or previous.n != self.n
+                or previous.placement != self.placement or not previous.layers
+                or len(previous.all_layers()) != len(previous.layers)):
+            return False
+        self.samples, self.probs, self.maps = previous.samples, previous.probs, previous.maps
+        for arr in (self.samples, self.probs, *self.maps.values()):
+            arr.fill(0)
+        self.layers = dict(previous.layers)
+        previous.layers = {}
+        for key, layer in self.layers.items():
+            layer.metadata = {**layer.metadata, **self._meta(key)}
+            if key == "samples":
+                layer.contour = 0  # filled while streaming, outlines once final
+            layer.refresh()
+        return True
+
     # ------------------------------------------------------------------ updates
     def alive(self, key: str) -> bool:
         layer = self.layers.get(key)
@@ -137,3 +162,11 @@ class RunLayers:
         for layer in self.all_layers():
             if not layer.name.endswith(")"):
                 layer.name = f"{layer.name} (run {self.run_id})"
+
+
+def batched_layer_changes(viewer: Any) -> contextlib.AbstractContextManager:
+    """Group layer additions and removals so that napari updates its scene graph (and
+    collects garbage) once, not once per layer (``LayerList.batched_update`` where the
+    napari version has it)."""
+    batched = getattr(viewer.layers, "batched_update", None)
+    return batched() if callable(batched) else contextlib.nullcontext()

@@ -20,7 +20,7 @@ from qtpy.QtWidgets import QFrame, QMainWindow, QScrollArea, QVBoxLayout, QWidge
 from . import _notify
 from ._accept import check_target, new_target_data, reference_stack, sample_metrics, write_mask
 from ._inputs import InputProblem, PreparedInput, prepare_input
-from ._layers import RunLayers
+from ._layers import RunLayers, batched_layer_changes
 from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
 from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
@@ -220,17 +220,19 @@ class DiffusionSegmentationWidget(QWidget):
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
-        if self.last_run is not None:
-            if sp.keep_check.isChecked():
-                self.last_run.keep()
-                self.kept_runs.append(self.last_run)
-            else:
-                self.last_run.remove()
         self._run_id += 1
         n = sp.n_spin.value()
         layers = RunLayers(self.viewer, prepared.placement, n, self._run_id,
                            self.model_panel.model_label)
-        layers.add()
+        with batched_layer_changes(self.viewer):
+            previous = self.last_run
+            if previous is not None and sp.keep_check.isChecked():
+                previous.keep()
+                self.kept_runs.append(previous)
+            elif previous is not None and not layers.take_over(previous):
+                previous.remove()
+            if not layers.layers:
+                layers.add()
         self._bind_layer_keys(layers)
         self.last_run = layers
         self.last_metrics = None

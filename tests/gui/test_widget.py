@@ -95,17 +95,36 @@ def test_run_streams_frames_then_fills_heatmaps(docked, qtbot):
 
 def test_rerun_replaces_layers_unless_kept(docked, qtbot):
     viewer, widget = docked
-    viewer.add_image(blob(), name="img")
-    widget.set_model(toy_model(steps=2), "toy")
-    _settings(widget, n=2)
+    image = blob()
+    viewer.add_image(image, name="img")
+    model = toy_model(steps=2)
+    widget.set_model(model, "toy")
+    _settings(widget, n=2, seed=1)
     run_and_wait(qtbot, widget)
+    first = list(viewer.layers)
+    assert _layer(viewer, SAMPLES).contour == 1  # outlines once final
+    # Same region and N: the run takes over the layers (none removed or re-created) and
+    # they show the new run's results, not a mix with the old ones.
+    _settings(widget, n=2, seed=2)
+    widget.sample()
+    assert list(viewer.layers) == first
+    assert not _layer(viewer, SAMPLES).data.any() and _layer(viewer, SAMPLES).contour == 0
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    ref = model.sample_all(image, n=2, steps=2, seed=2)
+    np.testing.assert_array_equal(_layer(viewer, SAMPLES).data, ref.masks)
+    np.testing.assert_allclose(_layer(viewer, "frequency").data, ref.maps["frequency"])
+    assert all(lay.metadata["napari_berdiff"]["run"] == 2 for lay in first[1:])
+    # Another N: new layers replace the old ones.
+    _settings(widget, n=3)
     run_and_wait(qtbot, widget)
     names = [lay.name for lay in viewer.layers]
     assert names.count(SAMPLES) == 1 and len(names) == 6
+    assert _layer(viewer, SAMPLES) is not first[-1] and first[-1] not in viewer.layers
+    assert _layer(viewer, SAMPLES).data.shape[0] == 3
     widget.sampling.keep_check.setChecked(True)
     run_and_wait(qtbot, widget)
     names = [lay.name for lay in viewer.layers]
-    assert SAMPLES in names and f"{SAMPLES} (run 2)" in names and len(names) == 11
+    assert SAMPLES in names and f"{SAMPLES} (run 3)" in names and len(names) == 11
 
 
 def test_cancel_stops_within_one_step(docked, qtbot):
