@@ -88,7 +88,8 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
 
     kind = args.kind
     seg = default_network("deterministic", image_size, channels)
-    condition_once = args.network == "condition-once"
+    condition_once = args.network == "condition-once" or (
+        args.network == "auto" and kind in ("bernoulli", "gaussian") and args.attention is None)
     if condition_once and kind not in ("bernoulli", "gaussian"):
         raise ValueError(f"--network condition-once is for --kind bernoulli or gaussian; "
                          f"--kind {kind} uses the UNet")
@@ -272,10 +273,11 @@ def register(subparsers: Any) -> None:
                         "ε-prediction's first step); a refiner: alpha_bar_linear")
     p.add_argument("--prediction", default="x0", choices=["x0", "eps"], help="Bernoulli only")
     p.add_argument("--sampling-steps", type=int, default=10, help="the model's default steps")
-    p.add_argument("--network", default="unet", choices=["unet", "condition-once"],
+    p.add_argument("--network", default="auto", choices=["auto", "unet", "condition-once"],
                    help="the concatenation UNet, or the bundled diffusion models' network: an "
                         "image encoder run once and a light per-step denoiser (bernoulli and "
-                        "gaussian only)")
+                        "gaussian only). auto (default): condition-once for bernoulli and "
+                        "gaussian (the UNet when --attention is given), the UNet otherwise")
     p.add_argument("--self-condition", action="store_true",
                    help="condition-once Bernoulli models: feed the previous step's x̂0 back in")
     p.add_argument("--base-channels", type=int,

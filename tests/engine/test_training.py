@@ -171,7 +171,7 @@ def test_cli_trains_a_self_conditioned_condition_once_model(tmp_path, capsys):
     d = tmp_path / "data"
     assert main(["data", "phantoms", "--out", str(d), "--cases", "6", "--size", "16"]) == 0
     out = tmp_path / "co.safetensors"
-    common = ["train", "--data", str(d), "-o", str(out), "--network", "condition-once",
+    common = ["train", "--data", str(d), "-o", str(out),  # condition-once by default
               "--base-channels", "8", "--channel-mult", "1,2", "--res-blocks", "1",
               "--norm-groups", "4", "--batch-size", "2", "--timesteps", "20",
               "--sampling-steps", "4", "--threads", "1", "--quiet", "--steps", "2"]
@@ -181,11 +181,16 @@ def test_cli_trains_a_self_conditioned_condition_once_model(tmp_path, capsys):
     assert m.net.config.model_channels == 8 and m.net.config.encoder_channels == 32
     assert main(common + ["--force", "--unroll-prob", "0.5"]) == 0
     assert load_model(out).metadata["training"]["recipe"]["unroll_prob"] == 0.5
+    assert main(common + ["--force", "--network", "unet", "--attention", ""]) == 0
+    assert not isinstance(load_model(out).net, ConditionOnceNet)
     capsys.readouterr()
     for extra, message in [
-        (["--kind", "deterministic"], "--network condition-once is for --kind bernoulli or"),
+        (["--kind", "deterministic", "--network", "condition-once"],
+         "--network condition-once is for --kind bernoulli or"),
         (["--kind", "gaussian", "--self-condition"], "--self-condition needs --kind bernoulli"),
-        (["--attention", "4"], "--attention applies to the UNet only"),
+        (["--network", "unet", "--self-condition"], "--self-condition needs --kind bernoulli"),
+        (["--attention", "4", "--network", "condition-once"],
+         "--attention applies to the UNet only"),
         (["--kind", "gaussian", "--unroll-prob", "0.5"],
          "implemented for kind 'bernoulli' without self-conditioning"),
     ]:
