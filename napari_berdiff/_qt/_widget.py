@@ -224,14 +224,17 @@ class DiffusionSegmentationWidget(QWidget):
         n = sp.n_spin.value()
         layers = RunLayers(self.viewer, prepared.placement, n, self._run_id,
                            self.model_panel.model_label)
-        with batched_layer_changes(self.viewer):
-            previous = self.last_run
-            if previous is not None and sp.keep_check.isChecked():
-                previous.keep()
-                self.kept_runs.append(previous)
-            elif previous is not None and not layers.take_over(previous):
-                previous.remove()
-            if not layers.layers:
+        previous = self.last_run
+        keep = previous is not None and sp.keep_check.isChecked()
+        if previous is None or keep or not layers.take_over(previous):
+            # Batched: a scene-graph update (with a full garbage collection) runs once, not
+            # once per layer; a take-over changes no layer and needs none.
+            with batched_layer_changes(self.viewer):
+                if keep:
+                    previous.keep()
+                    self.kept_runs.append(previous)
+                elif previous is not None:
+                    previous.remove()
                 layers.add()
         self._bind_layer_keys(layers)
         self.last_run = layers
