@@ -206,24 +206,18 @@ class ConditionOnceNet(nn.Module):
             image = image.unsqueeze(0)
         self._check(image, "image", self.config.image_channels)
         h = stem = self.enc_stem(image.to(self.enc_stem.weight.dtype))
-        out = []
-        first = None
-        for down, blocks, proj in zip(self.enc_down, self.enc_blocks, self.cond_proj):
+        feats = []
+        for down, blocks in zip(self.enc_down, self.enc_blocks):
             h = blocks(down(h))
-            first = h if first is None else first
-            out.append(proj(h))
+            feats.append(h)
+        out = [proj(f) for proj, f in zip(self.cond_proj, feats)]
         if self.config.full_res_head:
             out.append(self.head_cond(stem))
         if self.config.prior_head:
-            logits = self.prior_out(first)
+            logits = self.prior_out(feats[0])
             u = self.config.unshuffle
             out.append(torch.sigmoid(F.pixel_shuffle(logits, u) if u > 1 else logits))
         return out
-
-    @staticmethod
-    def _batch(cond: torch.Tensor, n: int) -> torch.Tensor:
-        """A batch-1 condition repeated to ``n`` (others unchanged)."""
-        return cond.expand(n, *cond.shape[1:]) if cond.shape[0] == 1 and n > 1 else cond
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: list[torch.Tensor],
                 x0_prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,7 +244,7 @@ class ConditionOnceNet(nn.Module):
             raise ValueError("this network is not self-conditioned (self_condition=False); "
                              "it takes no x0_prev")
         if c.prior_head:
-            prior = self._batch(cond[-1], n).detach().to(x_t.dtype)
+            prior = cond[-1].detach().expand(n, -1, -1, -1).to(x_t.dtype)
             x_in = torch.cat([x_in, prior], 1)
         h = self.x_in(F.pixel_unshuffle(x_in, c.unshuffle) if c.unshuffle > 1 else x_in)
         skips = []

@@ -380,13 +380,13 @@ def train(
             x_in = unroll.slice(lo, hi, dev).apply(net, kernel, x_in, t, img)
 
         lr = set_lr([opt], cfg, step)
-        x0_prev = (_self_condition(net, kernel, gen, x_in, t, img, cfg.self_condition_gap)
-                   if self_cond else None)
+        inputs = (x_in, t, img) + ((_self_condition(net, kernel, gen, x_in, t, img,
+                                                     cfg.self_condition_gap),) if self_cond else ())
         prior = None
         if prior_head:
-            out_t, prior = model(x_in, t, img, x0_prev, return_prior=True)
+            out_t, prior = model(*inputs, return_prior=True)
         else:
-            out_t = model(x_in, t, img, x0_prev) if self_cond else model(x_in, t, img)
+            out_t = model(*inputs)
         if cfg.kind == "deterministic":
             p1, p2 = segmentor_loss_parts(out_t, x0)
             loss = p1 + cfg.dice_weight * p2
