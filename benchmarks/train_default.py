@@ -73,7 +73,9 @@ def condition_once_network(kind: str, variant: str = "co") -> dict:
     ``co-sc``: the ``co`` network, self-conditioned on the previous step's x̂0.
     ``co-sc-head``: ``co-head`` self-conditioned (the head sees x̂0 at full resolution too).
     ``co-sc-gap``: ``co-sc`` trained on x̂0 from a state 111 steps noisier (the sampler's gap).
-    ``co-unroll-25-prior``: the ``co`` network with a prior head (``prior_head``)."""
+    ``co-unroll-25-prior``: the ``co`` network with a prior head (``prior_head``).
+    ``co-presence``, ``co-unroll-25-presence``: the ``co`` network with a presence head
+    (``presence_head``)."""
     cfg = lib_condition_once_network(kind, SIZE, self_condition=variant.startswith("co-sc"))
     if variant == "co-full":
         cfg = cfg.replace(model_channels=16, channel_mult=(1, 2, 4), unshuffle=1)
@@ -83,6 +85,8 @@ def condition_once_network(kind: str, variant: str = "co") -> dict:
         cfg = cfg.replace(full_res_head=16)
     elif variant == "co-unroll-25-prior":
         cfg = cfg.replace(prior_head=True)
+    elif variant.endswith("-presence"):
+        cfg = cfg.replace(presence_head=True)
     return network_description(cfg)
 
 
@@ -102,6 +106,8 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     ``co-unroll-25``: ``co-unroll-all`` for a 25-step sampler (the default step count, so the
     unrolled step's gap is 25-step spacing); ``co-unroll-25-prior``: the same with a prior
     head trained with BCE + Dice (:func:`condition_once_network`).
+    ``co-presence``, ``co-unroll-25-presence``: ``co`` and ``co-unroll-25`` with a presence
+    head, the denoiser trained on non-empty annotations only.
     """
     net = default_network("gaussian" if kind == "gaussian" else "bernoulli", SIZE)
     if variant == "v2":
@@ -122,7 +128,8 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
                        t_sampling="visited" if variant in ("v2", "co-visited") else "uniform",
                        self_condition_gap=111 if variant == "co-sc-gap" else 0,
                        unroll_prob={"co-unroll": 0.5, "co-unroll-all": 1.0,
-                                    "co-unroll-25": 1.0, "co-unroll-25-prior": 1.0}.get(variant, 0.0))
+                                    "co-unroll-25": 1.0, "co-unroll-25-prior": 1.0,
+                                    "co-unroll-25-presence": 1.0}.get(variant, 0.0))
 
 
 def sampling_speed(model, size: int, n: int = 16, steps: int = 10, repeats: int = 3) -> float:
@@ -175,6 +182,8 @@ def variant_of(net: dict, diffusion: dict | None = None, recipe: dict | None = N
     unroll = (recipe or {}).get("unroll_prob", 0.0)
     if unroll:
         if unroll == 1.0 and (diffusion or {}).get("default_steps") == 25:
+            if net.get("presence_head"):
+                return "co-unroll-25-presence"
             return "co-unroll-25-prior" if net.get("prior_head") else "co-unroll-25"
         return "co-unroll-all" if unroll == 1.0 else "co-unroll"
     if net.get("type") != "condition_once":
@@ -187,6 +196,8 @@ def variant_of(net: dict, diffusion: dict | None = None, recipe: dict | None = N
         return "co-deep"
     if net.get("self_condition"):
         return "co-sc"
+    if net.get("presence_head"):
+        return "co-presence"
     diffusion = diffusion or {}
     eps_bernoulli = diffusion.get("kind") == "bernoulli" and diffusion.get("prediction") == "eps"
     return "co-eps" if eps_bernoulli else "co"
@@ -448,7 +459,7 @@ def main(argv=None) -> int:
                    choices=["v1", "v2", "co", "co-visited", "co-full", "co-head", "co-eps",
                             "co-deep", "co-sc", "co-sc-head",
                             "co-sc-gap", "co-unroll", "co-unroll-all", "co-unroll-25",
-                            "co-unroll-25-prior"])
+                            "co-unroll-25-prior", "co-presence", "co-unroll-25-presence"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .bernoulli import BernoulliKernel
 from .device import select_device
 from .schedules import timestep_subsequence
 
@@ -110,7 +111,9 @@ class SampleResult:
     run was cancelled before its first step completed. ``timings`` (seconds): ``total_s``,
     ``network_s`` (every forward pass: the image encoding and each step's prediction),
     ``encode_s`` (the encoding alone), ``overhead_s`` (total − network) and
-    ``first_frame_s``.
+    ``first_frame_s``. ``presence`` is the network's probability that an annotation is not
+    empty (networks with a presence head; None otherwise): each sample was empty from the
+    start with probability ``1 − presence``.
     """
 
     probs: np.ndarray | None
@@ -123,6 +126,7 @@ class SampleResult:
     cancelled: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     chunk_size: int = 0
+    presence: float | None = None
 
     @cached_property
     def maps(self) -> dict[str, np.ndarray]:
@@ -359,6 +363,21 @@ def sample_stream(
                                 chunk, cancel, profile, t_start))
 
 
+def _draw_presence(net: Any, kernel: Kernel, cond: Any, n: int, gen: torch.Generator
+                   ) -> tuple[float | None, torch.Tensor | None]:
+    """For a network with a presence head: its probability ``p`` that an annotation is not
+    empty, and a (n, 1, 1, 1) 0/1 tensor of which samples are drawn non-empty (each with
+    probability ``p``). ``(None, None)`` for other networks."""
+    if not getattr(net, "has_presence_head", False):
+        return None, None
+    if not isinstance(kernel, BernoulliKernel):
+        raise ValueError("a network with a presence head samples with the Bernoulli kernel "
+                         "only; check the checkpoint's diffusion kind")
+    p = float(torch.sigmoid(net.presence(cond).float()).reshape(-1)[0])
+    keep = (torch.rand(n, generator=gen) < p).float().reshape(n, 1, 1, 1)
+    return p, keep
+
+
 def _stream(
     net: ConditionalNet, kernel: Kernel, img: np.ndarray, n: int, visited: list[int], seed: int,
     prior_t: torch.Tensor | float, box: Roi, dev: torch.device, chunk: int, cancel: CancelLike,
@@ -385,6 +404,8 @@ def _stream(
         _sync()
         encode_seconds = time.perf_counter() - tic
         x = kernel.init(kernel.noise(shape, gen), prior_t).to(dev)
+        presence, keep = _draw_presence(net, kernel, cond, n, gen)
+        keep = keep.to(dev) if keep is not None else None
     net_seconds = encode_seconds  # the network's forward time: the encoding and every step
     first_frame = None
     x0_hat: torch.Tensor | None = None
@@ -414,6 +435,9 @@ def _stream(
                 net_seconds += time.perf_counter() - tic
                 nb = noise[a : a + chunk] if noise is not None else None
                 xs, x0b = kernel.denoise(xb, out.float(), t, s, nb)
+                if keep is not None:  # samples drawn "not marked" stay empty
+                    kb = keep[a : a + chunk]
+                    xs, x0b = xs * kb, x0b * kb
                 if x0_prev is not None:
                     x0_prev[a : a + chunk] = x0b
                 if n_chunks == 1:
@@ -447,7 +471,7 @@ def _stream(
     return SampleResult(
         probs=probs, masks=masks, timesteps=visited, steps_done=done, seed=seed,
         device=str(dev), roi=box, cancelled=done < len(order), timings=timings,
-        chunk_size=chunk,
+        chunk_size=chunk, presence=presence,
     )
 
 

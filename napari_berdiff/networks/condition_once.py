@@ -46,6 +46,13 @@ class CondOnceConfig(ConfigMixin):
         network). Its probability map is computed once per image with the rest of the
         encoding, trained with BCE + Dice against the annotation, and given to the denoiser
         as one extra input channel, without gradient through that input.
+    presence_head
+        An image-level head giving the probability that an annotator marks anything at all
+        (:meth:`ConditionOnceNet.presence`), from the deepest image features. Readers who
+        miss a faint lesion draw an empty mask: a global event that per-pixel Bernoulli noise
+        represents poorly. With this head the mask distribution is modelled as a mixture:
+        empty with probability ``1 − presence``, else a sample of the denoiser, which is
+        trained on non-empty annotations only.
     self_condition
         Self-conditioning (Chen et al., "Analog Bits"): the denoiser also takes the previous
         step's ``x̂0`` as ``mask_channels`` extra input channels (zeros at the first step and,
@@ -69,6 +76,7 @@ class CondOnceConfig(ConfigMixin):
     unshuffle: int = 2
     full_res_head: int = 0
     prior_head: bool = False
+    presence_head: bool = False
     self_condition: bool = False
     norm_groups: int = 8
     dropout: float = 0.0
@@ -78,6 +86,7 @@ class CondOnceConfig(ConfigMixin):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         object.__setattr__(self, "self_condition", bool(self.self_condition))
         object.__setattr__(self, "prior_head", bool(self.prior_head))
+        object.__setattr__(self, "presence_head", bool(self.presence_head))
         if self.output_activation not in ("sigmoid", "none"):
             raise ValueError(f"output_activation must be 'sigmoid' or 'none', "
                              f"got {self.output_activation!r}")
@@ -153,6 +162,10 @@ class ConditionOnceNet(nn.Module):
             self.prior_out = nn.Sequential(normalization(enc[0], g), nn.SiLU(),
                                            nn.Conv2d(enc[0], u * u, 3, padding=1))
         self.x_in = nn.Conv2d(in_masks * u * u, widths[0], 3, padding=1)
+        if c.presence_head:
+            deep = widths[-1]
+            self.presence_norm = nn.Sequential(normalization(deep, g), nn.SiLU())
+            self.presence_out = nn.Linear(2 * deep, 1)  # mean- and max-pooled features
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, emb_dim, c.dropout, cout, use_scale_shift_norm=True,
@@ -279,18 +292,38 @@ class ConditionOnceNet(nn.Module):
         """Whether :meth:`encode` also gives a prior probability map (see ``prior_head``)."""
         return self.config.prior_head
 
+    @property
+    def has_presence_head(self) -> bool:
+        """Whether :meth:`presence` is available (see ``presence_head``)."""
+        return self.config.presence_head
+
+    def presence(self, cond: list[torch.Tensor]) -> torch.Tensor:
+        """Logit (N,) of the probability that an annotation of the image is not empty, from
+        :meth:`encode`'s deepest features (a network with a presence head only)."""
+        if not self.config.presence_head:
+            raise ValueError("this network has no presence head (presence_head=False)")
+        h = self.presence_norm(cond[len(self.down) - 1])
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)
+        return self.presence_out(pooled).squeeze(1)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, image: torch.Tensor,
-                x0_prev: torch.Tensor | None = None, return_prior: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``predict(x_t, t, encode(image), x0_prev)``; with ``return_prior`` (a network
-        with a prior head only) also the prior probability map, for its training loss."""
+                x0_prev: torch.Tensor | None = None, return_prior: bool = False,
+                return_presence: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``predict(x_t, t, encode(image), x0_prev)``. With ``return_prior`` also the prior
+        probability map, with ``return_presence`` also the presence logit (N,), in that
+        order, for their training losses (networks with those heads only)."""
         cond = self.encode(image)
         out = self.predict(x_t, t, cond, x0_prev)
-        if not return_prior:
+        if not (return_prior or return_presence):
             return out
-        if not self.config.prior_head:
-            raise ValueError("this network has no prior head (prior_head=False)")
-        return out, cond[-1]
+        extras = []
+        if return_prior:
+            if not self.config.prior_head:
+                raise ValueError("this network has no prior head (prior_head=False)")
+            extras.append(cond[-1])
+        if return_presence:
+            extras.append(self.presence(cond))
+        return (out, *extras)
 
     def activation_bytes(self, h: int, w: int) -> int:
         """Rough float32 activation memory of one sample's denoiser pass (for chunking)."""

@@ -120,6 +120,10 @@ class TrainConfig:
         Networks with a prior head (``prior_head``): the weight of the head's loss, ``BCE +
         dice_weight · (1 − soft Dice)`` against the same annotation, added to the diffusion
         loss.
+    presence_weight
+        Networks with a presence head (``presence_head``): the weight of its loss, the BCE
+        of the presence logit against the fraction of the item's annotations that are not
+        empty. The diffusion loss of such networks uses non-empty annotations only.
     normalisation
         Intensity normalisation applied to every training image and recorded in the model's
         metadata, so that sampling applies the same (``minmax``: each image to [0, 1];
@@ -169,6 +173,7 @@ class TrainConfig:
     unroll_gap: int = 0
     dice_weight: float = 1.0
     prior_weight: float = 1.0
+    presence_weight: float = 1.0
     normalisation: str = "minmax"
     checkpoint_every: int = 500
     max_minutes: float = 0.0
@@ -231,6 +236,11 @@ class TrainConfig:
         if getattr(net, "prior_head", False) and self.kind not in ("bernoulli", "gaussian"):
             raise ValueError("a network with a prior head (prior_head=True) is trained with "
                              f"kind 'bernoulli' or 'gaussian', not {self.kind!r}")
+        if self.presence_weight < 0:
+            raise ValueError(f"presence_weight must be >= 0, got {self.presence_weight}")
+        if getattr(net, "presence_head", False) and self.kind != "bernoulli":
+            raise ValueError("a network with a presence head (presence_head=True) is trained "
+                             f"with kind 'bernoulli' only, not {self.kind!r}")
         if getattr(net, "self_condition", False) and self.kind != "bernoulli":
             raise ValueError("self-conditioning (network self_condition=True) is implemented "
                              f"for kind 'bernoulli' only, not {self.kind!r}")

@@ -74,6 +74,19 @@ class TrainingArrays:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def nonempty(self) -> torch.Tensor:
+        """(n, K_max) bool: whether each of an item's annotations marks anything."""
+        if getattr(self, "_nonempty", None) is None:
+            k = self.masks.shape[1]
+            marked = self.masks.reshape(*self.masks.shape[:2], -1).any(2)
+            self._nonempty = marked & (torch.arange(k) < self.counts[:, None])
+        return self._nonempty
+
+    def presence_fraction(self, idx: torch.Tensor) -> torch.Tensor:
+        """The fraction of each item's annotations that are not empty, float (len(idx),)."""
+        return self.nonempty[idx].sum(1).float() / self.counts[idx].float()
+
 
 def training_arrays(cfg: TrainConfig, dataset: SegDataset, image_channels: int,
                     size_multiple: int) -> TrainingArrays:
@@ -104,16 +117,27 @@ def augment_batch(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def draw_batch(gen: torch.Generator, data: TrainingArrays, n: int, augment: bool
+def draw_batch(gen: torch.Generator, data: TrainingArrays, n: int, augment: bool,
+               nonempty_only: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Draw ``n`` items and one annotator per item (uniformly among its masks).
+    """Draw ``n`` items and one annotator per item (uniformly among its masks, or with
+    ``nonempty_only`` among its non-empty masks, when it has any).
 
     Returns ``(idx, image (n, C, H, W), mask (n, 1, H, W), codes)``, image and mask
     augmented with the same symmetry (``codes``, drawn after the annotators) when
     ``augment``; ``codes`` is None otherwise.
     """
     idx = torch.randint(len(data), (n,), generator=gen)
-    ann = (torch.rand(n, generator=gen) * data.counts[idx]).long()
+    u = torch.rand(n, generator=gen)
+    if nonempty_only:
+        ne = data.nonempty[idx]
+        n_ne = ne.sum(1)
+        choices = torch.where(n_ne > 0, n_ne, data.counts[idx])
+        # The item's non-empty annotators first (all of them, in order, when none is).
+        order = torch.argsort((~ne).to(torch.uint8), dim=1, stable=True)
+        ann = order[torch.arange(n), (u * choices).long()]
+    else:
+        ann = (u * data.counts[idx]).long()
     img = data.images[idx].float()
     x0 = data.masks[idx, ann].unsqueeze(1).float()
     codes = None

@@ -328,6 +328,7 @@ def train(
     kernel = make_kernel(cfg.diffusion_config()) if cfg.kind != "deterministic" else None
     self_cond = bool(getattr(net, "self_conditioned", False))  # Bernoulli only (TrainConfig)
     prior_head = bool(getattr(net, "has_prior_head", False))
+    presence_head = bool(getattr(net, "has_presence_head", False))
     T = cfg.diffusion_config().timesteps
     visited = torch.tensor(timestep_subsequence(cfg.diffusion_config().default_steps, T))
     unroll_gap = unroll_gap_for(cfg) if cfg.unroll_prob > 0 else 0
@@ -355,7 +356,8 @@ def train(
     net.train()
     while step < cfg.steps:
         # ---- draw the global batch (identical on every rank), keep this rank's slice
-        _, img, x0, _ = draw_batch(gen, data, gb, cfg.augment)
+        idx, img, x0, _ = draw_batch(gen, data, gb, cfg.augment, nonempty_only=presence_head)
+        present = data.presence_fraction(idx)[lo:hi].to(dev) if presence_head else None
         if cfg.kind == "deterministic":
             t = torch.zeros(gb, dtype=torch.long)
             x_in = torch.zeros_like(x0)
@@ -382,9 +384,12 @@ def train(
         lr = set_lr([opt], cfg, step)
         inputs = (x_in, t, img) + ((_self_condition(net, kernel, gen, x_in, t, img,
                                                      cfg.self_condition_gap),) if self_cond else ())
-        prior = None
-        if prior_head:
-            out_t, prior = model(*inputs, return_prior=True)
+        prior = presence = None
+        if prior_head or presence_head:
+            out_t, *extras = model(*inputs, return_prior=prior_head,
+                                   return_presence=presence_head)
+            prior = extras[0] if prior_head else None
+            presence = extras[-1] if presence_head else None
         else:
             out_t = model(*inputs)
         if cfg.kind == "deterministic":
@@ -402,6 +407,9 @@ def train(
         if prior is not None:
             bce, dice = segmentor_loss_parts(prior, x0)
             loss = loss + cfg.prior_weight * (bce + cfg.dice_weight * dice)
+        if presence is not None:
+            loss = loss + cfg.presence_weight * F.binary_cross_entropy_with_logits(
+                presence.float(), present)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = clip_gradients(net, cfg.grad_clip)

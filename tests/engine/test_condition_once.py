@@ -195,3 +195,72 @@ def test_a_network_without_a_prior_head_refuses_to_return_one(net):
     desc = network_to_metadata(net)
     del desc["prior_head"]
     assert not network_from_metadata(desc).config.prior_head
+
+
+@pytest.fixture
+def presence_net():
+    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
+                                     presence_head=True))
+
+
+def test_presence_head_gives_one_logit_per_image_from_the_encoding(presence_net):
+    img = torch.rand(3, 1, 16, 16)
+    x = (torch.rand(3, 1, 16, 16) > 0.5).float()
+    t = torch.tensor([1, 50, 99])
+    with torch.no_grad():
+        cond = presence_net.encode(img)
+        logit = presence_net.presence(cond)
+        out, again = presence_net(x, t, img, return_presence=True)
+        torch.testing.assert_close(out, presence_net.predict(x, t, cond))
+    assert logit.shape == (3,)
+    torch.testing.assert_close(again, logit)
+    assert not torch.allclose(logit[0], logit[1])  # it depends on the image
+    out, logit = presence_net(x, t, img, return_presence=True)
+    logit.sum().backward()  # the head trains the image encoder
+    assert all(p.grad is not None and p.grad.any() for p in presence_net.presence_out.parameters())
+    assert presence_net.enc_stem.weight.grad.any()
+    assert presence_net.has_presence_head
+    assert network_from_metadata(network_to_metadata(presence_net)).config.presence_head
+
+
+def test_a_network_without_a_presence_head_refuses_to_give_one(net):
+    assert not net.has_presence_head
+    with pytest.raises(ValueError, match="no presence head"):
+        net(torch.zeros(1, 1, 16, 16), 3, torch.rand(1, 1, 16, 16), return_presence=True)
+    desc = network_to_metadata(net)
+    del desc["presence_head"]
+    assert not network_from_metadata(desc).config.presence_head
+
+
+def _with_presence(net: ConditionOnceNet, p: float) -> ConditionOnceNet:
+    """``net`` with its presence head fixed at probability ``p`` for every image."""
+    with torch.no_grad():
+        net.presence_out.weight.zero_()
+        net.presence_out.bias.fill_(float(np.log(p / (1 - p))))
+    return net
+
+
+def test_samples_drawn_unmarked_stay_empty_at_every_step_and_the_rest_are_sampled(presence_net):
+    m = DiffusionModel(_with_presence(presence_net, 0.7),
+                       DiffusionConfig(kind="bernoulli", timesteps=100, default_steps=4))
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    stream = m.sample(img, n=200, seed=5)
+    frames = list(stream)
+    res = stream.result
+    assert res.presence == pytest.approx(0.7, abs=1e-6)
+    # A sigmoid network never predicts exactly 0: only the samples drawn unmarked are all 0.
+    empty = ~res.probs.reshape(200, -1).any(1)
+    assert 35 <= empty.sum() <= 85, empty.sum()  # Binomial(200, 1 − 0.7): mean 60, s.d. 6.5
+    for f in frames:
+        assert not f.states[empty].any() and not f.x0_prob[empty].any()
+        assert f.x0_prob[~empty].reshape((~empty).sum(), -1).all(1).all()
+    # The same run in chunks draws the same samples.
+    np.testing.assert_array_equal(m.sample_all(img, n=200, seed=5, max_batch=64).masks,
+                                  res.masks)
+
+
+def test_a_presence_head_with_the_gaussian_kernel_is_refused(presence_net):
+    m = DiffusionModel(presence_net, DiffusionConfig(kind="gaussian", timesteps=100,
+                                                     default_steps=3))
+    with pytest.raises(ValueError, match="presence head samples with the Bernoulli kernel"):
+        m.sample_all(np.zeros((16, 16), np.float32), n=2, seed=0)

@@ -328,6 +328,79 @@ def test_prior_head_config_errors():
         _config("deterministic", network=_prior_head_network())
 
 
+def _presence_head_network() -> dict:
+    from napari_berdiff.networks import CondOnceConfig, network_description
+
+    return network_description(CondOnceConfig(
+        image_size=SIZE, model_channels=8, channel_mult=(1, 2), encoder_channels=8,
+        norm_groups=4, presence_head=True))
+
+
+def test_draws_for_a_presence_head_use_non_empty_annotations_only():
+    from napari_berdiff.training.loop import TrainingArrays, draw_batch
+
+    masks = torch.zeros(3, 4, 2, 2, dtype=torch.uint8)
+    masks[0, 1, 0, 0] = masks[0, 3, 1, 1] = 1  # item 0: annotators 1 and 3 marked
+    masks[1, 0, 0, 1] = 1  # item 1: only annotator 0 (of 2) marked; slots 2, 3 unused
+    masks[1, 2, 0, 0] = 1  # a stray slot beyond item 1's annotator count
+    data = TrainingArrays(torch.zeros(3, 1, 2, 2), masks, torch.tensor([4, 2, 4]), {})
+    torch.testing.assert_close(data.presence_fraction(torch.tensor([0, 1, 2])),
+                               torch.tensor([0.5, 0.5, 0.0]))
+    gen = torch.Generator().manual_seed(0)
+    idx, _, x0, _ = draw_batch(gen, data, 600, augment=False, nonempty_only=True)
+    seen = {i: {tuple(m.flatten().tolist()) for m in x0[idx == i]} for i in range(3)}
+    assert seen[0] == {(1, 0, 0, 0), (0, 0, 0, 1)}  # both marked ones, never an empty one
+    assert seen[1] == {(0, 1, 0, 0)}
+    assert seen[2] == {(0, 0, 0, 0)}  # nothing marked: its (empty) annotations as before
+    share = (x0[idx == 0].flatten(1)[:, 0] == 1).float().mean()
+    assert 0.4 < share < 0.6  # uniform between the two marked annotators
+    idx, _, x0, _ = draw_batch(torch.Generator().manual_seed(0), data, 600, augment=False)
+    assert (x0[idx == 0].flatten(1).sum(1) == 0).any()  # without the option empties are drawn
+
+
+def test_presence_head_network_trains_resumes_exactly_and_its_head_learns(tmp_path):
+    """The head learns the fraction of non-empty annotations (some annotators miss)."""
+    from napari_berdiff.checkpoints.loading import load_model
+    from napari_berdiff.training.loop import training_arrays
+
+    items = []
+    for s in range(8):
+        p = make_phantom(s, size=SIZE)
+        masks = p.masks.copy()
+        masks[: s % 4] = 0  # items with 0..3 of their 4 annotators missing the lesion
+        items.append(SegItem(p.image, masks, f"c{s}", "0"))
+    data = SegDataset(items, {"layout": "phantoms", "description": "test phantoms"})
+    cfg = _config(network=_presence_head_network(), steps=60, checkpoint_every=20,
+                  unroll_prob=0.5, lr=2e-2)
+    part = _trains_and_resumes_exactly(cfg, data, tmp_path)
+    without = train(cfg.replace(presence_weight=0.0), data, tmp_path / "w.safetensors",
+                    progress=False)
+    arrays = training_arrays(cfg, data, 1, 2)
+    target = arrays.presence_fraction(torch.arange(8))
+    brute = [np.mean([m.any() for m in it.masks]) for it in items]
+    torch.testing.assert_close(target, torch.tensor(brute, dtype=torch.float32))
+    assert len(set(brute)) >= 3
+
+    def head_loss(path):
+        net = load_model(path).net
+        with torch.no_grad():
+            logit = net.presence(net.encode(arrays.images.float()))
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(logit, target))
+
+    assert head_loss(part) < head_loss(tmp_path / "w.safetensors")
+    r = load_model(part).sample_all(data[0].image, n=4, steps=3, seed=0)
+    assert r.masks.shape == (4, SIZE, SIZE) and 0 < r.presence < 1
+
+
+def test_presence_head_config_errors():
+    with pytest.raises(ValueError, match="presence_weight must be >= 0"):
+        _config(presence_weight=-1.0)
+    net = _presence_head_network()
+    net["output_activation"] = "none"
+    with pytest.raises(ValueError, match="presence head .* 'bernoulli' only, not 'gaussian'"):
+        _config("gaussian", network=net)
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "deterministic"])
 def test_self_conditioning_is_refused_for_other_kinds(kind):
     net = _self_conditioned_network()
