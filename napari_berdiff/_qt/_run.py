@@ -84,6 +84,9 @@ class Outcome:
     n_steps: int
     seconds: float
     device: str = ""
+    #: Models with a presence head: the mean over the slices of the probability that an
+    #: annotator marks anything (samples drawn unmarked are empty masks); None otherwise.
+    presence: float | None = None
 
 
 def default_threads() -> int:
@@ -112,6 +115,7 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
     steps_done = 0
     n_steps = 0
     device = ""
+    presences: list[float] = []
     with torch.inference_mode():
         for pos, (crop, off) in enumerate(zip(job.crops, job.seed_offsets)):
             if job.cancel.is_set():
@@ -146,6 +150,8 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                 yield upd
             steps_done += result.steps_done
             device = result.device
+            if result.presence is not None:
+                presences.append(result.presence)
             if result.cancelled:
                 cancelled = True
                 if last_frame is not None and not last_pushed:
@@ -156,4 +162,5 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                 break
             slices_done += 1
     return Outcome(cancelled, slices_done, n_slices, steps_done, n_steps,
-                   time.perf_counter() - t0, device)
+                   time.perf_counter() - t0, device,
+                   sum(presences) / len(presences) if presences else None)

@@ -386,6 +386,9 @@ class DiffusionSegmentationWidget(QWidget):
                 f"Done: {layers.n} samples × {outcome.n_steps} steps"
                 + (f" × {outcome.n_slices} slices" if outcome.n_slices > 1 else "")
                 + f" in {outcome.seconds:.1f} s on {outcome.device}."
+                + ("" if outcome.presence is None else
+                   f" The model expects {outcome.presence:.0%} of readers to mark a lesion"
+                   " here; samples drawn as unmarked are empty.")
             )
         has_frames = layers.pushed > 0
         if has_frames and active.error is None and layers.alive("samples"):

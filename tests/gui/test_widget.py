@@ -93,6 +93,39 @@ def test_run_streams_frames_then_fills_heatmaps(docked, qtbot):
     assert widget.results.accept_btn.isEnabled()
 
 
+def test_a_presence_model_leaves_unmarked_samples_empty_and_says_so(docked, qtbot):
+    """A model with a presence head: the status gives its probability that a reader marks
+    the lesion, and the samples drawn unmarked are empty masks, as the engine gives them."""
+    import torch
+
+    from napari_berdiff.diffusion import DiffusionConfig
+    from napari_berdiff.model import DiffusionModel
+    from napari_berdiff.networks import CondOnceConfig, ConditionOnceNet
+
+    viewer, widget = docked
+    image = blob()
+    viewer.add_image(image, name="img")
+    torch.manual_seed(0)
+    net = ConditionOnceNet(CondOnceConfig(image_size=32, model_channels=8, encoder_channels=8,
+                                          channel_mult=(1, 2), presence_head=True)).eval()
+    with torch.no_grad():
+        net.presence_out.weight.zero_()
+        net.presence_out.bias.fill_(float(np.log(0.6 / 0.4)))  # p = 0.6 for any image
+    model = DiffusionModel(net, DiffusionConfig(kind="bernoulli", timesteps=100,
+                                                default_steps=2))
+    widget.set_model(model, "presence")
+    _settings(widget, n=12, seed=4)
+    outcome = run_and_wait(qtbot, widget)
+    assert outcome.presence == pytest.approx(0.6, abs=1e-6)
+    assert "expects 60% of readers to mark a lesion" in widget.sampling.status.text()
+    ref = model.sample_all(image, n=12, steps=2, seed=4)
+    probs = _layer(viewer, "x̂0 probability").data
+    np.testing.assert_allclose(probs, ref.probs, atol=1e-6)
+    unmarked = ~probs.reshape(12, -1).any(1)
+    assert 0 < unmarked.sum() < 12  # seed 4 draws both kinds
+    assert not _layer(viewer, SAMPLES).data[unmarked].any()
+
+
 def test_rerun_replaces_layers_unless_kept(docked, qtbot):
     viewer, widget = docked
     image = blob()
