@@ -213,12 +213,16 @@ def _network_line(net: dict) -> str:
         sc = (", self-conditioned: the denoiser also takes the previous step's x̂0 (zeros at "
               "the first step, and on half the training steps)" if net.get("self_condition")
               else "")
+        pres = (", and a presence head: from the deepest image features, the probability "
+                "that an annotator marks anything; each sample is empty with the complement "
+                "of it, and otherwise drawn by the denoiser, which is trained on non-empty "
+                "annotations only" if net.get("presence_head") else "")
         return (f"ConditionOnceNet: an image encoder run once per call (base "
                 f"{net['encoder_channels']}, {net['encoder_blocks']} residual blocks per level), "
                 f"a per-step denoiser {where}"
                 f"base {net['model_channels']}, channel_mult {tuple(net['channel_mult'])}, "
                 f"{net['num_res_blocks']} res blocks per level, no attention){head}"
-                f"{sc}; GroupNorm "
+                f"{sc}{pres}; GroupNorm "
                 f"with {net['norm_groups']} groups")
     return (f"ConditionalUNet (concatenation: mask state and image enter together every "
             f"step), base {net['model_channels']} channels, channel_mult "
@@ -261,7 +265,7 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
                for m, d in summary.items()}
     metrics = {"heldout_phantoms": heldout, "settings": settings}
     if speed:
-        metrics["sampling_s_16x10"] = speed
+        metrics["sampling_s_16_masks"] = speed
     _update_model(path, {"metrics": metrics})
     model = load_model(path)
     meta = model.metadata
@@ -350,7 +354,7 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
                       f"the model scores {a:.3f} against the best single annotator's {b:.3f}."]
     if speed:
         lines += ["", "## Speed",
-                  "Sampling 16 masks × 10 steps with one torch thread on this CPU (median of 3, "
+                  "Sampling 16 masks with one torch thread on this CPU (median of 3, "
                   "measured while other jobs shared the 2 cores, so an upper bound): "
                   + ", ".join(f"{k}: {v:.2f} s" for k, v in speed.items()) + "."]
     lines += ["", "Reproduce the figures with `benchmarks/train_default.py evaluate`.", ""]
@@ -528,8 +532,10 @@ def main(argv=None) -> int:
     if args.card:
         machine = (f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread, "
                    f"torch {torch.__version__}, 2 cores shared with other jobs")
-        speed = {f"{s}x{s}": round(sampling_speed(model, s), 2) for s in (SIZE, 128)}
-        print("sampling 16 masks x 10 steps (s):", speed)
+        steps = sorted({10, int(model.diffusion.default_steps)})
+        speed = {f"{s}x{s}, {k} steps": round(sampling_speed(model, s, steps=k), 2)
+                 for k in steps for s in (SIZE, 128)}
+        print("sampling 16 masks (s):", speed)
         print("wrote", write_card(Path(args.model), "model", summary, settings, speed, machine,
                                         args.note))
         if baseline is not None:

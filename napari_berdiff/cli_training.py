@@ -95,12 +95,16 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
                          f"--kind {kind} uses the UNet")
     if args.self_condition and not (condition_once and kind == "bernoulli"):
         raise ValueError("--self-condition needs --kind bernoulli --network condition-once")
+    if args.presence_head and not (condition_once and kind == "bernoulli"):
+        raise ValueError("--presence-head needs --kind bernoulli --network condition-once")
     if condition_once and args.attention is not None:
         raise ValueError("--attention applies to the UNet only; the condition-once network "
                          "has no attention")
     net = (condition_once_network(kind, image_size, channels, args.self_condition)
            if condition_once else default_network(kind, image_size, channels))
     changes: dict[str, Any] = {}
+    if args.presence_head:
+        changes["presence_head"] = True
     if args.base_channels:
         changes["model_channels"] = args.base_channels
     if args.channel_mult:
@@ -280,6 +284,10 @@ def register(subparsers: Any) -> None:
                         "gaussian (the UNet when --attention is given), the UNet otherwise")
     p.add_argument("--self-condition", action="store_true",
                    help="condition-once Bernoulli models: feed the previous step's x̂0 back in")
+    p.add_argument("--presence-head", action="store_true",
+                   help="condition-once Bernoulli models: also learn the probability that a "
+                        "reader marks anything (data where readers miss lesions, leaving "
+                        "empty masks); the denoiser trains on non-empty masks only")
     p.add_argument("--base-channels", type=int,
                    help="base width (default: UNet 16, condition-once denoiser 24)")
     p.add_argument("--channel-mult", help="e.g. 1,2,2,4 (default: UNet 1,2,2,4; condition-once "

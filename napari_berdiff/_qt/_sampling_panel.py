@@ -87,6 +87,9 @@ class SamplingPanel(QGroupBox):
         self.cancel_btn.setEnabled(False)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        # A wrapped label in the scrolling dock is not given its wrapped height: keep room
+        # for three lines (a finished run's summary with a presence estimate).
+        self.status.setMinimumHeight(3 * self.status.fontMetrics().lineSpacing() + 8)
 
         region_row = QHBoxLayout()
         region_row.addWidget(self.region_combo, 1)

@@ -387,8 +387,8 @@ class DiffusionSegmentationWidget(QWidget):
                 + (f" × {outcome.n_slices} slices" if outcome.n_slices > 1 else "")
                 + f" in {outcome.seconds:.1f} s on {outcome.device}."
                 + ("" if outcome.presence is None else
-                   f" The model expects {outcome.presence:.0%} of readers to mark a lesion"
-                   " here; samples drawn as unmarked are empty.")
+                   f" Readers marking a lesion: {outcome.presence:.0%} (model's estimate);"
+                   " the other samples are empty.")
             )
         has_frames = layers.pushed > 0
         if has_frames and active.error is None and layers.alive("samples"):

@@ -181,6 +181,8 @@ def test_cli_trains_a_self_conditioned_condition_once_model(tmp_path, capsys):
     assert m.net.config.model_channels == 8 and m.net.config.encoder_channels == 32
     assert main(common + ["--force", "--unroll-prob", "0.5"]) == 0
     assert load_model(out).metadata["training"]["recipe"]["unroll_prob"] == 0.5
+    assert main(common + ["--force", "--presence-head"]) == 0
+    assert load_model(out).net.has_presence_head
     assert main(common + ["--force", "--network", "unet", "--attention", ""]) == 0
     assert not isinstance(load_model(out).net, ConditionOnceNet)
     capsys.readouterr()
@@ -189,6 +191,7 @@ def test_cli_trains_a_self_conditioned_condition_once_model(tmp_path, capsys):
          "--network condition-once is for --kind bernoulli or"),
         (["--kind", "gaussian", "--self-condition"], "--self-condition needs --kind bernoulli"),
         (["--network", "unet", "--self-condition"], "--self-condition needs --kind bernoulli"),
+        (["--kind", "gaussian", "--presence-head"], "--presence-head needs --kind bernoulli"),
         (["--attention", "4", "--network", "condition-once"],
          "--attention applies to the UNet only"),
         (["--kind", "gaussian", "--unroll-prob", "0.5"],

@@ -117,7 +117,7 @@ def test_a_presence_model_leaves_unmarked_samples_empty_and_says_so(docked, qtbo
     _settings(widget, n=12, seed=4)
     outcome = run_and_wait(qtbot, widget)
     assert outcome.presence == pytest.approx(0.6, abs=1e-6)
-    assert "expects 60% of readers to mark a lesion" in widget.sampling.status.text()
+    assert "Readers marking a lesion: 60% (model's estimate)" in widget.sampling.status.text()
     ref = model.sample_all(image, n=12, steps=2, seed=4)
     probs = _layer(viewer, "x̂0 probability").data
     np.testing.assert_allclose(probs, ref.probs, atol=1e-6)
