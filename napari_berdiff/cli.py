@@ -331,7 +331,7 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
         "roi_requested": args.roi is not None,
         "device": result.device,
         "chunk_size": result.chunk_size,
-        "presence": getattr(result, "presence", None),
+        "presence": result.presence,
         "timings": timings,
         "outputs": sorted(p.name for p in written) + ["run.json"],
     }

@@ -342,6 +342,9 @@ def sample_stream(
         ``ValueError`` here, before any work starts.
     """
     t_start = time.perf_counter()
+    if getattr(net, "has_presence_head", False) and not isinstance(kernel, BernoulliKernel):
+        raise ValueError("a network with a presence head samples with the Bernoulli kernel "
+                         "only; check the checkpoint's diffusion kind")
     if int(n) != n or n < 1:
         raise ValueError(f"the number of samples must be a whole number >= 1, got {n!r}")
     n = int(n)
@@ -363,19 +366,16 @@ def sample_stream(
                                 chunk, cancel, profile, t_start))
 
 
-def _draw_presence(net: Any, kernel: Kernel, cond: Any, n: int, gen: torch.Generator
+def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch.device
                    ) -> tuple[float | None, torch.Tensor | None]:
     """For a network with a presence head: its probability ``p`` that an annotation is not
-    empty, and a (n, 1, 1, 1) 0/1 tensor of which samples are drawn non-empty (each with
-    probability ``p``). ``(None, None)`` for other networks."""
+    empty, and a (n, 1, 1, 1) 0/1 tensor on ``dev`` of which samples are drawn non-empty
+    (each with probability ``p``). ``(None, None)`` for other networks."""
     if not getattr(net, "has_presence_head", False):
         return None, None
-    if not isinstance(kernel, BernoulliKernel):
-        raise ValueError("a network with a presence head samples with the Bernoulli kernel "
-                         "only; check the checkpoint's diffusion kind")
     p = float(torch.sigmoid(net.presence(cond).float()).reshape(-1)[0])
     keep = (torch.rand(n, generator=gen) < p).float().reshape(n, 1, 1, 1)
-    return p, keep
+    return p, keep.to(dev)
 
 
 def _stream(
@@ -404,8 +404,7 @@ def _stream(
         _sync()
         encode_seconds = time.perf_counter() - tic
         x = kernel.init(kernel.noise(shape, gen), prior_t).to(dev)
-        presence, keep = _draw_presence(net, kernel, cond, n, gen)
-        keep = keep.to(dev) if keep is not None else None
+        presence, keep = _draw_presence(net, cond, n, gen, dev)
     net_seconds = encode_seconds  # the network's forward time: the encoding and every step
     first_frame = None
     x0_hat: torch.Tensor | None = None

@@ -70,18 +70,12 @@ class TrainingArrays:
                  description: dict[str, Any]):
         self.images, self.masks, self.counts = images, masks, counts
         self.description = description
+        #: (n, K_max) bool: whether each of an item's annotations marks anything.
+        marked = masks.reshape(*masks.shape[:2], -1).any(2)
+        self.nonempty = marked & (torch.arange(masks.shape[1]) < counts[:, None])
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
-
-    @property
-    def nonempty(self) -> torch.Tensor:
-        """(n, K_max) bool: whether each of an item's annotations marks anything."""
-        if getattr(self, "_nonempty", None) is None:
-            k = self.masks.shape[1]
-            marked = self.masks.reshape(*self.masks.shape[:2], -1).any(2)
-            self._nonempty = marked & (torch.arange(k) < self.counts[:, None])
-        return self._nonempty
 
     def presence_fraction(self, idx: torch.Tensor) -> torch.Tensor:
         """The fraction of each item's annotations that are not empty, float (len(idx),)."""
