@@ -63,6 +63,13 @@ def phantom_dataset(seed0: int, n: int, size: int = SIZE) -> SegDataset:
     return SegDataset(items, {"layout": "phantoms", "description": desc})
 
 
+def _split_readers(variant: str) -> tuple[str, int]:
+    """``(base variant, reader count)``: a ``-readers`` suffix conditions on 4 readers."""
+    if variant.endswith("-readers"):
+        return variant[: -len("-readers")], 4
+    return variant, 0
+
+
 def condition_once_network(kind: str, variant: str = "co") -> dict:
     """The condition-once network of the ``co`` variants (issue 7): a full-resolution image
     encoder run once, and a base-24 denoiser with 2 res blocks per level at half resolution
@@ -75,8 +82,11 @@ def condition_once_network(kind: str, variant: str = "co") -> dict:
     ``co-sc-gap``: ``co-sc`` trained on x̂0 from a state 111 steps noisier (the sampler's gap).
     ``co-unroll-25-prior``: the ``co`` network with a prior head (``prior_head``).
     ``co-presence``, ``co-unroll-25-presence``: the ``co`` network with a presence head
-    (``presence_head``)."""
+    (``presence_head``).
+    ``<variant>-readers``: that network conditioned on the 4 annotators (``readers``)."""
+    variant, readers = _split_readers(variant)
     cfg = lib_condition_once_network(kind, SIZE, self_condition=variant.startswith("co-sc"))
+    cfg = cfg.replace(readers=readers)
     if variant == "co-full":
         cfg = cfg.replace(model_channels=16, channel_mult=(1, 2, 4), unshuffle=1)
     elif variant == "co-deep":
@@ -108,6 +118,7 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     head trained with BCE + Dice (:func:`condition_once_network`).
     ``co-presence``, ``co-unroll-25-presence``: ``co`` and ``co-unroll-25`` with a presence
     head, the denoiser trained on non-empty annotations only.
+    ``<co variant>-readers``: that recipe with the network conditioned on the annotator.
     """
     net = default_network("gaussian" if kind == "gaussian" else "bernoulli", SIZE)
     if variant == "v2":
@@ -115,6 +126,7 @@ def recipe(kind: str, steps: int, minutes: float, batch: int, variant: str = "v1
     net = net.to_dict()
     if variant.startswith("co"):
         net = condition_once_network(kind, variant)
+    variant, _ = _split_readers(variant)
     # Gaussian: Wolleb et al.'s linear schedule and DDPM (see default_diffusion).
     diff = default_diffusion(kind)
     if variant == "co-eps":
@@ -179,6 +191,11 @@ def _table(summary: dict, own: str, name: str) -> str:
 
 def variant_of(net: dict, diffusion: dict | None = None, recipe: dict | None = None) -> str:
     """The ``--variant`` of :func:`recipe` that builds this network (diffusion, recipe)."""
+    base = _base_variant_of(net, diffusion, recipe)
+    return base + "-readers" if net.get("readers") else base
+
+
+def _base_variant_of(net: dict, diffusion: dict | None, recipe: dict | None) -> str:
     unroll = (recipe or {}).get("unroll_prob", 0.0)
     if unroll:
         if unroll == 1.0 and (diffusion or {}).get("default_steps") == 25:
@@ -217,12 +234,15 @@ def _network_line(net: dict) -> str:
                 "that an annotator marks anything; each sample is empty with the complement "
                 "of it, and otherwise drawn by the denoiser, which is trained on non-empty "
                 "annotations only" if net.get("presence_head") else "")
+        readers = (f", conditioned on the reader: an embedding of the annotator index "
+                   f"(0..{net['readers'] - 1}) joins the timestep embedding; sample i is "
+                   f"drawn as reader i mod {net['readers']}" if net.get("readers") else "")
         return (f"ConditionOnceNet: an image encoder run once per call (base "
                 f"{net['encoder_channels']}, {net['encoder_blocks']} residual blocks per level), "
                 f"a per-step denoiser {where}"
                 f"base {net['model_channels']}, channel_mult {tuple(net['channel_mult'])}, "
                 f"{net['num_res_blocks']} res blocks per level, no attention){head}"
-                f"{sc}{pres}; GroupNorm "
+                f"{sc}{pres}{readers}; GroupNorm "
                 f"with {net['norm_groups']} groups")
     return (f"ConditionalUNet (concatenation: mask state and image enter together every "
             f"step), base {net['model_channels']} channels, channel_mult "
@@ -463,7 +483,9 @@ def main(argv=None) -> int:
                    choices=["v1", "v2", "co", "co-visited", "co-full", "co-head", "co-eps",
                             "co-deep", "co-sc", "co-sc-head",
                             "co-sc-gap", "co-unroll", "co-unroll-all", "co-unroll-25",
-                            "co-unroll-25-prior", "co-presence", "co-unroll-25-presence"])
+                            "co-unroll-25-prior", "co-presence", "co-unroll-25-presence",
+                            "co-readers", "co-presence-readers",
+                            "co-unroll-25-presence-readers"])
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAMES['bernoulli']}.safetensors"))
     e.add_argument("--baseline", default=str(MODELS / f"{NAMES['deterministic']}.safetensors"))

@@ -97,6 +97,11 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
         raise ValueError("--self-condition needs --kind bernoulli --network condition-once")
     if args.presence_head and not (condition_once and kind == "bernoulli"):
         raise ValueError("--presence-head needs --kind bernoulli --network condition-once")
+    if args.readers and not condition_once:
+        raise ValueError("--readers needs the condition-once network (--kind bernoulli or "
+                         "gaussian, without --network unet)")
+    if args.readers < 0:
+        raise ValueError(f"--readers must be >= 0, got {args.readers}")
     if condition_once and args.attention is not None:
         raise ValueError("--attention applies to the UNet only; the condition-once network "
                          "has no attention")
@@ -105,6 +110,8 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
     changes: dict[str, Any] = {}
     if args.presence_head:
         changes["presence_head"] = True
+    if args.readers:
+        changes["readers"] = args.readers
     if args.base_channels:
         changes["model_channels"] = args.base_channels
     if args.channel_mult:
@@ -288,6 +295,10 @@ def register(subparsers: Any) -> None:
                    help="condition-once Bernoulli models: also learn the probability that a "
                         "reader marks anything (data where readers miss lesions, leaving "
                         "empty masks); the denoiser trains on non-empty masks only")
+    p.add_argument("--readers", type=int, default=0, metavar="K",
+                   help="condition-once models: learn each of K readers' own style, for data "
+                        "where annotation k of every image is by the same reader k; samples "
+                        "are then spread evenly over the readers (default 0: no reader)")
     p.add_argument("--base-channels", type=int,
                    help="base width (default: UNet 16, condition-once denoiser 24)")
     p.add_argument("--channel-mult", help="e.g. 1,2,2,4 (default: UNet 1,2,2,4; condition-once "

@@ -113,7 +113,9 @@ class SampleResult:
     ``encode_s`` (the encoding alone), ``overhead_s`` (total − network) and
     ``first_frame_s``. ``presence`` is the network's probability that an annotation is not
     empty (networks with a presence head; None otherwise): each sample was empty from the
-    start with probability ``1 − presence``.
+    start with probability ``1 − presence``. ``readers`` (N,) is the reader each sample was
+    drawn as, for a reader-conditioned network (sample i as reader ``i mod R``; None
+    otherwise).
     """
 
     probs: np.ndarray | None
@@ -127,6 +129,7 @@ class SampleResult:
     timings: dict[str, float] = field(default_factory=dict)
     chunk_size: int = 0
     presence: float | None = None
+    readers: np.ndarray | None = None
 
     @cached_property
     def maps(self) -> dict[str, np.ndarray]:
@@ -378,6 +381,14 @@ def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch
     return p, keep.to(dev)
 
 
+def sample_readers(net: Any, n: int) -> np.ndarray | None:
+    """The reader of each of ``n`` samples for a reader-conditioned network: sample i is
+    drawn as reader ``i mod R``, spreading the samples evenly over the R readers. None for
+    other networks."""
+    r_count = int(getattr(net, "n_readers", 0))
+    return np.arange(n) % r_count if r_count else None
+
+
 def _stream(
     net: ConditionalNet, kernel: Kernel, img: np.ndarray, n: int, visited: list[int], seed: int,
     prior_t: torch.Tensor | float, box: Roi, dev: torch.device, chunk: int, cancel: CancelLike,
@@ -405,6 +416,8 @@ def _stream(
         encode_seconds = time.perf_counter() - tic
         x = kernel.init(kernel.noise(shape, gen), prior_t).to(dev)
         presence, keep = _draw_presence(net, cond, n, gen, dev)
+    readers = sample_readers(net, n)
+    readers_t = None if readers is None else torch.from_numpy(readers).to(dev)
     net_seconds = encode_seconds  # the network's forward time: the encoding and every step
     first_frame = None
     x0_hat: torch.Tensor | None = None
@@ -429,7 +442,8 @@ def _stream(
                 _sync()
                 tic = time.perf_counter()
                 extra = () if x0_prev is None else (x0_prev[a : a + chunk],)
-                out = net.predict(xin, tb, cond, *extra)
+                kw = {} if readers_t is None else {"reader": readers_t[a : a + chunk]}
+                out = net.predict(xin, tb, cond, *extra, **kw)
                 _sync()
                 net_seconds += time.perf_counter() - tic
                 nb = noise[a : a + chunk] if noise is not None else None
@@ -470,7 +484,7 @@ def _stream(
     return SampleResult(
         probs=probs, masks=masks, timesteps=visited, steps_done=done, seed=seed,
         device=str(dev), roi=box, cancelled=done < len(order), timings=timings,
-        chunk_size=chunk, presence=presence,
+        chunk_size=chunk, presence=presence, readers=readers,
     )
 
 

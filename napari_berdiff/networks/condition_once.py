@@ -53,6 +53,15 @@ class CondOnceConfig(ConfigMixin):
         represents poorly. With this head the mask distribution is modelled as a mixture:
         empty with probability ``1 − presence``, else a sample of the denoiser, which is
         trained on non-empty annotations only.
+    readers
+        Reader conditioning: the number of annotators whose own styles the network learns
+        (0: none). Annotation k of an item is taken as drawn by reader k; an embedding of k
+        is added to the timestep embedding, and :meth:`predict` then takes ``reader``
+        indices. The sampler spreads its samples evenly over the readers (sample i as reader
+        ``i mod readers``), so that N samples hold every reader's style about N/readers
+        times, as the N-fold repeated references of GED² and HM-IoU do. It fits data whose
+        annotation k is by the same reader in every case (the phantoms, a fixed panel of
+        readers); otherwise each index learns a mixture of readers.
     self_condition
         Self-conditioning (Chen et al., "Analog Bits"): the denoiser also takes the previous
         step's ``x̂0`` as ``mask_channels`` extra input channels (zeros at the first step and,
@@ -77,6 +86,7 @@ class CondOnceConfig(ConfigMixin):
     full_res_head: int = 0
     prior_head: bool = False
     presence_head: bool = False
+    readers: int = 0
     self_condition: bool = False
     norm_groups: int = 8
     dropout: float = 0.0
@@ -93,6 +103,9 @@ class CondOnceConfig(ConfigMixin):
         for w in [self.model_channels * m for m in self.channel_mult] + self.encoder_widths:
             if w % self.norm_groups:
                 raise ValueError(f"width {w} is not divisible by norm_groups={self.norm_groups}")
+        if int(self.readers) != self.readers or self.readers < 0:
+            raise ValueError(f"readers must be a whole number >= 0, got {self.readers!r}")
+        object.__setattr__(self, "readers", int(self.readers))
         if self.unshuffle < 1:
             raise ValueError(f"unshuffle must be >= 1, got {self.unshuffle}")
         if self.full_res_head < 0 or (self.full_res_head and self.unshuffle == 1):
@@ -157,6 +170,9 @@ class ConditionOnceNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        if c.readers:
+            self.reader_embed = nn.Embedding(c.readers, emb_dim)
+            nn.init.zeros_(self.reader_embed.weight)  # starts as the reader-blind network
         in_masks = c.mask_channels * (2 if c.self_condition else 1) + int(c.prior_head)
         if c.prior_head:
             self.prior_out = nn.Sequential(normalization(enc[0], g), nn.SiLU(),
@@ -233,11 +249,13 @@ class ConditionOnceNet(nn.Module):
         return out
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: list[torch.Tensor],
-                x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+                x0_prev: torch.Tensor | None = None, *,
+                reader: torch.Tensor | int | None = None) -> torch.Tensor:
         """One denoiser pass with the cached condition (a batch of 1 is broadcast).
 
         ``x0_prev`` is the previous ``x̂0`` for a self-conditioned network (zeros when None);
-        other networks take none.
+        other networks take none. ``reader`` is the reader index of each sample (N,), or
+        one for all, for a reader-conditioned network (see ``readers``); others take none.
         """
         c = self.config
         self._check(x_t, "x_t", c.mask_channels)
@@ -245,6 +263,12 @@ class ConditionOnceNet(nn.Module):
         ts = torch.as_tensor(t, device=x_t.device).reshape(-1)
         ts = ts.expand(n) if ts.numel() == 1 else ts
         emb = self.time_embed(timestep_embedding(ts, c.model_channels).to(x_t.dtype))
+        if c.readers:
+            r = self._reader_indices(reader, n, x_t.device)
+            emb = emb + self.reader_embed(r).to(emb.dtype)
+        elif reader is not None:
+            raise ValueError("this network is not reader-conditioned (readers=0); "
+                             "it takes no reader")
         x_in = x_t
         if c.self_condition:
             if x0_prev is None:
@@ -282,6 +306,28 @@ class ConditionOnceNet(nn.Module):
                 out = F.pixel_shuffle(out, c.unshuffle)
         return torch.sigmoid(out) if c.output_activation == "sigmoid" else out
 
+    def _reader_indices(self, reader: torch.Tensor | int | None, n: int,
+                        device: torch.device) -> torch.Tensor:
+        """``reader`` as (n,) long indices, checked against the network's reader count."""
+        r_count = self.config.readers
+        if reader is None:
+            raise ValueError(f"this network is reader-conditioned (readers={r_count}); give "
+                             f"the reader index of each sample, 0..{r_count - 1}")
+        r = torch.as_tensor(reader, device=device).reshape(-1).long()
+        r = r.expand(n) if r.numel() == 1 else r
+        if r.numel() != n:
+            raise ValueError(f"reader must hold one index or one per sample ({n}); "
+                             f"got {r.numel()}")
+        if bool(((r < 0) | (r >= r_count)).any()):
+            raise ValueError(f"reader indices must lie in 0..{r_count - 1}; "
+                             f"got {sorted(set(r.tolist()))}")
+        return r
+
+    @property
+    def n_readers(self) -> int:
+        """The number of readers the network is conditioned on (0: none; see ``readers``)."""
+        return self.config.readers
+
     @property
     def self_conditioned(self) -> bool:
         """Whether :meth:`predict` takes the previous ``x̂0`` (see ``self_condition``)."""
@@ -308,12 +354,13 @@ class ConditionOnceNet(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, image: torch.Tensor,
                 x0_prev: torch.Tensor | None = None, return_prior: bool = False,
-                return_presence: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """``predict(x_t, t, encode(image), x0_prev)``. With ``return_prior`` also the prior
-        probability map, with ``return_presence`` also the presence logit (N,), in that
-        order, for their training losses (networks with those heads only)."""
+                return_presence: bool = False, reader: torch.Tensor | int | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``predict(x_t, t, encode(image), x0_prev, reader=reader)``. With ``return_prior``
+        also the prior probability map, with ``return_presence`` also the presence logit
+        (N,), in that order, for their training losses (networks with those heads only)."""
         cond = self.encode(image)
-        out = self.predict(x_t, t, cond, x0_prev)
+        out = self.predict(x_t, t, cond, x0_prev, reader=reader)
         if not (return_prior or return_presence):
             return out
         extras = []

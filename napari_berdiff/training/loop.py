@@ -16,7 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from ..model import normalise_image
 from .config import TrainConfig
 
 __all__ = ["state_path_for", "log_path_for", "load_state", "resume_config", "TrainingArrays",
-           "training_arrays", "augment_batch", "draw_batch", "lr_at", "set_lr",
+           "training_arrays", "augment_batch", "Batch", "draw_batch", "lr_at", "set_lr",
            "clip_gradients", "save_state", "RunLog"]
 
 
@@ -111,15 +111,24 @@ def augment_batch(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class Batch(NamedTuple):
+    """A drawn training batch (see :func:`draw_batch`)."""
+
+    idx: torch.Tensor
+    image: torch.Tensor
+    mask: torch.Tensor
+    codes: torch.Tensor | None
+    annotator: torch.Tensor
+
+
 def draw_batch(gen: torch.Generator, data: TrainingArrays, n: int, augment: bool,
-               nonempty_only: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               nonempty_only: bool = False) -> Batch:
     """Draw ``n`` items and one annotator per item (uniformly among its masks, or with
     ``nonempty_only`` among its non-empty masks, when it has any).
 
-    Returns ``(idx, image (n, C, H, W), mask (n, 1, H, W), codes)``, image and mask
-    augmented with the same symmetry (``codes``, drawn after the annotators) when
-    ``augment``; ``codes`` is None otherwise.
+    Returns a :class:`Batch`: ``idx``, ``image`` (n, C, H, W), ``mask`` (n, 1, H, W), the
+    symmetry ``codes`` (drawn after the annotators) that augmented image and mask alike when
+    ``augment`` (None otherwise), and the index of each item's drawn ``annotator``.
     """
     idx = torch.randint(len(data), (n,), generator=gen)
     u = torch.rand(n, generator=gen)
@@ -138,7 +147,7 @@ def draw_batch(gen: torch.Generator, data: TrainingArrays, n: int, augment: bool
     if augment:
         codes = torch.randint(8, (n,), generator=gen)
         img, x0 = augment_batch(img, codes), augment_batch(x0, codes)
-    return idx, img, x0, codes
+    return Batch(idx, img, x0, codes, ann)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

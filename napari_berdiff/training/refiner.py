@@ -217,7 +217,7 @@ def train_refiner(
     seg.train()
     n = cfg.batch_size
     while step < cfg.steps:
-        idx, img, x0, codes = draw_batch(gen, data, n, cfg.augment)
+        idx, img, x0, codes, _ = draw_batch(gen, data, n, cfg.augment)
         # the prior's source: another annotator of the same items, same symmetry
         ann2 = (torch.rand(n, generator=gen) * data.counts[idx]).long()
         source = data.masks[idx, ann2].unsqueeze(1).float()

@@ -165,15 +165,16 @@ def export_model(net: torch.nn.Module, cfg: TrainConfig, out: str | Path,
 
 
 def _self_condition(net: torch.nn.Module, kernel: BernoulliKernel, gen: torch.Generator,
-                    x_in: torch.Tensor, t: torch.Tensor, img: torch.Tensor, gap: int = 0
-                    ) -> torch.Tensor:
+                    x_in: torch.Tensor, t: torch.Tensor, img: torch.Tensor, gap: int = 0,
+                    reader: torch.Tensor | None = None) -> torch.Tensor:
     """The ``x̂0`` input of a self-conditioned step (Analog Bits' recipe).
 
     On half the steps (one coin from ``gen``, drawn every step so that resume stays exact)
     it is the network's own prediction without gradient, from ``x_t`` itself (``gap = 0``)
     or from a noisier ``x_{t'} ~ q(x_{t'} | x_t)``, ``t' = min(t + gap, T − 1)``; otherwise
     zeros, as at the first sampling step. Under DDP the coin is shared by every rank, but
-    the ``x_{t'}`` noise is drawn for this rank's slice only.
+    the ``x_{t'}`` noise is drawn for this rank's slice only. ``reader``: each item's
+    reader, for a reader-conditioned network.
     """
     coin = bool(torch.rand((), generator=gen) < 0.5)
     if not coin:
@@ -184,7 +185,8 @@ def _self_condition(net: torch.nn.Module, kernel: BernoulliKernel, gen: torch.Ge
         x_prev = kernel.q_sample_later(x_in.cpu(), t.cpu(), t_prev.cpu(),
                                        generator=gen).to(x_in.device)
     with torch.no_grad():
-        return kernel.predict_x0(net(x_prev, t_prev, img), x_prev).detach()
+        kw = {} if reader is None else {"reader": reader}
+        return kernel.predict_x0(net(x_prev, t_prev, img, **kw), x_prev).detach()
 
 
 @dataclass
@@ -213,15 +215,18 @@ class _Unroll:
                                                    self.uniforms)))
 
     def apply(self, net: torch.nn.Module, kernel: BernoulliKernel, x_t: torch.Tensor,
-              t: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+              t: torch.Tensor, img: torch.Tensor, reader: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """``x_t`` with the chosen items replaced by one sampler step of ``net`` (no
-        gradient) from their noisier state ``x_{t'}`` to ``t``."""
+        gradient) from their noisier state ``x_{t'}`` to ``t`` (each item as its own
+        ``reader``, for a reader-conditioned network)."""
         idx = self.chosen.nonzero().flatten()
         if idx.numel() == 0:
             return x_t
         x_prev, t_prev = self.x_prev[idx], self.t_prev[idx]
+        kw = {} if reader is None else {"reader": reader[idx]}
         with torch.no_grad():
-            x0_hat = kernel.predict_x0(net(x_prev, t_prev, img[idx]), x_prev)
+            x0_hat = kernel.predict_x0(net(x_prev, t_prev, img[idx], **kw), x_prev)
         mean = kernel.step_probs_batch(x_prev, x0_hat, t_prev, t[idx])
         out = x_t.clone()
         out[idx] = (self.uniforms[idx] < mean).to(x_t.dtype)
@@ -329,6 +334,11 @@ def train(
     self_cond = bool(getattr(net, "self_conditioned", False))  # Bernoulli only (TrainConfig)
     prior_head = bool(getattr(net, "has_prior_head", False))
     presence_head = bool(getattr(net, "has_presence_head", False))
+    n_readers = int(getattr(net, "n_readers", 0))
+    if n_readers and int(data.counts.max()) > n_readers:
+        raise ValueError(f"the network is conditioned on {n_readers} readers, but some items "
+                         f"have {int(data.counts.max())} annotations; set readers to at least "
+                         "the largest number of annotations per item")
     T = cfg.diffusion_config().timesteps
     visited = torch.tensor(timestep_subsequence(cfg.diffusion_config().default_steps, T))
     unroll_gap = unroll_gap_for(cfg) if cfg.unroll_prob > 0 else 0
@@ -356,7 +366,8 @@ def train(
     net.train()
     while step < cfg.steps:
         # ---- draw the global batch (identical on every rank), keep this rank's slice
-        idx, img, x0, _ = draw_batch(gen, data, gb, cfg.augment, nonempty_only=presence_head)
+        idx, img, x0, _, annotator = draw_batch(gen, data, gb, cfg.augment,
+                                                nonempty_only=presence_head)
         present = data.presence_fraction(idx)[lo:hi].to(dev) if presence_head else None
         if cfg.kind == "deterministic":
             t = torch.zeros(gb, dtype=torch.long)
@@ -378,20 +389,24 @@ def train(
         img, x0, x_in, t = (v[lo:hi].to(dev) for v in (img, x0, x_in, t))
         if noise is not None:
             noise = noise[lo:hi].to(dev)
+        # a reader-conditioned network learns annotation k as reader k's
+        reader = annotator[lo:hi].to(dev) if n_readers else None
+        rkw = {} if reader is None else {"reader": reader}
         if unroll_gap:
-            x_in = unroll.slice(lo, hi, dev).apply(net, kernel, x_in, t, img)
+            x_in = unroll.slice(lo, hi, dev).apply(net, kernel, x_in, t, img, reader)
 
         lr = set_lr([opt], cfg, step)
         inputs = (x_in, t, img) + ((_self_condition(net, kernel, gen, x_in, t, img,
-                                                     cfg.self_condition_gap),) if self_cond else ())
+                                                     cfg.self_condition_gap, reader),)
+                                   if self_cond else ())
         prior = presence = None
         if prior_head or presence_head:
             out_t, *extras = model(*inputs, return_prior=prior_head,
-                                   return_presence=presence_head)
+                                   return_presence=presence_head, **rkw)
             prior = extras[0] if prior_head else None
             presence = extras[-1] if presence_head else None
         else:
-            out_t = model(*inputs)
+            out_t = model(*inputs, **rkw)
         if cfg.kind == "deterministic":
             p1, p2 = segmentor_loss_parts(out_t, x0)
             loss = p1 + cfg.dice_weight * p2

@@ -256,3 +256,69 @@ def test_a_presence_head_with_the_gaussian_kernel_is_refused(presence_net):
                                                      default_steps=3))
     with pytest.raises(ValueError, match="presence head samples with the Bernoulli kernel"):
         m.sample_all(np.zeros((16, 16), np.float32), n=2, seed=0)
+
+
+@pytest.fixture
+def reader_net():
+    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
+                                     readers=3))
+
+
+def test_reader_conditioning_changes_the_prediction_per_sample(reader_net):
+    img = torch.rand(1, 1, 16, 16)
+    x = (torch.rand(3, 1, 16, 16) > 0.5).float()
+    t = torch.tensor([1, 50, 99])
+    with torch.no_grad():
+        cond = reader_net.encode(img)
+        mixed = reader_net.predict(x, t, cond, reader=torch.tensor([0, 2, 1]))
+        per = [reader_net.predict(x, t, cond, reader=r) for r in range(3)]  # one for all
+        torch.testing.assert_close(mixed, torch.stack([per[0][0], per[2][1], per[1][2]]))
+        assert not torch.allclose(per[0], per[1])
+        torch.testing.assert_close(reader_net(x, t, img, reader=1), per[1])
+        fresh = ConditionOnceNet(reader_net.config).eval()  # the embedding starts at zero
+        torch.testing.assert_close(fresh.predict(x, t, fresh.encode(img), reader=0),
+                                   fresh.predict(x, t, fresh.encode(img), reader=2))
+    assert reader_net.n_readers == 3
+    assert network_from_metadata(network_to_metadata(reader_net)).config.readers == 3
+
+
+def test_reader_arguments_are_checked(reader_net, net):
+    img, x = torch.rand(1, 1, 16, 16), torch.zeros(2, 1, 16, 16)
+    cond = reader_net.encode(img)
+    with pytest.raises(ValueError, match=r"reader-conditioned \(readers=3\); give the reader "
+                                         r"index of each sample, 0..2"):
+        reader_net.predict(x, 5, cond)
+    with pytest.raises(ValueError, match=r"reader indices must lie in 0..2; got \[0, 3\]"):
+        reader_net.predict(x, 5, cond, reader=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"one index or one per sample \(2\); got 3"):
+        reader_net.predict(x, 5, cond, reader=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="not reader-conditioned"):
+        net.predict(x, 5, net.encode(img), reader=0)
+    with pytest.raises(ValueError, match="readers must be a whole number >= 0, got 1.5"):
+        CondOnceConfig(readers=1.5)
+    desc = network_to_metadata(net)
+    del desc["readers"]  # saved before the option existed
+    assert network_from_metadata(desc).config.readers == 0
+
+
+def test_the_sampler_spreads_samples_evenly_over_the_readers(reader_net, monkeypatch):
+    m = DiffusionModel(reader_net, DiffusionConfig(kind="bernoulli", timesteps=100,
+                                                   default_steps=3))
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    seen = []
+    real = ConditionOnceNet.predict
+
+    def spy(self, x_t, t, cond, *a, reader=None):
+        seen.append(reader.tolist())
+        return real(self, x_t, t, cond, *a, reader=reader)
+
+    monkeypatch.setattr(ConditionOnceNet, "predict", spy)
+    res = m.sample_all(img, n=7, seed=2)
+    np.testing.assert_array_equal(res.readers, [0, 1, 2, 0, 1, 2, 0])
+    assert seen == [[0, 1, 2, 0, 1, 2, 0]] * 3
+    seen.clear()
+    chunked = m.sample_all(img, n=7, seed=2, max_batch=3)
+    assert seen == [[0, 1, 2], [0, 1, 2], [0]] * 3  # sample i is reader i mod 3 in any chunk
+    np.testing.assert_array_equal(chunked.masks, res.masks)
+    np.testing.assert_allclose(chunked.probs, res.probs, atol=1e-6)
+    assert m.sample_all(img, n=2, seed=2).readers.tolist() == [0, 1]

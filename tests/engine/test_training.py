@@ -183,6 +183,8 @@ def test_cli_trains_a_self_conditioned_condition_once_model(tmp_path, capsys):
     assert load_model(out).metadata["training"]["recipe"]["unroll_prob"] == 0.5
     assert main(common + ["--force", "--presence-head"]) == 0
     assert load_model(out).net.has_presence_head
+    assert main(common + ["--force", "--readers", "4", "--kind", "gaussian"]) == 0
+    assert load_model(out).net.n_readers == 4
     assert main(common + ["--force", "--network", "unet", "--attention", ""]) == 0
     assert not isinstance(load_model(out).net, ConditionOnceNet)
     capsys.readouterr()
@@ -194,6 +196,9 @@ def test_cli_trains_a_self_conditioned_condition_once_model(tmp_path, capsys):
         (["--kind", "gaussian", "--presence-head"], "--presence-head needs --kind bernoulli"),
         (["--attention", "4", "--network", "condition-once"],
          "--attention applies to the UNet only"),
+        (["--network", "unet", "--readers", "4"], "--readers needs the condition-once network"),
+        (["--readers", "-1"], "--readers must be >= 0, got -1"),
+        (["--readers", "3"], "conditioned on 3 readers, but some items have 4 annotations"),
         (["--kind", "gaussian", "--unroll-prob", "0.5"],
          "implemented for kind 'bernoulli' without self-conditioning"),
     ]:
@@ -350,14 +355,14 @@ def test_draws_for_a_presence_head_use_non_empty_annotations_only():
     torch.testing.assert_close(data.presence_fraction(torch.tensor([0, 1, 2])),
                                torch.tensor([0.5, 0.5, 0.0]))
     gen = torch.Generator().manual_seed(0)
-    idx, _, x0, _ = draw_batch(gen, data, 600, augment=False, nonempty_only=True)
+    idx, _, x0, _, _ = draw_batch(gen, data, 600, augment=False, nonempty_only=True)
     seen = {i: {tuple(m.flatten().tolist()) for m in x0[idx == i]} for i in range(3)}
     assert seen[0] == {(1, 0, 0, 0), (0, 0, 0, 1)}  # both marked ones, never an empty one
     assert seen[1] == {(0, 1, 0, 0)}
     assert seen[2] == {(0, 0, 0, 0)}  # nothing marked: its (empty) annotations as before
     share = (x0[idx == 0].flatten(1)[:, 0] == 1).float().mean()
     assert 0.4 < share < 0.6  # uniform between the two marked annotators
-    idx, _, x0, _ = draw_batch(torch.Generator().manual_seed(0), data, 600, augment=False)
+    idx, _, x0, _, _ = draw_batch(torch.Generator().manual_seed(0), data, 600, augment=False)
     assert (x0[idx == 0].flatten(1).sum(1) == 0).any()  # without the option empties are drawn
 
 
@@ -402,6 +407,110 @@ def test_presence_head_config_errors():
     net["output_activation"] = "none"
     with pytest.raises(ValueError, match="presence head .* 'bernoulli' only, not 'gaussian'"):
         _config("gaussian", network=net)
+
+
+def _reader_network(readers: int = 4, **kw) -> dict:
+    from napari_berdiff.networks import CondOnceConfig, network_description
+
+    return network_description(CondOnceConfig(
+        image_size=SIZE, model_channels=8, channel_mult=(1, 2), encoder_channels=8,
+        norm_groups=4, readers=readers, **kw))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_each_drawn_mask_is_the_drawn_annotators(data, augment):
+    from napari_berdiff.training.loop import augment_batch, training_arrays
+
+    arrays = training_arrays(_config(), data, 1, 2)
+    batch = draw_batch_for_test(arrays, augment)
+    want = arrays.masks[batch.idx, batch.annotator].unsqueeze(1).float()
+    if augment:
+        want = augment_batch(want, batch.codes)
+    torch.testing.assert_close(batch.mask, want)
+    assert set(batch.annotator.tolist()) == {0, 1, 2, 3}
+
+
+def draw_batch_for_test(arrays, augment):
+    from napari_berdiff.training.loop import draw_batch
+
+    return draw_batch(torch.Generator().manual_seed(1), arrays, 64, augment)
+
+
+def test_a_reader_conditioned_network_is_given_each_items_annotator(tmp_path, data,
+                                                                    monkeypatch):
+    """Every forward pass of training (the loss's, and the unrolled step's) gets the reader
+    index of the annotation it is trained on; training resumes exactly."""
+    from napari_berdiff.checkpoints.loading import load_model
+    from napari_berdiff.networks import ConditionOnceNet
+    from napari_berdiff.training import trainer
+
+    steps: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+    real_draw, real_forward = trainer.draw_batch, ConditionOnceNet.forward
+
+    def spy_draw(*a, **kw):
+        batch = real_draw(*a, **kw)
+        steps.append((batch.annotator.clone(), []))
+        return batch
+
+    def spy_forward(self, x_t, t, image, *a, reader=None, **kw):
+        steps[-1][1].append(reader.clone())
+        return real_forward(self, x_t, t, image, *a, reader=reader, **kw)
+
+    monkeypatch.setattr(trainer, "draw_batch", spy_draw)
+    monkeypatch.setattr(ConditionOnceNet, "forward", spy_forward)
+    cfg = _config(network=_reader_network(), steps=3, batch_size=8, unroll_prob=1.0)
+    train(cfg, data, tmp_path / "spy.safetensors", progress=False)
+    assert len(steps) == 3
+    for annotator, passes in steps:
+        assert len(passes) == 2  # the unrolled step (its chosen items), then the loss's pass
+        assert torch.equal(passes[1], annotator)
+        left = iter(annotator.tolist())  # the unrolled items' readers, in batch order
+        assert 0 < len(passes[0]) and all(r in left for r in passes[0].tolist())
+    monkeypatch.undo()
+    part = _trains_and_resumes_exactly(
+        cfg.replace(steps=12, checkpoint_every=4, unroll_prob=0.5), data, tmp_path)
+    net = load_model(part).net
+    assert net.n_readers == 4 and net.reader_embed.weight.abs().sum(1).gt(0).all()
+
+
+def test_a_reader_conditioned_network_learns_each_readers_style(tmp_path):
+    """Four readers who threshold the same soft blob at their own level: after training,
+    the network's x̂0 for reader k is closest, in area, to reader k's masks (with 80 steps
+    here: areas 134, 63, 34, 10 pixels against the masks' 129, 59, 28, 8)."""
+    from napari_berdiff.checkpoints.loading import load_model
+
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    items = []
+    for s in range(6):
+        rng = np.random.default_rng(s)
+        cy, cx = rng.uniform(6, 10, 2)
+        soft = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0).astype(np.float32)
+        masks = np.stack([soft > lv for lv in (0.1, 0.35, 0.6, 0.85)]).astype(np.uint8)
+        items.append(SegItem(soft, masks, f"c{s}", "0"))
+    ds = SegDataset(items, {"layout": "test", "description": "readers at 4 levels"})
+    cfg = _config(network=_reader_network(), steps=80, batch_size=8, lr=1e-2,
+                  checkpoint_every=80)
+    train(cfg, ds, tmp_path / "r.safetensors", progress=False)
+    net = load_model(tmp_path / "r.safetensors").net
+    img = torch.from_numpy(items[0].image)[None, None]
+    with torch.no_grad():
+        cond = net.encode(img)
+        x_t = torch.full((4, 1, SIZE, SIZE), 0.5).bernoulli(generator=torch.Generator()
+                                                             .manual_seed(0))
+        x0 = net.predict(x_t, torch.full((4,), 49), cond, reader=torch.arange(4))
+    areas = x0.sum((1, 2, 3)).numpy()
+    truth = items[0].masks.reshape(4, -1).sum(1)
+    assert np.all(np.diff(areas) < 0), (areas, truth)  # looser readers mark more
+    nearest = np.abs(areas[:, None] - truth[None, :]).argmin(1)
+    assert (nearest == np.arange(4)).sum() >= 3, (areas, truth)
+
+
+def test_reader_conditioning_errors(data, tmp_path):
+    with pytest.raises(ValueError, match="readers must be a whole number >= 0"):
+        _reader_network(readers=-1)
+    cfg = _config(network=_reader_network(readers=2), steps=2)
+    with pytest.raises(ValueError, match="conditioned on 2 readers, but some items have 4"):
+        train(cfg, data, tmp_path / "x.safetensors", progress=False)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "deterministic"])
