@@ -64,13 +64,17 @@ def result_info(layer: Any) -> dict[str, Any] | None:
 
 
 class RunLayers:
-    """The layers of one run: ``samples``, ``x̂0 probability`` and the uncertainty maps."""
+    """The layers of one run: ``samples``, ``x̂0 probability`` and the uncertainty maps.
+
+    ``readers``: a reader-conditioned model's reader count (sample i is drawn as reader
+    ``i mod readers``); 0 for other models."""
 
     def __init__(self, viewer: Any, placement: Placement, n: int, run_id: int,
-                 label: str = ""):
+                 label: str = "", readers: int = 0):
         self.viewer = viewer
         self.placement = placement
         self.n = n
+        self.readers = readers
         self.run_id = run_id
         shape = placement.result_shape
         self.samples = np.zeros((n, *shape), dtype=np.uint8)

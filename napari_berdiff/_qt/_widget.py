@@ -223,7 +223,8 @@ class DiffusionSegmentationWidget(QWidget):
         self._run_id += 1
         n = sp.n_spin.value()
         layers = RunLayers(self.viewer, prepared.placement, n, self._run_id,
-                           self.model_panel.model_label)
+                           self.model_panel.model_label,
+                           int(getattr(self.model.net, "n_readers", 0)))
         previous = self.last_run
         keep = previous is not None and sp.keep_check.isChecked()
         if previous is None or keep or not layers.take_over(previous):
@@ -439,7 +440,9 @@ class DiffusionSegmentationWidget(QWidget):
             if i is None:
                 self.results.index_label.setText("no samples yet")
                 return
-            self.results.index_label.setText(f"sample {i} / {self.last_run.n - 1}")
+            readers = self.last_run.readers
+            self.results.index_label.setText(f"sample {i} / {self.last_run.n - 1}" + (
+                f" · reader {i % readers}" if readers else ""))
             self.metrics.highlight(i)
         except RuntimeError:
             pass

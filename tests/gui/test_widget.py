@@ -126,6 +126,37 @@ def test_a_presence_model_leaves_unmarked_samples_empty_and_says_so(docked, qtbo
     assert not _layer(viewer, SAMPLES).data[unmarked].any()
 
 
+def test_a_reader_model_labels_each_sample_with_its_reader(docked, qtbot):
+    """A reader-conditioned model: browsing shows which reader each sample was drawn as,
+    and the layers hold the engine's samples for those readers."""
+    import torch
+
+    from napari_berdiff.diffusion import DiffusionConfig
+    from napari_berdiff.model import DiffusionModel
+    from napari_berdiff.networks import CondOnceConfig, ConditionOnceNet
+
+    viewer, widget = docked
+    image = blob()
+    viewer.add_image(image, name="img")
+    torch.manual_seed(0)
+    net = ConditionOnceNet(CondOnceConfig(image_size=32, model_channels=8, encoder_channels=8,
+                                          channel_mult=(1, 2), readers=3)).eval()
+    with torch.no_grad():
+        net.reader_embed.weight.normal_()
+    model = DiffusionModel(net, DiffusionConfig(kind="bernoulli", timesteps=100,
+                                                default_steps=2))
+    widget.set_model(model, "readers")
+    _settings(widget, n=5, seed=2)
+    run_and_wait(qtbot, widget)
+    labels = []
+    for _ in range(5):
+        labels.append(widget.results.index_label.text())
+        widget.results.next_btn.click()
+    assert labels == [f"sample {i} / 4 · reader {i % 3}" for i in range(5)]
+    ref = model.sample_all(image, n=5, steps=2, seed=2)
+    np.testing.assert_allclose(_layer(viewer, "x̂0 probability").data, ref.probs, atol=1e-6)
+
+
 def test_rerun_replaces_layers_unless_kept(docked, qtbot):
     viewer, widget = docked
     image = blob()
