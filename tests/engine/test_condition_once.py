@@ -251,6 +251,34 @@ def test_samples_drawn_unmarked_stay_empty_at_every_step_and_the_rest_are_sample
                                   res.masks)
 
 
+def test_the_network_runs_on_marked_samples_only_and_draws_them_as_if_all_were(
+        presence_net, monkeypatch):
+    """The samples drawn unmarked cost no network time, and the marked ones are the very
+    samples a run where every sample is marked (p = 1, same seed) draws."""
+    cfg = DiffusionConfig(kind="bernoulli", timesteps=100, default_steps=4)
+    img = np.random.default_rng(1).random((16, 16)).astype(np.float32)
+    rows = []
+    real = ConditionOnceNet.predict
+
+    def spy(self, x_t, *a, **kw):
+        rows.append(x_t.shape[0])
+        return real(self, x_t, *a, **kw)
+
+    monkeypatch.setattr(ConditionOnceNet, "predict", spy)
+    some = DiffusionModel(_with_presence(presence_net, 0.7), cfg).sample_all(img, n=40, seed=5,
+                                                                             max_batch=16)
+    marked = some.probs.reshape(40, -1).any(1)
+    per_chunk = [int(marked[a : a + 16].sum()) for a in (0, 16, 32)]
+    assert 0 < sum(per_chunk) < 40
+    assert rows == [c for c in per_chunk if c] * 4  # a chunk with no marked sample is skipped
+    with torch.no_grad():
+        presence_net.presence_out.bias.fill_(50.0)  # p = 1 in float32: every sample marked
+    every = DiffusionModel(presence_net, cfg).sample_all(img, n=40, seed=5, max_batch=16)
+    assert every.presence == 1.0 and every.probs.reshape(40, -1).any(1).all()
+    np.testing.assert_allclose(some.probs[marked], every.probs[marked], atol=1e-5)
+    np.testing.assert_array_equal(some.masks[marked], every.masks[marked])
+
+
 def test_a_presence_head_with_the_gaussian_kernel_is_refused(presence_net):
     m = DiffusionModel(presence_net, DiffusionConfig(kind="gaussian", timesteps=100,
                                                      default_steps=3))
