@@ -332,6 +332,7 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
         "device": result.device,
         "chunk_size": result.chunk_size,
         "presence": result.presence,
+        "readers": None if result.readers is None else result.readers.tolist(),
         "timings": timings,
         "outputs": sorted(p.name for p in written) + ["run.json"],
     }

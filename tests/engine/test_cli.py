@@ -66,6 +66,7 @@ def test_sample_writes_every_file_and_reproduces(capsys, files, tmp_path):
     assert len(run["timesteps"]) == 2 and run["timesteps"] == sorted(run["timesteps"], reverse=True)
     assert run["roi"] == [0, 0, 32, 32] and run["roi_requested"] is False
     assert run["device"] == "cpu"
+    assert run["presence"] is None and run["readers"] is None  # a plain model
     assert run["image_path"].endswith("img.png") and run["image_shape"] == [32, 32]
     for key in ("total_s", "network_s", "first_frame_s", "wall_s"):
         assert run["timings"][key] > 0
@@ -75,6 +76,21 @@ def test_sample_writes_every_file_and_reproduces(capsys, files, tmp_path):
     assert code == 0, err
     for f in sorted((tmp_path / "a").glob("*.npy")):
         np.testing.assert_array_equal(np.load(f), np.load(tmp_path / "b" / f.name), err_msg=f.name)
+
+
+def test_sample_records_the_reader_of_each_sample(capsys, files, tmp_path):
+    from napari_berdiff.diffusion import DiffusionConfig
+    from napari_berdiff.model import DiffusionModel
+    from napari_berdiff.networks import CondOnceConfig, ConditionOnceNet
+
+    net = ConditionOnceNet(CondOnceConfig(image_size=32, model_channels=8, encoder_channels=8,
+                                          channel_mult=(1, 2), readers=2))
+    model = DiffusionModel(net, DiffusionConfig(kind="bernoulli", timesteps=20, default_steps=2))
+    path = save_model(model, tmp_path / "readers.safetensors")
+    code, _, err = _run(capsys, "sample", "--model", path, "--image", files["root"] / "img.png",
+                        "--n", "3", "--out", tmp_path / "r", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["readers"] == [0, 1, 0]
 
 
 def test_sample_roi_slice_and_grey_notice(capsys, files, tmp_path):
