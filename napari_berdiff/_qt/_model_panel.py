@@ -147,6 +147,7 @@ def summary_html(model: Any, label: str = "") -> str:
     s = model.summary()
     d = s.get("diffusion", {})
     name = s.get("name") or label or "model"
+    readers = int(getattr(getattr(model, "net", None), "n_readers", 0))
     lines = [f"<b>{html.escape(str(name))}</b> — {html.escape(str(s.get('kind', '')))}"]
     lines.append(
         f"{_fmt_count(int(s.get('parameters', 0)))} parameters · T={d.get('timesteps', '?')} "
@@ -156,6 +157,7 @@ def summary_html(model: Any, label: str = "") -> str:
         + "steps by default"
         + (f" · correlated draws (ρ = {d['draw_correlation']:g})"
            if d.get("draw_correlation") else "")
+        + (f" · samples drawn as {readers} readers in turn" if readers else "")
     )
     data = s.get("data") or ""
     size = (getattr(model, "data", None) or {}).get("image_size")

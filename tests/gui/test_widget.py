@@ -153,6 +153,10 @@ def test_a_reader_model_labels_each_sample_with_its_reader(docked, qtbot):
         labels.append(widget.results.index_label.text())
         widget.results.next_btn.click()
     assert labels == [f"sample {i} / 4 · reader {i % 3}" for i in range(5)]
+    from napari_berdiff._qt._model_panel import summary_html
+
+    assert "steps by default · samples drawn as 3 readers in turn" in summary_html(model)
+    assert "readers" not in summary_html(toy_model(steps=2))
     ref = model.sample_all(image, n=5, steps=2, seed=2)
     np.testing.assert_allclose(_layer(viewer, "x̂0 probability").data, ref.probs, atol=1e-6)
 
