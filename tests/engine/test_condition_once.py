@@ -23,15 +23,25 @@ def randomised(cfg: CondOnceConfig) -> ConditionOnceNet:
     return net
 
 
+def small(**options) -> ConditionOnceNet:
+    """A randomised base-8, two-level network with ``options``."""
+    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
+                                     **options))
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One 16×16 image, three binary states and their timesteps."""
+    return (torch.rand(1, 1, 16, 16), (torch.rand(3, 1, 16, 16) > 0.5).float(),
+            torch.tensor([1, 50, 99]))
+
+
 @pytest.fixture
 def net():
-    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2)))
+    return small()
 
 
 def test_forward_is_predict_of_encode_and_broadcasts(net):
-    img = torch.rand(1, 1, 16, 16)
-    x = (torch.rand(3, 1, 16, 16) > 0.5).float()
-    t = torch.tensor([1, 50, 99])
+    img, x, t = inputs()
     cond = net.encode(img)
     assert [c.shape[1] for c in cond] == [8, 16]
     with torch.no_grad():
@@ -83,14 +93,11 @@ def test_samples_through_the_model_object_at_any_size(net):
 
 @pytest.fixture
 def head_net():
-    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
-                                     full_res_head=8))
+    return small(full_res_head=8)
 
 
 def test_full_res_head_adds_a_full_resolution_condition_and_matches_forward(head_net):
-    img = torch.rand(1, 1, 16, 16)
-    x = (torch.rand(3, 1, 16, 16) > 0.5).float()
-    t = torch.tensor([1, 50, 99])
+    img, x, t = inputs()
     cond = head_net.encode(img)
     assert [c.shape[1:] for c in cond] == [(8, 8, 8), (16, 4, 4), (8, 16, 16)]
     with torch.no_grad():
@@ -114,8 +121,7 @@ def test_full_res_head_config_errors():
 
 @pytest.fixture(params=[0, 8], ids=["no-head", "head"])
 def sc_net(request):
-    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
-                                     full_res_head=request.param, self_condition=True))
+    return small(full_res_head=request.param, self_condition=True)
 
 
 def test_self_conditioned_net_takes_the_previous_x0(sc_net, net):
@@ -147,14 +153,11 @@ def test_networks_saved_before_self_conditioning_load_without_it(net):
 
 @pytest.fixture(params=[0, 8], ids=["no-head", "head"])
 def prior_net(request):
-    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
-                                     full_res_head=request.param, prior_head=True))
+    return small(full_res_head=request.param, prior_head=True)
 
 
 def test_prior_head_encodes_a_probability_map_once_that_the_denoiser_sees(prior_net):
-    img = torch.rand(1, 1, 16, 16)
-    x = (torch.rand(3, 1, 16, 16) > 0.5).float()
-    t = torch.tensor([1, 50, 99])
+    img, x, t = inputs()
     cond = prior_net.encode(img)
     prior = cond[-1]
     assert prior.shape == (1, 1, 16, 16) and (prior > 0).all() and (prior < 1).all()
@@ -200,8 +203,7 @@ def test_a_network_without_a_head_refuses_to_return_it_and_old_files_load(net, h
 
 @pytest.fixture
 def presence_net():
-    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
-                                     presence_head=True))
+    return small(presence_head=True)
 
 
 def test_presence_head_gives_one_logit_per_image_from_the_encoding(presence_net):
@@ -288,14 +290,11 @@ def test_a_presence_head_with_the_gaussian_kernel_is_refused(presence_net):
 
 @pytest.fixture
 def reader_net():
-    return randomised(CondOnceConfig(model_channels=8, encoder_channels=8, channel_mult=(1, 2),
-                                     readers=3))
+    return small(readers=3)
 
 
 def test_reader_conditioning_changes_the_prediction_per_sample(reader_net):
-    img = torch.rand(1, 1, 16, 16)
-    x = (torch.rand(3, 1, 16, 16) > 0.5).float()
-    t = torch.tensor([1, 50, 99])
+    img, x, t = inputs()
     with torch.no_grad():
         cond = reader_net.encode(img)
         mixed = reader_net.predict(x, t, cond, reader=torch.tensor([0, 2, 1]))
