@@ -277,7 +277,7 @@ def _tuning_lines(tuned: dict | None, kind: str) -> list[str]:
 
 
 def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict | None,
-               machine: str, note: str = "") -> Path:
+               machine: str, note: str = "", speed_idle: bool = False) -> Path:
     """Store the held-out figures in the file's metadata and write ``<name>.md`` next to it."""
     from napari_berdiff.checkpoints import load_model
 
@@ -375,7 +375,8 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
     if speed:
         lines += ["", "## Speed",
                   "Sampling 16 masks with one torch thread on this CPU (median of 3, "
-                  "measured while other jobs shared the 2 cores, so an upper bound): "
+                  + ("measured with no other job running" if speed_idle else
+                     "measured while other jobs shared the 2 cores, so an upper bound") + "): "
                   + ", ".join(f"{k}: {v:.2f} s" for k, v in speed.items()) + "."]
     lines += ["", "Reproduce the figures with `benchmarks/train_default.py evaluate`.", ""]
     card = path.with_suffix(".md")
@@ -496,6 +497,8 @@ def main(argv=None) -> int:
                    help="store the figures in the files' metadata and write the model cards")
     e.add_argument("--json", default=None)
     e.add_argument("--note", default="", help="a sentence added to the model card's recipe section")
+    e.add_argument("--speed-idle", action="store_true",
+                   help="the card says the speed was measured with no other job running")
     e.add_argument("--baseline-note", default="",
                    help="a sentence added to the baseline card's recipe section")
     u = sub.add_parser("tune", help="choose the sampler and step count on validation phantoms")
@@ -559,7 +562,7 @@ def main(argv=None) -> int:
                  for k in steps for s in (SIZE, 128)}
         print("sampling 16 masks (s):", speed)
         print("wrote", write_card(Path(args.model), "model", summary, settings, speed, machine,
-                                        args.note))
+                                        args.note, args.speed_idle))
         if baseline is not None:
             print("wrote", write_card(bpath, "deterministic", summary, settings, None, machine,
                                             args.baseline_note))
