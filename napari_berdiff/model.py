@@ -122,6 +122,11 @@ class DiffusionModel:
         """Channels of the image a user supplies."""
         return self.network_channels - (1 if self.kind == "refiner" else 0)
 
+    @property
+    def n_readers(self) -> int:
+        """Readers a reader-conditioned network draws its samples as, in turn (0: none)."""
+        return int(getattr(self.net, "n_readers", 0))
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.net.parameters())
 

@@ -147,7 +147,7 @@ def summary_html(model: Any, label: str = "") -> str:
     s = model.summary()
     d = s.get("diffusion", {})
     name = s.get("name") or label or "model"
-    readers = int(getattr(getattr(model, "net", None), "n_readers", 0))
+    readers = getattr(model, "n_readers", 0)
     lines = [f"<b>{html.escape(str(name))}</b> — {html.escape(str(s.get('kind', '')))}"]
     lines.append(
         f"{_fmt_count(int(s.get('parameters', 0)))} parameters · T={d.get('timesteps', '?')} "

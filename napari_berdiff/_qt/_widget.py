@@ -223,8 +223,7 @@ class DiffusionSegmentationWidget(QWidget):
         self._run_id += 1
         n = sp.n_spin.value()
         layers = RunLayers(self.viewer, prepared.placement, n, self._run_id,
-                           self.model_panel.model_label,
-                           int(getattr(self.model.net, "n_readers", 0)))
+                           self.model_panel.model_label, self.model.n_readers)
         previous = self.last_run
         keep = previous is not None and sp.keep_check.isChecked()
         if previous is None or keep or not layers.take_over(previous):

@@ -383,20 +383,18 @@ def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch
 
 def _predict_marked(net: Any, x: torch.Tensor, t: torch.Tensor, cond: Any,
                     extra: tuple[torch.Tensor, ...], kw: dict[str, torch.Tensor],
-                    keep: torch.Tensor | None) -> torch.Tensor:
-    """``net.predict`` on a chunk, run on the samples drawn marked only (``keep`` 1; all of
-    them when ``keep`` is None). The rows of unmarked samples, which the caller zeroes
-    anyway, are zeros: the network's time is not spent on them."""
-    if keep is not None:
-        rows = keep.reshape(-1).nonzero().flatten()
-        if rows.numel() < x.shape[0]:
-            out = torch.zeros_like(x)
-            if rows.numel():
-                part = net.predict(x[rows], t[rows], cond, *(e[rows] for e in extra),
-                                   **{k: v[rows] for k, v in kw.items()})
-                out[rows] = part.to(out.dtype)
-            return out
-    return net.predict(x, t, cond, *extra, **kw)
+                    rows: torch.Tensor | None) -> torch.Tensor:
+    """``net.predict`` on a chunk, run on the chunk's samples drawn marked only (``rows``,
+    their indices in the chunk; None: all of them). The rows of unmarked samples, which the
+    caller zeroes anyway, are zeros: the network's time is not spent on them."""
+    if rows is None or rows.numel() == x.shape[0]:
+        return net.predict(x, t, cond, *extra, **kw)
+    out = torch.zeros_like(x)
+    if rows.numel():
+        part = net.predict(x[rows], t[rows], cond, *(e[rows] for e in extra),
+                           **{k: v[rows] for k, v in kw.items()})
+        out[rows] = part.to(out.dtype)
+    return out
 
 
 def sample_readers(net: Any, n: int) -> np.ndarray | None:
@@ -436,6 +434,9 @@ def _stream(
         presence, keep = _draw_presence(net, cond, n, gen, dev)
     readers = sample_readers(net, n)
     readers_t = None if readers is None else torch.from_numpy(readers).to(dev)
+    # which samples of each chunk the network runs on (drawn once, like keep itself)
+    marked_rows = None if keep is None else [keep[a : a + chunk].reshape(-1).nonzero().flatten()
+                                             for a in range(0, n, chunk)]
     net_seconds = encode_seconds  # the network's forward time: the encoding and every step
     first_frame = None
     x0_hat: torch.Tensor | None = None
@@ -461,13 +462,14 @@ def _stream(
                 tic = time.perf_counter()
                 extra = () if x0_prev is None else (x0_prev[a : a + chunk],)
                 kw = {} if readers_t is None else {"reader": readers_t[a : a + chunk]}
-                kb = None if keep is None else keep[a : a + chunk]
-                out = _predict_marked(net, xin, tb, cond, extra, kw, kb)
+                rows = None if marked_rows is None else marked_rows[a // chunk]
+                out = _predict_marked(net, xin, tb, cond, extra, kw, rows)
                 _sync()
                 net_seconds += time.perf_counter() - tic
                 nb = noise[a : a + chunk] if noise is not None else None
                 xs, x0b = kernel.denoise(xb, out.float(), t, s, nb)
-                if kb is not None:  # samples drawn "not marked" stay empty
+                if keep is not None:  # samples drawn "not marked" stay empty
+                    kb = keep[a : a + chunk]
                     xs, x0b = xs * kb, x0b * kb
                 if x0_prev is not None:
                     x0_prev[a : a + chunk] = x0b

@@ -164,6 +164,11 @@ def export_model(net: torch.nn.Module, cfg: TrainConfig, out: str | Path,
     return out
 
 
+def _reader_kw(reader: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The ``reader`` keyword of a reader-conditioned network's call (none for others)."""
+    return {} if reader is None else {"reader": reader}
+
+
 def _self_condition(net: torch.nn.Module, kernel: BernoulliKernel, gen: torch.Generator,
                     x_in: torch.Tensor, t: torch.Tensor, img: torch.Tensor, gap: int = 0,
                     reader: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,8 +190,8 @@ def _self_condition(net: torch.nn.Module, kernel: BernoulliKernel, gen: torch.Ge
         x_prev = kernel.q_sample_later(x_in.cpu(), t.cpu(), t_prev.cpu(),
                                        generator=gen).to(x_in.device)
     with torch.no_grad():
-        kw = {} if reader is None else {"reader": reader}
-        return kernel.predict_x0(net(x_prev, t_prev, img, **kw), x_prev).detach()
+        return kernel.predict_x0(net(x_prev, t_prev, img, **_reader_kw(reader)),
+                                 x_prev).detach()
 
 
 @dataclass
@@ -224,7 +229,7 @@ class _Unroll:
         if idx.numel() == 0:
             return x_t
         x_prev, t_prev = self.x_prev[idx], self.t_prev[idx]
-        kw = {} if reader is None else {"reader": reader[idx]}
+        kw = _reader_kw(None if reader is None else reader[idx])
         with torch.no_grad():
             x0_hat = kernel.predict_x0(net(x_prev, t_prev, img[idx], **kw), x_prev)
         mean = kernel.step_probs_batch(x_prev, x0_hat, t_prev, t[idx])
@@ -391,7 +396,7 @@ def train(
             noise = noise[lo:hi].to(dev)
         # a reader-conditioned network learns annotation k as reader k's
         reader = annotator[lo:hi].to(dev) if n_readers else None
-        rkw = {} if reader is None else {"reader": reader}
+        rkw = _reader_kw(reader)
         if unroll_gap:
             x_in = unroll.slice(lo, hi, dev).apply(net, kernel, x_in, t, img, reader)
 
