@@ -325,6 +325,8 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
         "draw_correlation": (model.diffusion.draw_correlation
                              if getattr(args, "draw_correlation", None) is None
                              else args.draw_correlation),
+        "temperature": (model.diffusion.temperature
+                        if getattr(args, "temperature", None) is None else args.temperature),
         "timesteps": visited,
         "steps_done": result.steps_done,
         "roi": list(result.roi),
@@ -371,7 +373,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     spec = model.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
     stream = model.sample(image, n=args.n, steps=steps, seed=args.seed, roi=roi,
-                          max_batch=args.max_batch, draw_correlation=args.draw_correlation)
+                          max_batch=args.max_batch, draw_correlation=args.draw_correlation,
+                          temperature=args.temperature)
     result, visited = run_with_progress(stream, n_steps, args.quiet, "sampling")
     out = Path(args.out)
     written = write_results(out, result, args.n)
@@ -441,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Bernoulli models: correlation in [0, 1] of a step's draws within a "
                         "sample; 0 draws pixels independently as BerDiff does (default: the "
                         "model's)")
+    p.add_argument("--temperature", type=float, metavar="TAU",
+                   help="Bernoulli models: each step draws from x0 sharpened by 1/TAU on the "
+                        "logit; 1 is BerDiff's step, below 1 moves each sample towards its most "
+                        "likely mask (default: the model's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", help="preset for an official .pt file")
     add_run_options(p, "sample", "slice index of a 3D volume (first axis)")

@@ -195,20 +195,24 @@ class DiffusionModel:
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         normalise: bool = True,
         draw_correlation: float | None = None,
+        temperature: float | None = None,
     ) -> SampleStream:
         """Stream ``n`` samples for ``image``: an iterator of :class:`Frame`, one per step,
         whose ``.result`` is the :class:`SampleResult` once it is exhausted.
 
         See :func:`napari_berdiff.diffusion.sample_stream` for the arguments. The image
         is normalised the way the model's metadata says unless ``normalise=False``.
-        ``draw_correlation`` overrides the model's (Bernoulli only; see
-        :class:`~napari_berdiff.diffusion.DiffusionConfig`); None keeps it.
+        ``draw_correlation`` and ``temperature`` override the model's (Bernoulli only; see
+        :class:`~napari_berdiff.diffusion.DiffusionConfig`); None keeps them.
         """
         if self.kind == "segmentor":
             raise ValueError("a segmentor is not a diffusion model and cannot be sampled")
         kernel = self.kernel
-        if draw_correlation is not None and draw_correlation != self.diffusion.draw_correlation:
-            kernel = make_kernel(self.diffusion.replace(draw_correlation=float(draw_correlation)))
+        changes = {k: float(v) for k, v in (("draw_correlation", draw_correlation),
+                                            ("temperature", temperature))
+                   if v is not None and v != getattr(self.diffusion, k)}
+        if changes:
+            kernel = make_kernel(self.diffusion.replace(**changes))
         cond = self.prepare(image, prior, normalise, roi)
         start_prior = prior if self.kind == "refiner" else None
         return sample_stream(

@@ -157,6 +157,8 @@ def summary_html(model: Any, label: str = "") -> str:
         + "steps by default"
         + (f" · correlated draws (ρ = {d['draw_correlation']:g})"
            if d.get("draw_correlation") else "")
+        + (f" · sharpened steps (temperature {d['temperature']:g})"
+           if d.get("temperature", 1.0) != 1.0 else "")
         + (f" · samples drawn as {readers} readers in turn" if readers else "")
     )
     data = s.get("data") or ""

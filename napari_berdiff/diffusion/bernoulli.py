@@ -190,18 +190,29 @@ class BernoulliKernel:
         draws ``x_s ~ B(mean)``. With correlated draws the same mixture is drawn in two parts,
         ``x_s = x_t`` where the first uniform is below σ and ``x_s = [u₂ < x̂0]`` elsewhere,
         so each pixel's probability is unchanged and only the ``x̂0`` draws are correlated.
+        Either way the step draws from :meth:`sharpen` ``(x̂0)``; the returned ``x̂0`` is not
+        sharpened.
         """
         x0_hat = self.predict_x0(net_out, x_t)
         if s < 0:
             return x0_hat, x0_hat
+        x0_step = self.sharpen(x0_hat)
         if not self.config.draw_correlation:
-            mean = self.step_probs(x_t, x0_hat, t, s)
+            mean = self.step_probs(x_t, x0_step, t, s)
             return (noise < mean).to(x_t.dtype), x0_hat
         sigma = self._keep_probability(t, s)
         c = x_t.shape[1]
         keep, draw = noise[:, :c], noise[:, c:]
-        x_s = torch.where(keep < sigma, x_t, (draw < x0_hat).to(x_t.dtype))
+        x_s = torch.where(keep < sigma, x_t, (draw < x0_step).to(x_t.dtype))
         return x_s, x0_hat
+
+    def sharpen(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        """``x̂0`` as a reverse step draws from it: ``sigmoid(logit(x̂0) / temperature)``
+        (unchanged at temperature 1). The sign of the logit, hence ``x̂0 > 0.5``, is kept."""
+        tau = float(self.config.temperature)
+        if tau == 1.0:
+            return x0_hat
+        return torch.sigmoid(torch.logit(_clamp(x0_hat)) / tau)
 
     @staticmethod
     def probabilities(x0_hat: torch.Tensor) -> torch.Tensor:

@@ -219,6 +219,53 @@ def test_draw_correlation_is_checked(kwargs, match):
         DiffusionConfig(**kwargs)
 
 
+# ---------------------------------------------------------------- temperature
+def _tempered(tau, rho=0.0):
+    return BernoulliKernel(DiffusionConfig(kind="bernoulli", prediction="x0",
+                                           draw_correlation=rho, temperature=tau))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 0.2, 2.0])
+def test_sharpen_is_the_normalised_power(tau):
+    """sigmoid(logit(p)/τ) = p^(1/τ) / (p^(1/τ) + (1 − p)^(1/τ)), and it keeps p > 1/2."""
+    p = np.linspace(0.01, 0.99, 99)
+    expected = p ** (1 / tau) / (p ** (1 / tau) + (1 - p) ** (1 / tau))
+    got = _tempered(tau).sharpen(torch.from_numpy(p)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(got > 0.5, p > 0.5)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+def test_tempered_step_draws_from_the_sharpened_x0(rho):
+    """P(x_s = 1) per pixel is σ x_t + (1 − σ) sharpen(x̂0); the returned x̂0 is the
+    network's, unsharpened."""
+    k = _tempered(0.25, rho)
+    g = torch.Generator().manual_seed(4)
+    n = 40000
+    x0_hat = torch.linspace(0.02, 0.98, 8).reshape(1, 1, 1, 8).expand(n, 1, 2, 8)
+    x_t = torch.tensor([0.0, 1.0]).reshape(1, 1, 2, 1).expand(n, 1, 2, 8)
+    x_s, back = k.denoise(x_t, x0_hat, 600, 400, k.noise((n, 1, 2, 8), g))
+    p = x0_hat[0].double() ** 4 / (x0_hat[0].double() ** 4 + (1 - x0_hat[0].double()) ** 4)
+    sigma = k._keep_probability(600, 400)
+    expected = sigma * x_t[0] + (1 - sigma) * p
+    np.testing.assert_allclose(x_s.mean(0).numpy(), expected.numpy(), atol=0.01)
+    assert torch.equal(back, x0_hat)
+    last, back = k.denoise(x_t[:2], x0_hat[:2], 100, -1, None)  # the final step: x̂0 itself
+    assert torch.equal(last, x0_hat[:2]) and torch.equal(back, x0_hat[:2])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"kind": "bernoulli", "temperature": 0.0}, "temperature must be a positive number, got 0.0"),
+    ({"kind": "bernoulli", "temperature": -1.0}, "temperature must be a positive number"),
+    ({"kind": "bernoulli", "temperature": float("nan")}, "temperature must be a positive number"),
+    ({"kind": "bernoulli", "temperature": float("inf")}, "temperature must be a positive number"),
+    ({"kind": "gaussian", "temperature": 0.5}, "temperature applies to the Bernoulli kernel only"),
+])
+def test_temperature_is_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionConfig(**kwargs)
+
+
 def test_forward_from_a_later_state_composes_to_the_forward_process(kernel):
     """q(x_t | x_s) after q(x_s | x_0) has the marginal of q(x_t | x_0), sample by sample."""
     g = torch.Generator().manual_seed(0)

@@ -211,3 +211,15 @@ def test_sample_draw_correlation_is_recorded_and_checked(capsys, files, tmp_path
     code, _, err = _sample(capsys, files, tmp_path / "bad", "--draw-correlation", "1.5")
     assert code == 2 and "draw_correlation must lie in [0, 1], got 1.5" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_sample_temperature_is_recorded_and_checked(capsys, files, tmp_path):
+    code, _, err = _sample(capsys, files, tmp_path / "plain", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())["temperature"] == 1.0
+    code, _, err = _sample(capsys, files, tmp_path / "sharp", "--quiet", "--temperature", "0.25")
+    assert code == 0, err
+    assert json.loads((tmp_path / "sharp" / "run.json").read_text())["temperature"] == 0.25
+    code, _, err = _sample(capsys, files, tmp_path / "bad", "--temperature", "0")
+    assert code == 2 and "temperature must be a positive number, got 0.0" in err
+    assert not (tmp_path / "bad").exists()

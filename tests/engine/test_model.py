@@ -68,6 +68,28 @@ def test_draw_correlation_can_be_overridden_per_call():
         tiny_model("gaussian").sample_all(img, n=2, steps=2, draw_correlation=0.5)
 
 
+def test_temperature_can_be_overridden_per_call():
+    """A sharpened run starts from the same x̂0 (same seed, same x_T) and then differs; its
+    probabilities stay the network's own, so the masks are still ``probs > 0.5``."""
+    m = tiny_model()
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    plain = list(m.sample(img, n=4, steps=4, seed=1))
+    sharp = list(m.sample(img, n=4, steps=4, seed=1, temperature=0.25))
+    np.testing.assert_array_equal(plain[0].x0_prob, sharp[0].x0_prob)
+    assert not np.array_equal(plain[-1].x0_prob, sharp[-1].x0_prob)
+    res = m.sample_all(img, n=4, steps=4, seed=1, temperature=0.25)
+    np.testing.assert_array_equal(res.probs, sharp[-1].x0_prob)
+    np.testing.assert_array_equal(res.masks, res.probs > 0.5)
+    same = m.sample_all(img, n=4, steps=4, seed=1, temperature=1.0)
+    np.testing.assert_array_equal(same.probs, plain[-1].x0_prob)
+    assert m.diffusion.temperature == 1.0  # the model itself is unchanged
+    with pytest.raises(ValueError, match="Bernoulli kernel only"):
+        tiny_model("gaussian").sample_all(img, n=2, steps=2, temperature=0.5)
+
+
 def test_roi_is_normalised_on_its_own_like_a_crop():
     """Sampling a region equals sampling the cropped image (as the widgets do): min-max
     statistics come from the region, not from the rest of the slice."""

@@ -647,3 +647,7 @@ def test_model_summary_names_the_sampler_settings():
     corr = DiffusionModel(net_b, DiffusionConfig(kind="bernoulli", timesteps=100, default_steps=10,
                                                  draw_correlation=0.9))
     assert "10 steps by default · correlated draws (ρ = 0.9)" in summary_html(corr)
+    assert "sharpened" not in summary_html(bern)
+    sharp = DiffusionModel(net_b, DiffusionConfig(kind="bernoulli", timesteps=100,
+                                                  default_steps=10, temperature=0.25))
+    assert "10 steps by default · sharpened steps (temperature 0.25)" in summary_html(sharp)
