@@ -271,7 +271,8 @@ def _tuning_lines(tuned: dict | None, kind: str) -> list[str]:
            f"N = {tuned.get('n')}:"]
     for r in tuned.get("candidates", []):
         how = (f"{r['sampler'].upper()}, {r['steps']} steps" if kind == "gaussian" else
-               f"{r['steps']} steps, draw correlation {r.get('draw_correlation', 0.0):g}")
+               f"{r['steps']} steps, draw correlation {r.get('draw_correlation', 0.0):g}, "
+               f"temperature {r.get('temperature', 1.0):g}")
         out.append(f"  - {how}: HM-IoU {r['hm_iou']:.3f}, GED² {r['ged2']:.3f}")
     return out
 
@@ -325,7 +326,10 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
                      "default" + (f" ({d['sampler'].upper()})" if kind == "gaussian" else "")
                      + (f", correlated draws within a sample (draw_correlation ρ = "
                         f"{d['draw_correlation']:g}; 0 is BerDiff's independent draws)"
-                        if d.get("draw_correlation") else "") + ".")
+                        if d.get("draw_correlation") else "")
+                     + (f", each step drawn from x̂0 sharpened with temperature "
+                        f"{d['temperature']:g} (1 is BerDiff's step; the returned probabilities "
+                        "are not sharpened)" if d.get("temperature", 1.0) != 1.0 else "") + ".")
         lines += _tuning_lines(meta.get("sampling_tuned"), kind)
     lines += [
         "", "## Recipe",
@@ -406,15 +410,16 @@ def _scored_row(per_case: dict[str, np.ndarray], first: dict[str, np.ndarray]) -
     return row
 
 
-def tune_sampling(path: Path, candidates: list[tuple[str, int, float]], n_val: int = 40,
+def tune_sampling(path: Path, candidates: list[tuple[str, int, float, float]], n_val: int = 40,
                   n: int = 16) -> list[dict]:
-    """Score (sampler, steps, draw correlation) candidates on validation phantoms and store
-    the best in the model.
+    """Score (sampler, steps, draw correlation, temperature) candidates on validation
+    phantoms and store the best in the model.
 
     The best has the highest HM-IoU + (1 − GED²)/2, both means over ``n_val`` phantoms of
     seeds ``VAL_SEED0..`` (disjoint from the training and the test seeds), ``n`` masks each.
     Each row also holds its paired difference from the first candidate (:func:`_scored_row`).
-    The draw correlation applies to Bernoulli models only (Gaussian candidates use 0).
+    The draw correlation and the temperature apply to Bernoulli models only (Gaussian
+    candidates use 0 and 1).
     """
     from napari_berdiff.checkpoints import load_model
     from napari_berdiff.model import DiffusionModel
@@ -422,18 +427,20 @@ def tune_sampling(path: Path, candidates: list[tuple[str, int, float]], n_val: i
     model = load_model(path)
     ds = phantom_dataset(VAL_SEED0, n_val)
     rows, first = [], None
-    for sampler, steps, rho in candidates:
-        diffusion = model.diffusion.replace(sampler=sampler, draw_correlation=rho)
+    for sampler, steps, rho, tau in candidates:
+        diffusion = model.diffusion.replace(sampler=sampler, draw_correlation=rho,
+                                            temperature=tau)
         per_case = _validation_scores(DiffusionModel(model.net, diffusion, model.metadata), ds,
                                       steps, n)
         first = per_case if first is None else first
-        row = {"sampler": sampler, "steps": steps, "draw_correlation": rho,
+        row = {"sampler": sampler, "steps": steps, "draw_correlation": rho, "temperature": tau,
                **_scored_row(per_case, first)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     best = max(rows, key=lambda r: r["score"])
     chosen = model.diffusion.replace(sampler=best["sampler"], default_steps=best["steps"],
-                                     draw_correlation=best["draw_correlation"])
+                                     draw_correlation=best["draw_correlation"],
+                                     temperature=best["temperature"])
     _update_model(path, {"sampling_tuned": {
         "validation_seeds": [VAL_SEED0, VAL_SEED0 + n_val - 1], "n": n, "candidates": rows}},
         diffusion=chosen)
@@ -458,13 +465,14 @@ def compare_models(paths: list[Path], n_val: int = 100, n: int = 16, skip: int =
     return rows
 
 
-def parse_candidate(text: str) -> tuple[str, int, float]:
-    """``sampler:steps`` or ``sampler:steps:draw_correlation``, e.g. ``ddim:10:0.9``."""
+def parse_candidate(text: str) -> tuple[str, int, float, float]:
+    """``sampler:steps[:draw_correlation[:temperature]]``, e.g. ``ddim:10:0:0.25``."""
     parts = text.split(":")
-    if len(parts) not in (2, 3):
+    if len(parts) not in (2, 3, 4):
         raise argparse.ArgumentTypeError(
-            f"a candidate is sampler:steps or sampler:steps:draw_correlation, got {text!r}")
-    return parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
+            f"a candidate is sampler:steps[:draw_correlation[:temperature]], got {text!r}")
+    rho = float(parts[2]) if len(parts) > 2 else 0.0
+    return parts[0], int(parts[1]), rho, float(parts[3]) if len(parts) > 3 else 1.0
 
 
 # ---------------------------------------------------------------------------- main
@@ -504,8 +512,10 @@ def main(argv=None) -> int:
     u = sub.add_parser("tune", help="choose the sampler and step count on validation phantoms")
     u.add_argument("--model", required=True)
     u.add_argument("--candidates", nargs="+", type=parse_candidate,
-                   default=[("ddim", 10, 0.0), ("ddpm", 10, 0.0), ("ddpm", 25, 0.0)],
-                   help="sampler:steps or sampler:steps:draw_correlation (Bernoulli)")
+                   default=[("ddim", 10, 0.0, 1.0), ("ddpm", 10, 0.0, 1.0),
+                            ("ddpm", 25, 0.0, 1.0)],
+                   help="sampler:steps[:draw_correlation[:temperature]] (the last two: "
+                        "Bernoulli only)")
     u.add_argument("--n-val", type=int, default=40)
     c = sub.add_parser("compare", help="models side by side on the same validation phantoms")
     c.add_argument("--models", nargs="+", required=True)
