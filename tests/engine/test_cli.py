@@ -198,28 +198,25 @@ def test_bad_checkpoints_print_errors_not_tracebacks(capsys, tmp_path):
     assert main(["info", "--help"]) == 0
 
 
-def test_sample_draw_correlation_is_recorded_and_checked(capsys, files, tmp_path):
-    code, _, err = _sample(capsys, files, tmp_path / "ind", "--quiet")
-    assert code == 0, err
-    assert json.loads((tmp_path / "ind" / "run.json").read_text())["draw_correlation"] == 0.0
-    code, _, err = _sample(capsys, files, tmp_path / "cor", "--quiet", "--draw-correlation", "0.9")
-    assert code == 0, err
-    assert json.loads((tmp_path / "cor" / "run.json").read_text())["draw_correlation"] == 0.9
-    assert not np.array_equal(np.load(tmp_path / "ind" / "probabilities.npy"),
-                              np.load(tmp_path / "cor" / "probabilities.npy"))
-
-    code, _, err = _sample(capsys, files, tmp_path / "bad", "--draw-correlation", "1.5")
-    assert code == 2 and "draw_correlation must lie in [0, 1], got 1.5" in err
-    assert not (tmp_path / "bad").exists()
-
-
-def test_sample_temperature_is_recorded_and_checked(capsys, files, tmp_path):
+@pytest.mark.parametrize("flag,key,default,value,bad,message", [
+    ("--draw-correlation", "draw_correlation", 0.0, "0.9", "1.5",
+     "draw_correlation must lie in [0, 1], got 1.5"),
+    ("--temperature", "temperature", 1.0, "0.25", "0",
+     "temperature must be a positive number, got 0.0"),
+])
+def test_sample_step_option_is_recorded_and_checked(capsys, files, tmp_path, flag, key, default,
+                                                    value, bad, message):
+    """A Bernoulli step option: the model's value by default, the flag's when given (the
+    probabilities change), and a bad value refused before anything is written."""
     code, _, err = _sample(capsys, files, tmp_path / "plain", "--quiet")
     assert code == 0, err
-    assert json.loads((tmp_path / "plain" / "run.json").read_text())["temperature"] == 1.0
-    code, _, err = _sample(capsys, files, tmp_path / "sharp", "--quiet", "--temperature", "0.25")
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())[key] == default
+    code, _, err = _sample(capsys, files, tmp_path / "set", "--quiet", flag, value)
     assert code == 0, err
-    assert json.loads((tmp_path / "sharp" / "run.json").read_text())["temperature"] == 0.25
-    code, _, err = _sample(capsys, files, tmp_path / "bad", "--temperature", "0")
-    assert code == 2 and "temperature must be a positive number, got 0.0" in err
+    assert json.loads((tmp_path / "set" / "run.json").read_text())[key] == float(value)
+    assert not np.array_equal(np.load(tmp_path / "plain" / "probabilities.npy"),
+                              np.load(tmp_path / "set" / "probabilities.npy"))
+
+    code, _, err = _sample(capsys, files, tmp_path / "bad", flag, bad)
+    assert code == 2 and message in err
     assert not (tmp_path / "bad").exists()
