@@ -45,6 +45,8 @@ class Job:
     consumed: threading.Event = field(default_factory=threading.Event)
     #: a refiner's prior probability map per crop (same (h, w) as the crop), else None
     priors: list[np.ndarray] | None = None
+    #: a Bernoulli step temperature other than the model's own, else None
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         self.consumed.set()
@@ -122,6 +124,8 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                 cancelled = True
                 break
             extra = {} if job.priors is None else {"prior": job.priors[pos]}
+            if job.temperature is not None:
+                extra["temperature"] = job.temperature
             try:
                 stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
                                           cancel=job.cancel, **extra)

@@ -8,6 +8,7 @@ from typing import Any
 from qtpy.QtWidgets import (
     QButtonGroup,
     QCheckBox,
+    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -65,6 +66,16 @@ class SamplingPanel(QGroupBox):
         self.steps_spin.setRange(1, 1000)
         self.steps_spin.setValue(10)
         self.steps_spin.setToolTip("Reverse steps visited (at most the model's chain length T)")
+        self.temperature_spin = QDoubleSpinBox()
+        self.temperature_spin.setRange(0.05, 1.0)
+        self.temperature_spin.setSingleStep(0.05)
+        self.temperature_spin.setDecimals(2)
+        self.temperature_spin.setValue(1.0)
+        self.temperature_spin.setToolTip(
+            "Bernoulli models: each step draws from the predicted mask sharpened by "
+            "1/temperature. 1 is BerDiff's plain step; lower keeps each sample nearer its most "
+            "likely mask. Set to the model's own value when a model is loaded."
+        )
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         self.seed_spin.setToolTip("The same seed gives the same samples")
@@ -78,6 +89,7 @@ class SamplingPanel(QGroupBox):
             "Shortest time between two layer updates while streaming (0: every step). "
             "The first and the last step are always shown."
         )
+        self._bernoulli = True  # until a model says otherwise
         self.keep_check = QCheckBox("Keep previous results")
         self.keep_check.setToolTip("Unticked: a new run replaces the previous run's layers")
 
@@ -104,6 +116,7 @@ class SamplingPanel(QGroupBox):
         form.addRow(self._volume_label, self.volume_row)
         form.addRow("Samples:", self.n_spin)
         form.addRow("Steps:", self.steps_spin)
+        form.addRow("Temperature:", self.temperature_spin)
         form.addRow("Seed:", seed_row)
         form.addRow("Stream every:", self.interval_spin)
         buttons = QHBoxLayout()
@@ -181,6 +194,7 @@ class SamplingPanel(QGroupBox):
                   self.volume_row, self.n_spin, self.steps_spin, self.seed_spin,
                   self.new_seed_btn, self.keep_check):
             w.setEnabled(not running)
+        self.temperature_spin.setEnabled(not running and self._bernoulli)
         self.cancel_btn.setEnabled(running)
         if not running:
             self._image_changed()
@@ -191,7 +205,19 @@ class SamplingPanel(QGroupBox):
         n = self.steps_spin.value()
         return None if n == model.diffusion.default_step_count else n
 
+    def temperature(self, model: Any) -> float | None:
+        """The temperature to ask for: None when it is the model's own (or not Bernoulli)."""
+        value = round(self.temperature_spin.value(), 2)
+        if model.diffusion.kind != "bernoulli" or value == model.diffusion.temperature:
+            return None
+        return value
+
     def set_model_defaults(self, model: Any) -> None:
         cfg = model.diffusion
         self.steps_spin.setRange(1, int(cfg.timesteps))
         self.steps_spin.setValue(cfg.default_step_count)
+        self._bernoulli = cfg.kind == "bernoulli"
+        self.temperature_spin.setMinimum(min(0.05, cfg.temperature))
+        self.temperature_spin.setMaximum(max(1.0, cfg.temperature))
+        self.temperature_spin.setValue(cfg.temperature)
+        self.temperature_spin.setEnabled(self._bernoulli)

@@ -242,7 +242,7 @@ class DiffusionSegmentationWidget(QWidget):
         self.metrics.clear()
         job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
                   sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0,
-                  priors=prepared.priors)
+                  priors=prepared.priors, temperature=sp.temperature(self.model))
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)

@@ -93,6 +93,42 @@ def test_run_streams_frames_then_fills_heatmaps(docked, qtbot):
     assert widget.results.accept_btn.isEnabled()
 
 
+def test_temperature_box_follows_the_model_and_drives_the_run(docked, qtbot):
+    """The box shows the loaded model's temperature; a user's other value is what the run
+    samples with (the layers equal the engine's run at that temperature); a Gaussian model
+    disables the box."""
+    from dataclasses import replace
+
+    from napari_berdiff.diffusion import DiffusionConfig
+    from napari_berdiff.model import DiffusionModel
+
+    viewer, widget = docked
+    image = blob(seed=2)
+    viewer.add_image(image, name="img")
+    model = toy_model(steps=4)
+    box = widget.sampling.temperature_spin
+    widget.set_model(model, "toy")
+    assert box.value() == 1.0 and box.isEnabled()
+    _settings(widget, n=4, seed=5)
+    box.setValue(0.25)
+    run_and_wait(qtbot, widget)
+    sharp = model.sample_all(image, n=4, steps=4, seed=5, temperature=0.25)
+    plain = model.sample_all(image, n=4, steps=4, seed=5)
+    assert not np.array_equal(sharp.masks, plain.masks)
+    np.testing.assert_array_equal(_layer(viewer, SAMPLES).data, sharp.masks)
+
+    own = DiffusionModel(model.net, replace(model.diffusion, temperature=0.25), model.metadata)
+    widget.set_model(own, "toy at 0.25")
+    assert box.value() == 0.25
+    assert widget.sampling.temperature(own) is None  # the model's own: no override
+
+    gauss = DiffusionModel(model.net, DiffusionConfig(kind="gaussian", timesteps=100,
+                                                      default_steps=4), model.metadata)
+    widget.set_model(gauss, "toy gaussian")
+    assert not box.isEnabled() and box.value() == 1.0
+    assert widget.sampling.temperature(gauss) is None
+
+
 def test_a_presence_model_leaves_unmarked_samples_empty_and_says_so(docked, qtbot):
     """A model with a presence head: the status gives its probability that a reader marks
     the lesion, and the samples drawn unmarked are empty masks, as the engine gives them."""
