@@ -90,6 +90,7 @@ class SamplingPanel(QGroupBox):
             "The first and the last step are always shown."
         )
         self._bernoulli = True  # until a model says otherwise
+        self._shown_default = 1.0  # what the box showed for the model's own temperature
         self.keep_check = QCheckBox("Keep previous results")
         self.keep_check.setToolTip("Unticked: a new run replaces the previous run's layers")
 
@@ -206,11 +207,12 @@ class SamplingPanel(QGroupBox):
         return None if n == model.diffusion.default_step_count else n
 
     def temperature(self, model: Any) -> float | None:
-        """The temperature to ask for: None when it is the model's own (or not Bernoulli)."""
-        value = round(self.temperature_spin.value(), 2)
-        if model.diffusion.kind != "bernoulli" or value == model.diffusion.temperature:
+        """The temperature to ask for: None while the box still shows what it showed for the
+        model's own value (rounded to its two decimals), or for a model that is not Bernoulli."""
+        value = self.temperature_spin.value()
+        if model.diffusion.kind != "bernoulli" or value == self._shown_default:
             return None
-        return value
+        return round(value, 2)
 
     def set_model_defaults(self, model: Any) -> None:
         cfg = model.diffusion
@@ -220,4 +222,5 @@ class SamplingPanel(QGroupBox):
         self.temperature_spin.setMinimum(min(0.05, cfg.temperature))
         self.temperature_spin.setMaximum(max(1.0, cfg.temperature))
         self.temperature_spin.setValue(cfg.temperature)
+        self._shown_default = self.temperature_spin.value()
         self.temperature_spin.setEnabled(self._bernoulli)

@@ -121,6 +121,9 @@ def test_temperature_box_follows_the_model_and_drives_the_run(docked, qtbot):
     widget.set_model(own, "toy at 0.25")
     assert box.value() == 0.25
     assert widget.sampling.temperature(own) is None  # the model's own: no override
+    odd = DiffusionModel(model.net, replace(model.diffusion, temperature=0.125), model.metadata)
+    widget.set_model(odd, "toy at 0.125")  # shown as 0.13 (two decimals), still the model's own
+    assert widget.sampling.temperature(odd) is None
 
     gauss = DiffusionModel(model.net, DiffusionConfig(kind="gaussian", timesteps=100,
                                                       default_steps=4), model.metadata)
