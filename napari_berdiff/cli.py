@@ -298,6 +298,12 @@ def write_results(out: Path, result: Any, n: int) -> list[Path]:
     return written
 
 
+def _step_option(args: argparse.Namespace, model: Any, key: str) -> Any:
+    """A Bernoulli step option as the run used it: the command line's, else the model's."""
+    given = getattr(args, key, None)
+    return getattr(model.diffusion, key) if given is None else given
+
+
 def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: list[dict],
                image: np.ndarray, spec: Any, visited: list[int], result: Any,
                timings: dict[str, float], written: list[Path]) -> dict[str, Any]:
@@ -322,11 +328,7 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
         "n": args.n,
         "seed": args.seed,
         "steps": spec,
-        "draw_correlation": (model.diffusion.draw_correlation
-                             if getattr(args, "draw_correlation", None) is None
-                             else args.draw_correlation),
-        "temperature": (model.diffusion.temperature
-                        if getattr(args, "temperature", None) is None else args.temperature),
+        **{key: _step_option(args, model, key) for key in ("draw_correlation", "temperature")},
         "timesteps": visited,
         "steps_done": result.steps_done,
         "roi": list(result.roi),
