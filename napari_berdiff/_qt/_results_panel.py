@@ -27,7 +27,7 @@ KEY_PREV = "Alt-Left"
 KEY_ACCEPT = "Alt-A"
 
 CONSENSUS_MAJORITY = "Majority vote"
-CONSENSUS_THRESHOLD = "Frequency ≥ τ"
+CONSENSUS_THRESHOLD = "Frequency ≥ threshold"
 
 
 class ResultsPanel(QGroupBox):
@@ -53,14 +53,15 @@ class ResultsPanel(QGroupBox):
         self.consensus_combo.addItems([CONSENSUS_MAJORITY, CONSENSUS_THRESHOLD])
         self.consensus_combo.setToolTip(
             "Majority vote: pixels that more than half of the samples mark (frequency > 0.5). "
-            "Frequency ≥ τ: pixels that at least a fraction τ of the samples mark."
+            "Frequency ≥ threshold: pixels that at least this fraction of the samples mark."
         )
         self.tau_spin = QDoubleSpinBox()
         self.tau_spin.setRange(0.01, 1.0)
         self.tau_spin.setSingleStep(0.05)
         self.tau_spin.setDecimals(2)
         self.tau_spin.setValue(0.5)
-        self.tau_spin.setPrefix("τ ")
+        self.tau_spin.setPrefix("≥ ")
+        self.tau_spin.setToolTip("The fraction of the samples that must mark a pixel")
         self.consensus_btn = QPushButton("Accept consensus")
         hint = (f"Keys: {KEY_PREV.replace('-', '+')} / {KEY_NEXT.replace('-', '+')} browse, "
                 f"{KEY_ACCEPT.replace('-', '+')} accepts, Ctrl+Z undoes")
@@ -88,7 +89,7 @@ class ResultsPanel(QGroupBox):
         self.tau_spin.setEnabled(self.consensus_combo.currentText() == CONSENSUS_THRESHOLD)
 
     def consensus_threshold(self) -> float | None:
-        """None for a majority vote, else τ."""
+        """None for a majority vote, else the frequency threshold."""
         if self.consensus_combo.currentText() == CONSENSUS_THRESHOLD:
             return float(self.tau_spin.value())
         return None

@@ -495,14 +495,14 @@ class DiffusionSegmentationWidget(QWidget):
         return self._write(run, run.samples[i] > 0, f"sample {i}")
 
     def accept_consensus(self, *_: Any) -> Any | None:
-        """Write the majority vote (or frequency ≥ τ) of the samples into the target."""
+        """Write the majority vote (or the frequency threshold) of the samples into the target."""
         run = self._ready_run()
         if run is None:
             return None
         freq = (run.samples > 0).mean(axis=0)
         tau = self.results.consensus_threshold()
         mask = freq > 0.5 if tau is None else freq >= tau
-        what = "the majority vote" if tau is None else f"the consensus at τ = {tau:.2f}"
+        what = "the majority vote" if tau is None else f"the consensus at frequency ≥ {tau:.2f}"
         return self._write(run, mask, what)
 
     def _resolve_target(self, run: RunLayers) -> Any:

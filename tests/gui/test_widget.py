@@ -316,7 +316,7 @@ def test_accept_into_existing_layer_keeps_other_labels(docked, qtbot):
     np.testing.assert_array_equal(target.data, existing)
 
 
-def test_consensus_majority_and_threshold(docked, qtbot):
+def test_consensus_majority_and_threshold(docked, qtbot, notes):
     viewer, widget = docked
     viewer.add_image(blob(), name="img")
     widget.set_model(toy_model(steps=3), "toy")
@@ -329,6 +329,9 @@ def test_consensus_majority_and_threshold(docked, qtbot):
     widget.results.tau_spin.setValue(0.2)
     widget.accept_consensus()
     np.testing.assert_array_equal(target.data > 0, freq >= 0.2)
+    # named as a frequency, not "τ", which would read as the sampling temperature
+    assert widget.results.consensus_combo.currentText() == "Frequency ≥ threshold"
+    assert any("the consensus at frequency ≥ 0.20" in text for _, text in notes("info"))
     target.undo()
     np.testing.assert_array_equal(target.data > 0, freq > 0.5)
 
