@@ -60,7 +60,6 @@ class ResultsPanel(QGroupBox):
         self.tau_spin.setSingleStep(0.05)
         self.tau_spin.setDecimals(2)
         self.tau_spin.setValue(0.5)
-        self.tau_spin.setPrefix("≥ ")
         self.tau_spin.setToolTip("The fraction of the samples that must mark a pixel")
         self.consensus_btn = QPushButton("Accept consensus")
         hint = (f"Keys: {KEY_PREV.replace('-', '+')} / {KEY_NEXT.replace('-', '+')} browse, "
