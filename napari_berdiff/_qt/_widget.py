@@ -23,6 +23,7 @@ from ._inputs import InputProblem, PreparedInput, prepare_input
 from ._layers import RunLayers, batched_layer_changes
 from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
+from ._preload import preload
 from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
 from ._run import Job, Outcome, Update, run_job
 from ._sampling_panel import SamplingPanel
@@ -116,6 +117,7 @@ class DiffusionSegmentationWidget(QWidget):
         self._closed = False
         self._watcher: _CloseWatcher | None = None
         self._in_yield = 0
+        self.preloading = preload()  # the first run's imports, off the main thread
 
         inner = QWidget()
         col = QVBoxLayout(inner)

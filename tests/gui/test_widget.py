@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from napari_berdiff._qt._layers import SAMPLES
+from napari_berdiff._qt._preload import preload
 from napari_berdiff._qt._widget import DiffusionSegmentationWidget
 from napari_berdiff.uncertainty import MAP_LIMITS, ged2, hm_iou, pairwise_iou
 
@@ -35,6 +37,18 @@ def test_docks_from_the_manifest(docked):
     # nothing sampled yet, nothing to accept
     assert not widget.results.accept_btn.isEnabled()
     assert widget.model is None
+    # the first run's imports were started off the main thread, and they end
+    widget.preloading.join(timeout=60)
+    assert not widget.preloading.is_alive()
+    assert "napari_berdiff.uncertainty" in sys.modules
+
+
+def test_preload_imports_in_the_background_and_skips_what_fails():
+    sys.modules.pop("colorsys", None)  # a standard module nothing here imports
+    thread = preload(["no_such_module_for_berdiff", "colorsys"])
+    assert thread.daemon
+    thread.join(timeout=30)
+    assert "colorsys" in sys.modules
 
 
 def test_bundled_list_offers_sampling_models_only(docked):
