@@ -5,8 +5,14 @@
     # (the bundled pair then ran `train ... --resume --minutes 45` to reach the 4500 steps)
     .venv/bin/python benchmarks/train_default.py evaluate --card   # held-out phantoms, N = 16
 
-The two training runs ran at the same time, each with one torch thread, on a 2-core CPU
-shared with other work, so they had the same wall-clock budget.
+The bundled ``berdiff-phantom-64`` (session 11) came from::
+
+    train --kind bernoulli --variant co-presence-readers --steps 14000 --n-train 6000 \
+        --minutes 100
+    tune --model M --candidates ddim:10:0:1 ddim:10:0:0.25 ddim:5:0:0.25 --n-val 200
+
+The first bundled pair's two training runs ran at the same time, each with one torch thread,
+on a 2-core CPU shared with other work, so they had the same wall-clock budget.
 
 Data: phantoms from :mod:`napari_berdiff.data.phantoms` at 64×64 with K = 4 annotators,
 quantised to 8 bits as the LIDC-layout PNGs are. Training seeds 10000..10000+n_train-1;
@@ -277,6 +283,13 @@ def _tuning_lines(tuned: dict | None, kind: str) -> list[str]:
     return out
 
 
+def _size_options(rec: dict, meta: dict) -> str:
+    """``--steps`` and ``--n-train`` of the ``train`` command, where not the defaults."""
+    items = (meta.get("data", {}).get("dataset") or {}).get("items")
+    out = f" --steps {rec['steps']}" if rec.get("steps") not in (None, 4500) else ""
+    return out + (f" --n-train {items}" if items not in (None, 3000) else "")
+
+
 def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict | None,
                machine: str, note: str = "", speed_idle: bool = False) -> Path:
     """Store the held-out figures in the file's metadata and write ``<name>.md`` next to it."""
@@ -336,7 +349,7 @@ def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict 
         "`benchmarks/train_default.py train --kind "
         f"{'deterministic' if kind == 'segmentor' else kind}"
         + ("" if kind == "segmentor" else f" --variant {variant_of(net, meta.get('diffusion'), rec)}")
-        + "` (the exact script):",
+        + _size_options(rec, meta) + "` (the exact script):",
         "", "```json", json.dumps(rec, indent=1), "```", "",
         f"Trained for **{tr.get('steps_done')} steps in {tr.get('train_time_s', 0) / 60:.1f} "
         f"min** of wall-clock time ({machine})." + (f" {note}" if note else ""), "",
