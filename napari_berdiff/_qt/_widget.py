@@ -93,6 +93,11 @@ def _set_event(holder: dict, *_: Any) -> None:
         ev.set()
 
 
+def _n_empty(samples: np.ndarray) -> int:
+    """How many of the (N, ...) sample masks mark nothing."""
+    return int((~samples.reshape(len(samples), -1).any(axis=1)).sum())
+
+
 class DiffusionSegmentationWidget(QWidget):
     """Load a model, stream samples into layers, browse, accept, compare."""
 
@@ -390,7 +395,7 @@ class DiffusionSegmentationWidget(QWidget):
                 + f" in {outcome.seconds:.1f} s on {outcome.device}."
                 + ("" if outcome.presence is None else
                    f" Readers marking a lesion: {outcome.presence:.0%} (model's estimate);"
-                   " the other samples are empty.")
+                   f" {_n_empty(layers.samples)} of {layers.n} samples are empty.")
             )
         has_frames = layers.pushed > 0
         if has_frames and active.error is None and layers.alive("samples"):

@@ -177,6 +177,9 @@ def test_a_presence_model_leaves_unmarked_samples_empty_and_says_so(docked, qtbo
     unmarked = ~probs.reshape(12, -1).any(1)
     assert 0 < unmarked.sum() < 12  # seed 4 draws both kinds
     assert not _layer(viewer, SAMPLES).data[unmarked].any()
+    n_empty = int((~_layer(viewer, SAMPLES).data.reshape(12, -1).any(1)).sum())
+    assert n_empty >= unmarked.sum()
+    assert f"; {n_empty} of 12 samples are empty." in widget.sampling.status.text()
 
 
 def test_a_reader_model_labels_each_sample_with_its_reader(docked, qtbot):
