@@ -55,6 +55,8 @@ VAL_SEED0 = 800_000
 NAMES = {"bernoulli": "berdiff-phantom-64", "gaussian": "gaussian-phantom-64",
          "deterministic": "unet-phantom-64"}
 MODELS = ROOT / "models"
+#: the ``train`` command's defaults (the card names the options only where a run changed them)
+DEFAULT_STEPS, DEFAULT_N_TRAIN = 4500, 3000
 
 
 def phantom_dataset(seed0: int, n: int, size: int = SIZE) -> SegDataset:
@@ -286,8 +288,8 @@ def _tuning_lines(tuned: dict | None, kind: str) -> list[str]:
 def _size_options(rec: dict, meta: dict) -> str:
     """``--steps`` and ``--n-train`` of the ``train`` command, where not the defaults."""
     items = (meta.get("data", {}).get("dataset") or {}).get("items")
-    out = f" --steps {rec['steps']}" if rec.get("steps") not in (None, 4500) else ""
-    return out + (f" --n-train {items}" if items not in (None, 3000) else "")
+    out = f" --steps {rec['steps']}" if rec.get("steps") not in (None, DEFAULT_STEPS) else ""
+    return out + (f" --n-train {items}" if items not in (None, DEFAULT_N_TRAIN) else "")
 
 
 def write_card(path: Path, own: str, summary: dict, settings: dict, speed: dict | None,
@@ -495,10 +497,10 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("--kind", default="bernoulli", choices=list(NAMES))
-    t.add_argument("--steps", type=int, default=4500)
+    t.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     t.add_argument("--batch", type=int, default=12)
     t.add_argument("--minutes", type=float, default=70)
-    t.add_argument("--n-train", type=int, default=3000)
+    t.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN)
     t.add_argument("--out", default=None)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--variant", default="v1",
