@@ -107,6 +107,8 @@ class DicomVolume:
     sop_instance_uids: list[str]
     multiframe: bool = False
     transfer_syntaxes: list[str] = field(default_factory=list)
+    #: non-image objects (reports, plans, SEGs) found beside the series and not opened
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def origin(self) -> tuple[float, float, float]:
@@ -139,6 +141,7 @@ class DicomVolume:
             "files": list(self.files),
             "sop_instance_uids": list(self.sop_instance_uids),
             "multiframe": self.multiframe,
+            "skipped_non_image": list(self.skipped),
         }
 
 
@@ -469,17 +472,26 @@ def read_dicom_volumes(paths: str | Path | Sequence[str | Path]) -> list[DicomVo
     """Every series in ``paths`` (files and/or folders) as a :class:`DicomVolume`.
 
     One volume per ``SeriesInstanceUID`` (and per multi-frame file), in the order of the
-    series numbers. Raises a :class:`DicomReadError` subclass, naming the file, for the
+    series numbers. Non-image objects inside folders (reports, RT plans, SEGs) are skipped
+    and listed in each volume's ``skipped``; given as files, they raise. Raises a :class:`DicomReadError` subclass, naming the file, for the
     first problem found; then nothing is returned.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    explicit = {Path(p) for p in paths if Path(p).is_file()}
     files, _ = _expand(paths)
     singles: dict[str, list[tuple[Path, Any]]] = {}
     volumes: list[DicomVolume] = []
+    skipped: list[NotAnImageError] = []
     for f in files:
         ds = _read_dataset(f)
-        _check_image(f, ds)
+        try:
+            _check_image(f, ds)
+        except NotAnImageError as e:
+            if f in explicit:
+                raise
+            skipped.append(e)  # reports, plans, SEGs beside the images of a study folder
+            continue
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
             volumes.append(_multiframe_volume(f, ds))
@@ -488,6 +500,11 @@ def read_dicom_volumes(paths: str | Path | Sequence[str | Path]) -> list[DicomVo
             singles.setdefault(key, []).append((f, ds))
     for items in singles.values():
         volumes.append(_single_frame_volume(items))
+    if not volumes and skipped:
+        raise NotAnImageError(f"{len(skipped)} DICOM object(s) and no image series: "
+                              f"{skipped[0]}")
+    for vol in volumes:
+        vol.skipped = [str(e).split(" is ")[0] for e in skipped]
     volumes.sort(key=lambda v: (v.series_number is None, v.series_number or 0, v.name))
     return volumes
 
@@ -511,14 +528,33 @@ LayerData = tuple[Any, dict[str, Any], str]
 def _is_candidate(path: str) -> bool:
     p = Path(path)
     if p.is_dir():
-        return any(is_dicom_file(f) for _, f in zip(range(64), _walk_files(p)))
+        return any(is_dicom_file(f) for f in _first_files(p))
     return p.name.lower().endswith(DICOM_SUFFIXES) or is_dicom_file(p)
 
 
-def _walk_files(root: Path) -> Iterable[Path]:
-    for f in sorted(root.rglob("*")):
-        if f.is_file() and not f.name.startswith("."):
-            yield f
+def _first_files(root: Path, limit: int = 64, depth: int = 3) -> Iterable[Path]:
+    """Up to ``limit`` files under ``root``, at most ``depth`` folders down, breadth first:
+    enough to tell a DICOM folder quickly, however large the tree."""
+    import os
+
+    queue = [(root, 0)]
+    seen = 0
+    while queue and seen < limit:
+        folder, level = queue.pop(0)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file():
+                seen += 1
+                yield Path(entry.path)
+                if seen >= limit:
+                    return
+            elif entry.is_dir() and level + 1 < depth:
+                queue.append((Path(entry.path), level + 1))
 
 
 def get_reader(path: str | list[str]) -> Any:

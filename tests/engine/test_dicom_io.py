@@ -176,3 +176,15 @@ def test_read_image_reads_a_series_folder_for_the_cli(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no DICOM files"):
         read_image(tmp_path / "empty")
+
+
+def test_reports_beside_a_series_are_skipped_but_alone_refused(tmp_path):
+    write_ct_series(tmp_path / "study" / "ct", hu_volume(nz=3))
+    shutil.copy(pydicom_file("test-SR.dcm"), tmp_path / "study" / "report.dcm")
+    [vol] = read_dicom_volumes(tmp_path / "study")
+    assert vol.array.shape == (3, 24, 20) and vol.skipped == ["report.dcm"]
+    assert vol.metadata()["skipped_non_image"] == ["report.dcm"]
+    (tmp_path / "reports").mkdir()
+    shutil.copy(pydicom_file("rtplan.dcm"), tmp_path / "reports" / "plan.dcm")
+    with pytest.raises(NotAnImageError, match="no image series.*plan.dcm is a RT Plan"):
+        read_dicom_volumes(tmp_path / "reports")

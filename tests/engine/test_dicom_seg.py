@@ -174,3 +174,31 @@ def test_model_window_applies_to_hu_images_only():
     np.testing.assert_allclose(model.prepare(hu)[0], (hu - hu.min()) / (hu.max() - hu.min()))
     assert model_window({"name": "berdiff-lidc-128", "data": {}}) == LUNG_WINDOW
     assert model_window({"name": "phantom", "data": {}}) is None
+
+
+def test_cli_samples_a_series_folder_in_the_models_window(tmp_path, capsys):
+    import json
+
+    from napari_berdiff.checkpoints import load_model, save_model
+    from napari_berdiff.cli import main
+    from napari_berdiff.windowing import apply_window
+
+    from .ckpt_helpers import tiny_model
+
+    window = {"units": "HU", "width": 1500.0, "level": -600.0}
+    model = tiny_model(data={"description": "test", "window": window})
+    path = save_model(model, tmp_path / "tiny.safetensors")
+    hu = hu_volume(nz=3, ny=16, nx=16)
+    write_ct_series(tmp_path / "ct", hu, spacing=(1.25, 0.5, 0.5))
+    code = main(["sample", "--model", str(path), "--image", str(tmp_path / "ct"), "--slice",
+                 "1", "--n", "2", "--steps", "2", "--seed", "3", "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["pixel_spacing"] == [1.25, 0.5, 0.5] and run["slice"] == 1
+    loaded = load_model(path)
+    assert loaded.window == window
+    ref = loaded.sample_all(apply_window(hu[1], window), n=2, steps=2, seed=3, normalise=False)
+    for i in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / "o" / f"sample_{i:02d}.npy"),
+                                      ref.masks[i] > 0)
