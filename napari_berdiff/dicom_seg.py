@@ -145,10 +145,10 @@ def _summary(record: dict[str, Any] | None, edited: bool | None) -> str:
         return "napari-berdiff mask"
     choice = record.get("choice") or {}
     what = (f"sample {choice['sample']}" if "sample" in choice
-            else f"{choice.get('consensus', 'consensus')} ≥{choice.get('threshold', '')}")
+            else f"{choice.get('consensus', 'consensus')} >= {choice.get('threshold', '')}")
     text = (f"{record['model'].get('name', '')} {what} seed {record.get('seed')} "
             f"{record.get('steps')} steps" + (" edited" if edited else ""))
-    return text[:64]
+    return text.encode("ascii", "replace").decode()[:64]  # LO, default character set
 
 
 def write_seg(path: str, data: Any, attributes: dict[str, Any], fractional: bool) -> list[str]:

@@ -29,6 +29,7 @@ class WindowPresetCombo(QComboBox):
         self.setToolTip("Display window for a CT image in HU (the display only: sampling "
                         "uses the model's own window or normalisation)")
         self.currentTextChanged.connect(self.apply)
+        self.textActivated.connect(self.apply)  # choosing the shown preset again re-applies it
 
     def apply(self, name: str | None = None) -> bool:
         """Set the image layer's contrast limits to the preset; False if nothing changed."""

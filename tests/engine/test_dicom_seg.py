@@ -202,3 +202,36 @@ def test_cli_samples_a_series_folder_in_the_models_window(tmp_path, capsys):
     for i in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / "o" / f"sample_{i:02d}.npy"),
                                       ref.masks[i] > 0)
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_a_single_slice_file_gets_a_seg_and_a_ras_nifti(tmp_path):
+    import shutil
+
+    import nibabel as nib
+
+    from napari_berdiff._nifti_io import write_labels
+    from napari_berdiff.dicom_io import read_dicom_layers
+
+    from .dicom_helpers import pydicom_file
+
+    shutil.copy(pydicom_file("CT_small.dcm"), tmp_path / "ct.dcm")
+    [(data, kw, _)] = read_dicom_layers(str(tmp_path / "ct.dcm"))
+    labels = np.zeros(data.shape, np.uint8)
+    labels[40:60, 70:90] = 2
+    meta = derived_metadata(kw["metadata"], (0, 0), labels.shape)
+    meta = with_accept(meta, _record(tmp_path, consensus="majority", threshold=0.5), labels)
+    [path] = write_labels_seg(str(tmp_path / "seg.dcm"), labels, {"metadata": meta})
+    seg = hd.seg.segread(path)
+    sop = kw["metadata"]["dicom"]["sop_instance_uids"]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=sop,
+                                               combine_segments=True)
+    np.testing.assert_array_equal(pixels[0] > 0, labels > 0)
+    assert read_provenance(path)["accepts"][0]["choice"] == {"consensus": "majority",
+                                                             "threshold": 0.5}
+    written = write_labels(str(tmp_path / "mask.nii.gz"), labels, {"metadata": meta,
+                                                                   "scale": kw["scale"]})
+    assert written[1].endswith("mask.provenance.json")
+    img = nib.load(written[0])
+    ipp = kw["metadata"]["dicom"]["origin"]  # the slice's ImagePositionPatient (LPS)
+    np.testing.assert_allclose(img.affine @ [0, 0, 0, 1], [-ipp[0], -ipp[1], ipp[2], 1])

@@ -159,3 +159,20 @@ def test_window_presets_change_the_display_only(docked, tmp_path):
     box.setCurrentText("brain")
     assert tuple(image.contrast_limits) == pytest.approx((0.0, 80.0))
     np.testing.assert_array_equal(image.data, before)
+
+
+def test_result_and_accepted_layers_inherit_the_image_layers_affine(docked, qtbot):
+    from .conftest import blob
+
+    viewer, widget = docked
+    rot = np.array([[0.0, -1.0, 5.0], [1.0, 0.0, -3.0], [0.0, 0.0, 1.0]])  # 90° and a shift
+    image = viewer.add_image(blob(), name="img", scale=(0.5, 0.7), affine=rot)
+    widget.set_model(toy_model(steps=2), "toy")
+    _settings(widget, n=2)
+    run_and_wait(qtbot, widget)
+    target = widget.accept(index=0)
+    for layer in (_layer(viewer, SAMPLES), _layer(viewer, "frequency"), target):
+        lead = (0,) * (layer.ndim - 2)
+        for yx in [(0, 0), (7, 11)]:
+            np.testing.assert_allclose(layer.data_to_world((*lead, *yx))[-2:],
+                                       image.data_to_world(yx), atol=1e-9)
