@@ -439,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "frequency, variance and entropy maps and run.json.")
     p.add_argument("--model", required=True, help="checkpoint file or bundled model name")
     p.add_argument("--image", required=True, nargs="+",
-                   help="image file (PNG, JPEG, TIFF, NPY, NIfTI, DICOM); one per channel for "
-                        "multi-channel models")
+                   help="image file (PNG, JPEG, TIFF, NPY, NIfTI, DICOM) or a DICOM series "
+                        "folder; one per channel for multi-channel models")
     p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--steps", help="sampling steps: a number, or a spec such as ddimuni10 "
                                    "(default: the model's)")
