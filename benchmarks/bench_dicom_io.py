@@ -51,7 +51,8 @@ def main() -> None:
             "read_mb_per_s": mb / median(read_s), "seg_s": median(seg_s),
             "seg_spread": [min(seg_s), max(seg_s)], "slices": args.slices, "size": args.size}
     print(describe(info))
-    print(f"read {args.slices} × {args.size}² ({mb:.0f} MB stored): median {rows['read_s']:.2f} s "
+    print(f"read {args.slices} × {args.size}² ({mb:.0f} MB stored): "
+          f"median {rows['read_s']:.2f} s "
           f"(min {min(read_s):.2f}, max {max(read_s):.2f}; {rows['read_mb_per_s']:.0f} MB/s)")
     print(f"write a 5-slice SEG: median {rows['seg_s']:.2f} s "
           f"(min {min(seg_s):.2f}, max {max(seg_s):.2f})")

@@ -191,8 +191,8 @@ def _read_dataset(path: Path) -> Any:
         ds = pydicom.dcmread(str(path))
     except InvalidDicomError:
         raise DicomReadError(
-            f"{path.name} is not a DICOM file (no DICM preamble). Open the series' .dcm files "
-            "or their folder."
+            f"{path.name} is not a DICOM file (no DICM preamble; an old ACR-NEMA file needs "
+            "converting, e.g. with dcmconv). Open the series' .dcm files or their folder."
         ) from None
     except (EOFError, OSError, ValueError, KeyError, TypeError) as e:
         raise TruncatedFileError(
@@ -357,9 +357,9 @@ def _single_frame_volume(items: list[tuple[Path, Any]]) -> DicomVolume:
         dz = float(np.median(steps))
         if np.max(np.abs(steps - dz)) > SPACING_RTOL * dz + 1e-3:
             raise IrregularSpacingError(
-                f"the slices of series '{_series_label(sets[0])}' are not evenly spaced (steps from {steps.min():.3f} to {steps.max():.3f} mm "
-                "along the normal): slices are missing or several stacks are mixed. Open a "
-                "complete series."
+                f"the slices of series '{_series_label(sets[0])}' are not evenly spaced "
+                f"(steps from {steps.min():.3f} to {steps.max():.3f} mm along the normal): "
+                "slices are missing or several stacks are mixed. Open a complete series."
             )
         step_vec = (pos[order[-1]] - pos[order[0]]) / (len(order) - 1)
         origin = pos[order[0]]
@@ -473,8 +473,9 @@ def read_dicom_volumes(paths: str | Path | Sequence[str | Path]) -> list[DicomVo
 
     One volume per ``SeriesInstanceUID`` (and per multi-frame file), in the order of the
     series numbers. Non-image objects inside folders (reports, RT plans, SEGs) are skipped
-    and listed in each volume's ``skipped``; given as files, they raise. Raises a :class:`DicomReadError` subclass, naming the file, for the
-    first problem found; then nothing is returned.
+    and listed in each volume's ``skipped``; given as files, they raise. Raises a
+    :class:`DicomReadError` subclass, naming the file, for the first problem found; then
+    nothing is returned.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]

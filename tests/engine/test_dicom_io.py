@@ -99,7 +99,8 @@ def test_compressed_syntaxes_decode_to_the_same_pixels(name):
 
 
 def test_undecodable_compression_is_named():
-    with pytest.raises(UnsupportedCompressionError, match=r"JPEG-lossy\.dcm.*JPEG Extended.*pylibjpeg"):
+    with pytest.raises(UnsupportedCompressionError,
+                       match=r"JPEG-lossy\.dcm.*JPEG Extended.*pylibjpeg"):
         read_dicom_volume(pydicom_file("JPEG-lossy.dcm"))
 
 
