@@ -176,3 +176,13 @@ def test_result_and_accepted_layers_inherit_the_image_layers_affine(docked, qtbo
         for yx in [(0, 0), (7, 11)]:
             np.testing.assert_allclose(layer.data_to_world((*lead, *yx))[-2:],
                                        image.data_to_world(yx), atol=1e-9)
+    # each accept appends its record; a consensus records its rule and threshold
+    widget.results.consensus_combo.setCurrentIndex(1)
+    widget.results.tau_spin.setValue(0.5)
+    again = widget.accept_consensus()
+    assert again.name == "accepted" and len(viewer.layers) == len(set(viewer.layers))
+    accepts = again.metadata["napari_berdiff_provenance"]["accepts"]
+    assert [a["choice"] for a in accepts] == [
+        {"sample": 0}, {"consensus": "frequency", "threshold": 0.5, "rule": ">="}]
+    assert accepts[1]["region"] == {"mode": "2d", "roi": [0, 0, 32, 32]}
+    assert accepts[1]["spacing"] == [0.5, 0.7] and accepts[1]["n_samples"] == 2
