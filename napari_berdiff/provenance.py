@@ -51,16 +51,34 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _SHA_CACHE[key]
 
 
-def model_record(model: Any) -> dict[str, Any]:
-    """The model part of a record: file, sha256, kind, name."""
+def model_record(model: Any, checksum: bool = True) -> dict[str, Any]:
+    """The model part of a record: file, sha256 ("" until filled when ``checksum`` is
+    False, see :func:`with_checksum`), kind, name."""
     path = str(getattr(model, "source_path", "") or "")
     meta = getattr(model, "metadata", {}) or {}
     return {
         "file": path,
-        "sha256": file_sha256(path) if path else "",
+        "sha256": file_sha256(path) if (path and checksum) else "",
         "kind": str(meta.get("kind", getattr(model, "kind", ""))),
         "name": str(meta.get("name", "") or os.path.basename(path).split(".")[0]),
     }
+
+
+def with_checksum(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A model record with its file's sha256 filled in (cached after the first time)."""
+    out = dict(record)
+    if out.get("file") and not out.get("sha256"):
+        out["sha256"] = file_sha256(out["file"])
+    return out
+
+
+def warm_checksum(path: str) -> None:
+    """Hash ``path`` in a background thread, so that the first accept does not wait."""
+    import threading
+
+    if path:
+        threading.Thread(target=file_sha256, args=(path,), daemon=True,
+                         name="napari-berdiff-sha256").start()
 
 
 def data_checksum(data: Any) -> str:
@@ -81,7 +99,7 @@ def accept_record(*, model: Mapping[str, Any], seed: int, steps: int,
                   time: str | None = None) -> dict[str, Any]:
     """One accept's record (see the module docstring)."""
     return {
-        "model": dict(model),
+        "model": with_checksum(model),
         "seed": int(seed),
         "steps": int(steps),
         "step_spec": step_spec if step_spec is None or isinstance(step_spec, (int, str))

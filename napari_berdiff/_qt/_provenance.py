@@ -12,12 +12,15 @@ from ._inputs import MODE_SLICE, MODE_VOLUME
 
 def run_provenance(model: Any, seed: int, steps: int, step_spec: Any,
                    temperature: float | None) -> dict[str, Any]:
-    """What a run records at its start, for the masks accepted from it."""
-    from ..provenance import model_record
+    """What a run records at its start, for the masks accepted from it (the model file's
+    sha256 is computed in a background thread, and read when a mask is accepted)."""
+    from ..provenance import model_record, warm_checksum
 
+    record = model_record(model, checksum=False)
+    warm_checksum(record["file"])
     if temperature is None and getattr(model.diffusion, "kind", "") == "bernoulli":
         temperature = getattr(model.diffusion, "temperature", None)
-    return {"model": model_record(model), "seed": int(seed), "steps": int(steps),
+    return {"model": record, "seed": int(seed), "steps": int(steps),
             "step_spec": step_spec if step_spec is not None else model.diffusion.default_steps,
             "temperature": temperature}
 

@@ -5,6 +5,7 @@ open → sample → accept → save → reopen must land every voxel where it wa
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -95,6 +96,8 @@ def test_dicom_series_sample_accept_seg_round_trip(docked, qtbot, tmp_path):
     meta = image.metadata["dicom"]
     model = toy_model(steps=2, size=24)
     model.metadata["data"]["window"] = {"units": "HU", "width": 1500, "level": -600}
+    (tmp_path / "toy.safetensors").write_bytes(b"toy weights")
+    model.source_path = str(tmp_path / "toy.safetensors")
     widget.set_model(model, "toy")
     _settings(widget, n=3, seed=4)
     widget.sampling.set_volume_mode("slice")
@@ -130,6 +133,8 @@ def test_dicom_series_sample_accept_seg_round_trip(docked, qtbot, tmp_path):
     assert record == target.metadata["napari_berdiff_provenance"]["accepts"][0]
     assert record["seed"] == 4 and record["steps"] == 2 and record["choice"] == {"sample": 1}
     assert record["model"]["kind"] == "bernoulli" and record["spacing"] == [2.0, 0.7, 0.7]
+    assert record["model"]["sha256"] == hashlib.sha256(b"toy weights").hexdigest()
+    assert record["model"]["file"].endswith("toy.safetensors")
 
     # an edit after accepting makes it semi-automatic
     target.data_setitem((np.array([0]), np.array([0]), np.array([0])), 1)
