@@ -235,3 +235,27 @@ def test_a_single_slice_file_gets_a_seg_and_a_ras_nifti(tmp_path):
     img = nib.load(written[0])
     ipp = kw["metadata"]["dicom"]["origin"]  # the slice's ImagePositionPatient (LPS)
     np.testing.assert_allclose(img.affine @ [0, 0, 0, 1], [-ipp[0], -ipp[1], ipp[2], 1])
+
+
+def test_seg_over_an_enhanced_multiframe_series_lands_on_the_same_voxels(tmp_path):
+    from pydicom.uid import generate_uid
+
+    from .dicom_helpers import read
+
+    paths = write_ct_series(tmp_path / "ct", hu_volume(nz=4), spacing=(3.0, 0.6, 0.6))
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [read(p) for p in paths], series_instance_uid=generate_uid(), series_number=9,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    enhanced.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    vol = read_dicom_volume(tmp_path / "enhanced.dcm")
+    labels = np.zeros(vol.array.shape, np.uint8)
+    labels[1, 3:8, 4:9] = 1
+    labels[3, 10:12, 2:5] = 1
+    meta = derived_metadata({"dicom": vol.metadata()}, (0, 0, 0), labels.shape)
+    [path] = write_labels_seg(str(tmp_path / "seg.dcm"), labels, {"metadata": meta})
+    seg = hd.seg.segread(path)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == vol.series_uid
+    back = seg.get_volume(combine_segments=True)
+    world = back.affine @ np.c_[np.argwhere(back.array > 0), np.ones(int(back.array.sum()))].T
+    ours = np.round(np.linalg.inv(vol.affine) @ world).astype(int)[:3].T
+    assert sorted(map(tuple, ours)) == sorted(map(tuple, np.argwhere(labels > 0)))
