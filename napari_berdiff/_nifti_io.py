@@ -7,7 +7,11 @@ over the first ones, so the reader reverses the axes, giving (k, j, i) — axial
 slider for the usual RAS/LPS volumes — and sets ``scale`` to the voxel sizes in that order.
 The file's affine and header fields travel in ``metadata["nifti"]``; the writer reverses
 the axes back and reuses that affine, so a read-then-write round trip keeps the geometry.
-Files without it get an affine built from the layer's ``scale`` and ``translate``.
+Layers the plugin makes over such an image (results, accepted masks) carry the affine moved
+to where they sit (:mod:`napari_berdiff.geometry`); layers over a DICOM series get the
+series' affine in RAS. Files without any get an affine built from ``scale`` and
+``translate``. A layer that records its provenance (accepted masks) also gets a JSON
+sidecar, ``<name>.provenance.json``.
 
 Label maps: a file is opened as a Labels layer when its header says so (intent
 ``NIFTI_INTENT_LABEL``, which our label writer sets), when its name looks like a
@@ -111,10 +115,18 @@ def read_nifti(path: str | list[str]) -> list[LayerData]:
 
 
 def _affine_for(attributes: dict[str, Any], file_shape: tuple[int, ...]) -> np.ndarray:
-    meta = (attributes.get("metadata") or {}).get("nifti") or {}
+    metadata = attributes.get("metadata") or {}
+    meta = metadata.get("nifti") or {}
     aff = meta.get("affine")
     if aff is not None and list(meta.get("shape", [])) == list(file_shape):
         return np.asarray(aff, dtype=np.float64)
+    dicom = metadata.get("dicom")
+    if isinstance(dicom, dict):  # a layer from (or made over) a DICOM series
+        from .geometry import dicom_nifti_affine
+
+        aff = dicom_nifti_affine(dicom, file_shape)
+        if aff is not None:
+            return aff
     ndim = len(file_shape)
     scale = list(attributes.get("scale") or [1.0] * ndim)[::-1]
     translate = list(attributes.get("translate") or [0.0] * ndim)[::-1]
@@ -166,7 +178,25 @@ def _write(path: str, data: Any, attributes: dict[str, Any], labels: bool) -> li
         header.set_intent("label")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, path)
-    return [path]
+    written = [path]
+    sidecar = _write_provenance(path, np.asarray(data), attributes)
+    if sidecar:
+        written.append(sidecar)
+    return written
+
+
+def _write_provenance(path: str, data: np.ndarray, attributes: dict[str, Any]) -> str | None:
+    """``<name>.provenance.json`` beside ``path`` when the layer records how it was made."""
+    from .provenance import provenance_document
+
+    doc = provenance_document(attributes.get("metadata") or {}, data)
+    if doc is None:
+        return None
+    import json
+
+    side = str(Path(path).with_name(_stem(path) + ".provenance.json"))
+    Path(side).write_text(json.dumps(doc, indent=2) + "\n")
+    return side
 
 
 def write_image(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:

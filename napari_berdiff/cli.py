@@ -126,6 +126,9 @@ def _describe_data(data: dict) -> str:
         bits.append("normalisation " + ", ".join(f"{k}={v}" for k, v in norm.items()))
     if data.get("spacing"):
         bits.append(f"pixel spacing {data['spacing']}")
+    if data.get("window"):
+        w = data["window"]
+        bits.append(f"window W{w.get('width')}/L{w.get('level')} {w.get('units', 'HU')}")
     return "; ".join(bits)
 
 
@@ -376,7 +379,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
     stream = model.sample(image, n=args.n, steps=steps, seed=args.seed, roi=roi,
                           max_batch=args.max_batch, draw_correlation=args.draw_correlation,
-                          temperature=args.temperature)
+                          temperature=args.temperature, units=infos[0].get("units"))
     result, visited = run_with_progress(stream, n_steps, args.quiet, "sampling")
     out = Path(args.out)
     written = write_results(out, result, args.n)
@@ -436,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "frequency, variance and entropy maps and run.json.")
     p.add_argument("--model", required=True, help="checkpoint file or bundled model name")
     p.add_argument("--image", required=True, nargs="+",
-                   help="image file (PNG, JPEG, TIFF, NPY, NIfTI, DICOM); one per channel for "
-                        "multi-channel models")
+                   help="image file (PNG, JPEG, TIFF, NPY, NIfTI, DICOM) or a DICOM series "
+                        "folder; one per channel for multi-channel models")
     p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--steps", help="sampling steps: a number, or a spec such as ddimuni10 "
                                    "(default: the model's)")

@@ -108,7 +108,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     spec = refiner.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, refiner.diffusion.timesteps))
     stream = refine(refiner, image, raw, trust=args.trust, n=args.n, steps=steps,
-                    seed=args.seed, roi=roi, max_batch=args.max_batch)
+                    seed=args.seed, roi=roi, max_batch=args.max_batch,
+                    units=infos[0].get("units"))
     result, visited = run_with_progress(stream, n_steps, args.quiet, "refining")
     out = Path(args.out)
     written = write_results(out, result, args.n)

@@ -15,8 +15,10 @@ NIfTI ``.nii(.gz)``    ``(Z, Y, X)``: the voxel axes reversed (``data.transpose(
                        so ``array[k]`` is the k-th slice along the file's third voxel axis,
                        rows follow the second voxel axis and columns the first. The scaling
                        (``scl_slope``/``scl_inter``) is applied; no reorientation to RAS.
-DICOM ``.dcm``         ``(Y, X)``, or ``(frames, Y, X)`` for multi-frame files, with
-                       RescaleSlope/RescaleIntercept applied (e.g. CT in Hounsfield units)
+DICOM ``.dcm``,        ``(Y, X)`` for one slice, else ``(Z, Y, X)``: a multi-frame file or
+a DICOM folder         a folder's series, slices sorted along the normal, the modality
+                       transform applied (CT in Hounsfield units, ``info["units"] == "HU"``);
+                       ``info["dicom"]`` holds the geometry (:mod:`napari_berdiff.dicom_io`)
 =====================  ===============================================================
 
 ``info`` holds ``path``, ``format``, ``shape``, ``dtype`` (of the file's data), ``axes``
@@ -161,6 +163,28 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
 
 
 def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
+    """A DICOM file, or a folder holding one series (:mod:`napari_berdiff.dicom_io`)."""
+    import pydicom
+
+    if path.is_file():
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - dicom_io names the problem below
+            ds = None
+        if ds is not None and int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:
+            return _read_dicom_colour(path)
+    from .dicom_io import read_dicom_volume
+
+    vol = read_dicom_volume(path)
+    arr, spacing = vol.array, vol.spacing
+    if arr.shape[0] == 1:
+        arr, spacing = arr[0], spacing[1:]
+    axes = "YX" if arr.ndim == 2 else "ZYX"
+    return arr, _info(path, "dicom", arr, "float32", axes, spacing=spacing,
+                      modality=vol.modality, units=vol.units, dicom=vol.metadata())
+
+
+def _read_dicom_colour(path: Path) -> tuple[np.ndarray, dict]:
     import pydicom
 
     try:
@@ -168,24 +192,12 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
         raw = ds.pixel_array
     except Exception as e:  # InvalidDicomError, missing pixel data, unsupported compression
         raise ValueError(f"cannot read the DICOM file {path.name}: {e}") from None
-    dtype = raw.dtype
-    grey = False
-    if int(getattr(ds, "SamplesPerPixel", 1)) > 1 and raw.shape[-1] in (3, 4):
-        arr, grey = to_grey(raw), True
-    else:
-        arr = raw.astype(np.float32)
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        arr = arr * np.float32(slope) + np.float32(intercept)
+    arr = to_grey(raw)
     spacing = None
     ps = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None)
     if ps is not None and len(ps) == 2:
         spacing = [float(ps[0]), float(ps[1])]
-        if arr.ndim == 3:
-            z = getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", None)
-            spacing = [float(z) if z else float("nan"), *spacing]
-    axes = "YX" if arr.ndim == 2 else "ZYX"
-    return arr, _info(path, "dicom", arr, dtype, axes, spacing=spacing, grey=grey,
+    return arr, _info(path, "dicom", arr, raw.dtype, "YX", spacing=spacing, grey=True,
                       modality=str(getattr(ds, "Modality", "")),
                       photometric=str(getattr(ds, "PhotometricInterpretation", "")))
 
@@ -209,6 +221,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         file its reader cannot parse.
     """
     p = Path(path)
+    if p.is_dir():
+        return _read_dicom(p)  # a folder is read as one DICOM series
     if not p.is_file():
         raise ValueError(f"no such image file: {p}")
     suffix = _suffix(p)

@@ -84,6 +84,9 @@ class DiffusionModel:
         ``training``, ``metrics`` …
     """
 
+    #: the checkpoint file the model was loaded from ("" when built in memory)
+    source_path: str = ""
+
     def __init__(self, net: torch.nn.Module, diffusion: DiffusionConfig,
                  metadata: dict[str, Any] | None = None):
         self.net = net.eval()
@@ -146,9 +149,20 @@ class DiffusionModel:
         return self
 
     # ------------------------------------------------------------------ sampling
+    @property
+    def window(self) -> dict[str, Any] | None:
+        """The intensity window the model was trained in (see :mod:`..windowing`), or None."""
+        from .windowing import model_window
+
+        return model_window(self.metadata)
+
     def prepare(self, image: np.ndarray, prior: np.ndarray | None = None,
-                normalise: bool = True, roi: Roi | None = None) -> np.ndarray:
+                normalise: bool = True, roi: Roi | None = None,
+                units: str | None = None) -> np.ndarray:
         """Normalise an image to what the network takes, as float32 (C, H, W).
+
+        An image in the units of the model's window (``units="HU"`` for CT in Hounsfield
+        units) is windowed to [0, 1] instead of normalised (:attr:`window`).
 
         With a region of interest, the normalisation's statistics (min-max, z-score) come
         from the region alone, the way the model saw its training crops and the way the
@@ -159,7 +173,12 @@ class DiffusionModel:
         if img.ndim == 2:
             img = img[None]
         finite = not np.issubdtype(img.dtype, np.floating) or np.isfinite(img).all()
-        if normalise and img.ndim == 3 and finite:
+        window = self.window if (normalise and units) else None
+        if window is not None and window["units"] == units and finite:
+            from .windowing import apply_window
+
+            img = apply_window(img, window)
+        elif normalise and img.ndim == 3 and finite:
             spec = self.data.get("normalisation")
             box = _valid_box(roi, img.shape[1:])
             if box is None:
@@ -196,6 +215,7 @@ class DiffusionModel:
         normalise: bool = True,
         draw_correlation: float | None = None,
         temperature: float | None = None,
+        units: str | None = None,
     ) -> SampleStream:
         """Stream ``n`` samples for ``image``: an iterator of :class:`Frame`, one per step,
         whose ``.result`` is the :class:`SampleResult` once it is exhausted.
@@ -203,7 +223,8 @@ class DiffusionModel:
         See :func:`napari_berdiff.diffusion.sample_stream` for the arguments. The image
         is normalised the way the model's metadata says unless ``normalise=False``.
         ``draw_correlation`` and ``temperature`` override the model's (Bernoulli only; see
-        :class:`~napari_berdiff.diffusion.DiffusionConfig`); None keeps them.
+        :class:`~napari_berdiff.diffusion.DiffusionConfig`); None keeps them. ``units``:
+        the image's intensity units ("HU"), which select the model's window when it has one.
         """
         if self.kind == "segmentor":
             raise ValueError("a segmentor is not a diffusion model and cannot be sampled")
@@ -213,7 +234,7 @@ class DiffusionModel:
                    if v is not None and v != getattr(self.diffusion, k)}
         if changes:
             kernel = make_kernel(self.diffusion.replace(**changes))
-        cond = self.prepare(image, prior, normalise, roi)
+        cond = self.prepare(image, prior, normalise, roi, units)
         start_prior = prior if self.kind == "refiner" else None
         return sample_stream(
             self.net, kernel, cond, n=n, steps=steps, seed=seed, prior=start_prior,

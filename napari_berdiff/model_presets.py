@@ -51,6 +51,7 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
             "image_size": 128,
             "image_channels": 1,
             "normalisation": {"mode": "unit"},
+            "window": {"units": "HU", "width": 1500.0, "level": -600.0},
             "description": "LIDC-IDRI lung CT crops, 4 readers (BerDiff release)",
         },
         source="BerDiff official release (BerDiff_epsilon.pt and model*/ema_* checkpoints)",

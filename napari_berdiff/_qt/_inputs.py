@@ -96,6 +96,10 @@ class PreparedInput:
     warnings: list[str] = field(default_factory=list)
     #: a refiner's prior map per crop (set by the Mask refiner widget), else None
     priors: list[np.ndarray] | None = None
+    #: the image's intensity units ("HU" for CT from DICOM), which select the model's window
+    units: str | None = None
+    #: the image layer's geometry metadata (NIfTI / DICOM), inherited by the layers made over it
+    geometry: dict[str, Any] = field(default_factory=dict)
 
 
 def training_size(model: Any) -> int | None:
@@ -296,4 +300,13 @@ def prepare_input(
                 "Fill or mask them (or choose a region without them) before sampling."
             )
         out.append(np.ascontiguousarray(arr))
-    return PreparedInput(placement, out, offsets, warnings)
+    from ..geometry import layer_affine, source_geometry
+    from ..windowing import layer_units
+
+    meta = getattr(image, "metadata", None)
+    geometry = source_geometry(meta)
+    affine = layer_affine(image, nd)
+    if affine is not None:
+        geometry["layer_affine"] = affine
+    return PreparedInput(placement, out, offsets, warnings, units=layer_units(meta),
+                         geometry=geometry)

@@ -84,12 +84,31 @@ class RunLayers:
         self.layers: dict[str, Any] = {}
         self.pushed = 0
         self.last_step: int | None = None
+        #: the source image's geometry metadata and layer affine (set by the widget)
+        self.geometry: dict[str, Any] = {}
+        #: how the run was made, for the provenance of accepted masks (set by the widget)
+        self.provenance: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ creation
     def _meta(self, role: str) -> dict[str, Any]:
         p = self.placement
-        return {META_KEY: {"role": role, "run": self.run_id, "mode": p.mode,
-                           "roi": list(p.roi), "z": p.z, "model": self.label}}
+        meta: dict[str, Any] = {META_KEY: {"role": role, "run": self.run_id, "mode": p.mode,
+                                           "roi": list(p.roi), "z": p.z, "model": self.label}}
+        if self.geometry:  # the source's NIfTI / DICOM geometry, moved to the results' place
+            from ..geometry import derived_metadata
+
+            lead = (self.n,) if role in ("samples", "probs") else ()
+            meta.update(derived_metadata(self.geometry, p.start, (*lead, *p.result_shape)))
+        return meta
+
+    def _inherit_affine(self) -> None:
+        """Give the new layers the source layer's own (napari) affine, if it has one."""
+        from ..geometry import expand_affine
+
+        matrix = self.geometry.get("layer_affine")
+        if matrix is not None:
+            for layer in self.layers.values():
+                layer.affine = expand_affine(matrix, layer.ndim)
 
     def add(self) -> None:
         from napari.layers import Image, Labels
@@ -110,6 +129,7 @@ class RunLayers:
         samples = Labels(self.samples, name=SAMPLES, scale=scale_s, translate=tr_s,
                          opacity=0.55, metadata=self._meta("samples"))
         self.layers["samples"] = self.viewer.add_layer(samples)
+        self._inherit_affine()
 
     def take_over(self, previous: RunLayers) -> bool:
         """Reuse ``previous``'s layers and arrays, emptied, for this run; False (nothing
@@ -123,8 +143,11 @@ class RunLayers:
             arr.fill(0)
         self.layers = dict(previous.layers)
         previous.layers = {}
+        from ..geometry import GEOMETRY_KEYS
+
         for key, layer in self.layers.items():
-            layer.metadata = {**layer.metadata, **self._meta(key)}
+            kept = {k: v for k, v in layer.metadata.items() if k not in GEOMETRY_KEYS}
+            layer.metadata = {**kept, **self._meta(key)}
             if key == "samples":
                 layer.contour = 0  # filled while streaming, outlines once final
             layer.refresh()

@@ -47,6 +47,8 @@ class Job:
     priors: list[np.ndarray] | None = None
     #: a Bernoulli step temperature other than the model's own, else None
     temperature: float | None = None
+    #: the image's intensity units ("HU"): the model's window applies when it has one
+    units: str | None = None
 
     def __post_init__(self) -> None:
         self.consumed.set()
@@ -126,6 +128,8 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
             extra = {} if job.priors is None else {"prior": job.priors[pos]}
             if job.temperature is not None:
                 extra["temperature"] = job.temperature
+            if job.units:
+                extra["units"] = job.units
             try:
                 stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
                                           cancel=job.cancel, **extra)

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 from ._inputs import MODE_SLICE, MODE_VOLUME
 from ._layer_combo import LayerCombo
 from ._layers import is_result_layer
+from ._window_presets import WindowPresetCombo
 
 REGION_WHOLE = "whole"
 
@@ -110,8 +111,10 @@ class SamplingPanel(QGroupBox):
         seed_row = QHBoxLayout()
         seed_row.addWidget(self.seed_spin, 1)
         seed_row.addWidget(self.new_seed_btn)
+        self.window_box = WindowPresetCombo(self.image_combo.layer)
         form = QFormLayout()
         form.addRow("Image:", self.image_combo)
+        form.addRow("Display window:", self.window_box)
         form.addRow("Region:", region_row)
         self._volume_label = QLabel("Volume:")
         form.addRow(self._volume_label, self.volume_row)

@@ -24,6 +24,7 @@ from ._layers import RunLayers, batched_layer_changes
 from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
 from ._preload import preload
+from ._provenance import record_accept, run_provenance
 from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
 from ._run import Job, Outcome, Update, run_job
 from ._sampling_panel import SamplingPanel
@@ -231,6 +232,10 @@ class DiffusionSegmentationWidget(QWidget):
         n = sp.n_spin.value()
         layers = RunLayers(self.viewer, prepared.placement, n, self._run_id,
                            self.model_panel.model_label, self.model.n_readers)
+        layers.geometry = prepared.geometry
+        layers.provenance = run_provenance(self.model, sp.seed_spin.value(),
+                                           sp.steps_spin.value(), sp.steps_spec(self.model),
+                                           sp.temperature(self.model))
         previous = self.last_run
         keep = previous is not None and sp.keep_check.isChecked()
         if previous is None or keep or not layers.take_over(previous):
@@ -250,6 +255,7 @@ class DiffusionSegmentationWidget(QWidget):
         job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
                   sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0,
                   priors=prepared.priors, temperature=sp.temperature(self.model))
+        job.units = prepared.units  # CT in HU: the model's window applies
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)
@@ -483,9 +489,14 @@ class DiffusionSegmentationWidget(QWidget):
             return target
         from napari.layers import Labels
 
+        from ..geometry import derived_metadata, expand_affine
+
         p = run.placement
+        geometry = derived_metadata(run.geometry, (0,) * len(p.spatial_shape), p.spatial_shape)
         target = Labels(new_target_data(p), name="accepted", scale=p.scale or None,
-                        translate=p.translate or None, metadata={TARGET_META: True})
+                        translate=p.translate or None, metadata={TARGET_META: True, **geometry})
+        if run.geometry.get("layer_affine") is not None:
+            target.affine = expand_affine(run.geometry["layer_affine"], target.ndim)
         target = self.viewer.add_layer(target)
         self.results.target_combo.set_layer(target)
         return target
@@ -499,6 +510,7 @@ class DiffusionSegmentationWidget(QWidget):
         if i is None:
             _notify.error("The 'samples' layer was removed: run Sample again.")
             return None
+        self._accept_choice = {"sample": i}
         return self._write(run, run.samples[i] > 0, f"sample {i}")
 
     def accept_consensus(self, *_: Any) -> Any | None:
@@ -510,6 +522,9 @@ class DiffusionSegmentationWidget(QWidget):
         tau = self.results.consensus_threshold()
         mask = freq > 0.5 if tau is None else freq >= tau
         what = "the majority vote" if tau is None else f"the consensus at frequency ≥ {tau:.2f}"
+        self._accept_choice = ({"consensus": "majority", "threshold": 0.5, "rule": "> 0.5"}
+                               if tau is None else
+                               {"consensus": "frequency", "threshold": tau, "rule": ">="})
         return self._write(run, mask, what)
 
     def _resolve_target(self, run: RunLayers) -> Any:
@@ -527,7 +542,9 @@ class DiffusionSegmentationWidget(QWidget):
         try:
             target = self._resolve_target(run)
             self._before_write(target, run)
-            write_mask(target, run.placement, mask)
+            label = int(target.selected_label) or 1
+            write_mask(target, run.placement, mask, label)
+            record_accept(target, run, getattr(self, "_accept_choice", None) or {}, label)
         except InputProblem as exc:
             _notify.error(str(exc))
             return None

@@ -158,7 +158,12 @@ def load_model(path: str | Path, preset: str | None = None, device: Any = "cpu")
     CheckpointError
         (a ``ValueError``) for anything wrong with the file, with a message for people.
     """
-    p = Path(path)
+    model = _load(Path(path), preset, device)
+    model.source_path = str(Path(path).resolve())  # provenance: which file made a mask
+    return model
+
+
+def _load(p: Path, preset: str | None, device: Any):
     if sniff(p) == SAFETENSORS:
         doc = read_description(p, read_safetensors_header(p))
         if doc is not None:
