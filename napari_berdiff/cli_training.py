@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import _json_clean, _resolve_model
+from .outfolder import OutputFolder
 
 __all__ = ["register", "cmd_train", "cmd_evaluate", "cmd_data_phantoms"]
 
@@ -62,9 +63,8 @@ def cmd_data_phantoms(args: argparse.Namespace) -> int:
         raise ValueError(f"--cases must be <= {PHANTOM_SEED_STRIDE}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"{out} exists and is not empty; choose another folder or use --force")
+    out = OutputFolder(args.out, force=args.force, marker="dataset.json")
+    out.check()
     seeds = [args.seed * PHANTOM_SEED_STRIDE + i for i in range(args.cases)]
     tic = time.perf_counter()
     phantoms = (make_phantom(s, args.size, args.annotators) for s in seeds)
@@ -75,9 +75,10 @@ def cmd_data_phantoms(args: argparse.Namespace) -> int:
         "generator": "napari_berdiff.data.phantoms", "seed": args.seed, "size": args.size,
         "n_annotators": args.annotators,
     }
-    write_lidc_layout(out, phantoms, desc)
+    with out as tmp:
+        write_lidc_layout(tmp, phantoms, desc)
     print(f"wrote {args.cases} phantom cases ({args.size}×{args.size}, {args.annotators} "
-          f"annotators, seed {args.seed}) to {out} in {time.perf_counter() - tic:.1f} s")
+          f"annotators, seed {args.seed}) to {args.out} in {time.perf_counter() - tic:.1f} s")
     return 0
 
 
@@ -355,7 +356,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--seed", type=int, default=0, help="a different seed gives different cases")
     q.add_argument("--size", type=int, default=128)
     q.add_argument("--annotators", type=int, default=4)
-    q.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    q.add_argument("--force", action="store_true",
+                   help="replace a previous data folder (one with a dataset.json), whole")
     q.set_defaults(func=cmd_data_phantoms)
 
     def _data_help(args: argparse.Namespace) -> int:
