@@ -20,19 +20,21 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["OutputFolder", "atomic_write_text"]
+__all__ = ["OutputFolder", "atomic_write_text", "temporary_path", "replace_from_temporary",
+           "remove_stale_temporaries", "pid_alive"]
 
 _PARTIAL, _OLD = "partial", "old"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (the writer of a temporary file or folder)."""
     if pid == os.getpid():
         return True
     try:
@@ -61,6 +63,17 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder ``<prefix><pid>-<random>`` in ``parent``, with the usual permissions."""
+    while True:
+        path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -74,16 +87,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temporary_path(path: str | Path) -> Path:
+    """Where to write ``path`` before :func:`replace_from_temporary` moves it into place:
+    ``.<name>.<pid>.tmp`` beside it (the pid tells a killed writer's file from a live one's)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def replace_from_temporary(tmp: Path, path: str | Path) -> None:
+    """Flush ``tmp`` to disk and rename it to ``path`` in one step."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files of ``path`` that killed writers left (and the
+    ``<name>.tmp`` of earlier versions); returns them."""
+    path = Path(path)
+    stale = [p for p in path.parent.glob(f".{path.name}.*.tmp")
+             if p.name[len(path.name) + 2:-4].isdigit()
+             and not pid_alive(int(p.name[len(path.name) + 2:-4]))]
+    legacy = path.with_name(path.name + ".tmp")
+    stale += [legacy] if legacy.exists() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file whole or not at all (a temporary file, fsync, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp.write_text(text)
+        replace_from_temporary(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -128,7 +166,7 @@ class OutputFolder:
             return found
         for p in parent.glob(self._prefix(kind) + "*"):
             pid_text = p.name[len(self._prefix(kind)):].split("-", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            if pid_text.isdigit() and not pid_alive(int(pid_text)):
                 found.append((p, int(pid_text)))
         return found
 
@@ -175,8 +213,7 @@ class OutputFolder:
         self.check()
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=self._prefix(_PARTIAL) + f"{os.getpid()}-",
-                                             dir=self.out.parent))
+            self.tmp = _new_folder(self.out.parent, self._prefix(_PARTIAL))
         except OSError as e:
             raise ValueError(f"{self.option} {self.out} cannot be written "
                              f"({e.strerror or e}); choose a folder you can write to") from None

@@ -3,14 +3,12 @@ not at all, checked before any work, replaced only with ``--force`` (issue 21, i
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from napari_berdiff.cli import main
 from napari_berdiff.outfolder import OutputFolder
 
 from .ckpt_helpers import one_torch_thread, tiny_model  # noqa: F401 (autouse fixture)
+from .crashes import KILLED, run_killed_at
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "models"
@@ -79,6 +78,9 @@ def test_a_second_run_needs_force_and_then_replaces_the_first_whole(capsys, file
     assert code == 0, err
     first = whole_run(out)
     assert first[:2] == (16, 0)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder as mkdir makes it
 
     code, err = _run(capsys, _sample_argv(files, out, n=4, seed=1))
     assert code == 2
@@ -136,7 +138,7 @@ def test_bad_out_is_refused_before_the_model_is_loaded(capsys, files, tmp_path, 
     def refused(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    monkeypatch.setattr(os, "mkdir", refused)
     code, err = _run(capsys, _sample_argv(files, tmp_path / "ro"))
     assert code == 2
     assert f"--out {tmp_path / 'ro'} cannot be written (Permission denied); choose a folder " \
@@ -188,43 +190,6 @@ def test_data_phantoms_replaces_a_data_folder_whole(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------------- crashes
-WRITE_OPS = [(os, "rename"), (os, "replace"), (os, "fsync"), (os, "mkdir"),
-             (outfolder, "_exchange"), (outfolder.shutil, "rmtree")]
-
-
-def _crash_at(k: int | None, files, out: Path, argv: list[str]) -> int:
-    """Run ``argv`` in a forked child that dies (``os._exit``, no clean-up) just before its
-    ``k``-th write operation; returns how many it reached (the child's exit code)."""
-    import builtins
-
-    pid = os.fork()
-    if pid == 0:  # the child: count the write operations, die before the k-th
-        try:
-            count = [0]
-
-            def hook(fn):
-                def wrapped(*a, **kw):
-                    if k is not None and count[0] == k:
-                        os._exit(200)
-                    count[0] += 1
-                    return fn(*a, **kw)
-                return wrapped
-
-            for mod, name in WRITE_OPS:
-                setattr(mod, name, hook(getattr(mod, name)))
-            real_open = builtins.open
-            counted_open = hook(real_open)
-            builtins.open = io.open = lambda f, mode="r", *a, **kw: (
-                counted_open if any(c in mode for c in "wax+") else real_open)(f, mode, *a, **kw)
-            sys.stderr = open(os.devnull, "w")
-            code = main(argv)
-            os._exit(min(count[0], 199) if code == 0 else 201)
-        finally:
-            os._exit(202)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "move-aside"])
 def test_a_writer_killed_at_any_write_leaves_the_old_run_or_the_new_one(files, tmp_path,
                                                                          exchange, monkeypatch):
@@ -238,14 +203,14 @@ def test_a_writer_killed_at_any_write_leaves_the_old_run_or_the_new_one(files, t
     assert main(_sample_argv(files, out, n=2, seed=0)) == 0
     old = whole_run(out)
     argv = _sample_argv(files, out, "--force", n=3, seed=1)
-    n_ops = _crash_at(None, files, out, argv)  # a full run: how many write operations
+    n_ops = run_killed_at(None, lambda: main(argv))  # a full run: how many write operations
     assert 20 < n_ops < 199
     new = whole_run(out)
     assert main(_sample_argv(files, out, "--force", n=2, seed=0)) == 0  # back to the old
     rng = random.Random()
     points = sorted(set(rng.sample(range(n_ops), 6)) | set(range(n_ops - 6, n_ops)))
     for k in points:
-        assert _crash_at(k, files, out, argv) == 200
+        assert run_killed_at(k, lambda: main(argv)) == KILLED
         if exchange:  # the destination is whole even before anyone tidies up
             assert whole_run(out) in (old, new), k
         OutputFolder(out).recover()  # what the next run does first
