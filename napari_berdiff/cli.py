@@ -183,7 +183,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     }
     if args.name:
         extra["name"] = args.name
-    save_model(model, out, metadata=extra)
+    from .outfolder import replace_from_temporary, temporary_path
+
+    tmp = temporary_path(out)  # whole or not at all: a kill never leaves half a file
+    try:
+        save_model(model, tmp, metadata=extra)
+        replace_from_temporary(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {out}: {model.metadata.get('preset') or model.name}, {model.kind}, "
           f"{model.num_parameters():,} parameters")
     return 0
