@@ -71,29 +71,29 @@ def _check_in_step(out: Path) -> int:
 # ---------------------------------------------------------------------------- --force
 def test_force_keeps_the_old_run_until_the_new_one_has_checkpointed(tmp_path, data):
     out = tmp_path / "m.safetensors"
-    train(_config(steps=4, checkpoint_every=2), data, out, progress=False)
+    train(_config(steps=3, checkpoint_every=2), data, out, progress=False)
     old = _snapshot(out)
-    assert len(old) == 3 and _log_steps(out) == [1, 2, 3, 4]
+    assert len(old) == 3 and _log_steps(out) == [1, 2, 3]
 
-    # A new run over it (first checkpoint at step 4), killed before a write operation
+    # A new run over it (first checkpoint at step 2), killed before a write operation
     # chosen at random: the old run comes back whole, or the new one is there, in step.
-    fresh = _config(steps=6, checkpoint_every=5, seed=9)
-    new_run = lambda: train(fresh, data, out, progress=False, stop_after=4)  # noqa: E731
+    fresh = _config(steps=4, checkpoint_every=5, seed=9)
+    new_run = lambda: train(fresh, data, out, progress=False, stop_after=2)  # noqa: E731
     n_ops = run_killed_at(None, new_run)
-    assert 8 < n_ops < 199 and _check_in_step(out) == 4
+    assert 8 < n_ops < 199 and _check_in_step(out) == 2
     _restore(out, old)
-    points = sorted(set(random.Random().sample(range(n_ops), 8)) | {0, 1, 2, n_ops - 1})
+    points = sorted(set(random.Random().sample(range(n_ops), 4)) | {0, 1, n_ops - 1})
     for k in points:
         assert run_killed_at(k, new_run) == KILLED
         RunFiles(_files(out))  # what the next run does first: put the old run back
         assert _leftovers(tmp_path) == [], k
         if _snapshot(out) != old:  # the new run's first checkpoint is complete
-            assert _check_in_step(out) == 4 and len(_snapshot(out)) == 3, k
+            assert _check_in_step(out) == 2 and len(_snapshot(out)) == 3, k
             _restore(out, old)
 
     # Completed, the new run replaces the old one; nothing is left beside it.
     train(fresh, data, out, progress=False)
-    assert _log_steps(out) == list(range(1, 7)) and _leftovers(tmp_path) == []
+    assert _log_steps(out) == list(range(1, 5)) and _leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------- kills
