@@ -173,18 +173,24 @@ RECIPE_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _given_options(argv: Sequence[str] | None) -> dict[str, str]:
-    """The options of a ``train`` command line that were given, as {dest: option}."""
+def _given_options(args: argparse.Namespace) -> dict[str, str]:
+    """The options given on a ``train`` command line, as {dest: option}: those in
+    ``args.argv`` (set by :func:`napari_berdiff.cli.main`), else those not at their
+    default."""
     from .cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     train = sub.choices["train"]
-    unset = object()
     options = {a.dest: max(a.option_strings, key=len) for a in train._actions if a.option_strings}
+    argv: Sequence[str] | None = getattr(args, "argv", None)
+    if argv is None:
+        return {d: o for d, o in options.items()
+                if getattr(args, d, None) != train.get_default(d)}
+    unset = object()
     train.set_defaults(**{dest: unset for dest in options})
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    return {d: o for d, o in options.items() if getattr(args, d, unset) is not unset}
+    given = parser.parse_args(list(argv))
+    return {d: o for d, o in options.items() if getattr(given, d, unset) is not unset}
 
 
 def _recipe_value(cfg: dict[str, Any], data: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -205,7 +211,7 @@ def _check_resume_flags(args: argparse.Namespace, cfg: Any, data: dict[str, Any]
 
     saved = load_state(state_file)
     stored, stored_data = json.loads(saved["config"]), json.loads(saved.get("data") or "{}")
-    given = _given_options(getattr(args, "argv", None))
+    given = _given_options(args)
     asked = cfg.to_dict()
     conflicts = []
     for dest, option in given.items():

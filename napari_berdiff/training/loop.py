@@ -194,12 +194,12 @@ def save_state(state_file: Path, state: dict[str, Any]) -> None:
 class RunFiles:
     """The files of a training run (model, state, log …), kept whole across kills.
 
-    On start it tidies what a killed run left: the temporary files of its atomic writes,
-    and a previous run a fresh run had moved aside (put back when the fresh run died before
-    its first checkpoint was complete, i.e. before all its files were written; removed
-    otherwise). A fresh run over an existing one (``--force``)
-    moves the old files aside, into ``.<model>.old-<pid>-…/``, and removes them only once
-    its own first checkpoint is written: the old run is never truncated.
+    A fresh run over an existing one (``--force``) moves the old files aside, into
+    ``.<model>.old-<pid>-…/``, and removes them only once its own first checkpoint is
+    written: the old run is never truncated. On start, a run tidies what a killed run left:
+    the temporary files of its atomic writes, and a previous run that a fresh run had moved
+    aside (put back when the fresh run died before all the files of its first checkpoint
+    were written; removed otherwise).
     """
 
     _LIST = "moved-aside.txt"

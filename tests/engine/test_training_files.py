@@ -193,6 +193,14 @@ def test_resume_refuses_options_that_contradict_the_stored_recipe(tmp_path, phan
         assert message in capsys.readouterr().err, extra
     assert _snapshot(out) == before
 
+    # Called without main (no command line recorded): options off their defaults count.
+    from napari_berdiff.cli import build_parser
+    from napari_berdiff.cli_training import cmd_train
+
+    args = build_parser().parse_args(_train_argv(phantoms, out, "--resume", "--lr", "0.5"))
+    with pytest.raises(ValueError, match=r"--lr 0\.5 \(the run has lr = 0\.001\)"):
+        cmd_train(args)
+
     # Restating the recipe, or changing only run settings, resumes.
     assert main(_train_argv(phantoms, out, "--steps", "4", "--resume", "--lr", "0.001",
                             "--kind", "bernoulli", "--minutes", "5")) == 0
