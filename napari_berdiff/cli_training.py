@@ -268,8 +268,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         kind = _check_resume_flags(args, cfg, ds.description, state_path_for(out))["kind"]
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{'resuming' if args.resume else 'training'} a {kind} model on {len(ds)} items ({len(ds.cases())} cases, "
-              f"{args.split} split) of {args.data}", file=sys.stderr)
+        print(f"{'resuming' if args.resume else 'training'} a {kind} model on {len(ds)} items "
+              f"({len(ds.cases())} cases, {args.split} split) of {args.data}", file=sys.stderr)
     res = train(cfg, ds, out, resume=args.resume, progress=not args.quiet, name=args.name)
     if res.extra.get("rank", 0) != 0:
         return 0
