@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import _json_clean, _resolve_model
-from .outfolder import OutputFolder
+from .outfolder import OutputFolder, atomic_write_text
 
 __all__ = ["register", "cmd_train", "cmd_evaluate", "cmd_data_phantoms"]
 
@@ -324,7 +324,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(summary))
     if args.json:
         doc = {**summary, "_settings": {**rep.settings, "n": rep.n, "n_items": len(rep.items)}}
-        Path(args.json).write_text(json.dumps(_json_clean(doc), indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(_json_clean(doc), indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 
