@@ -208,7 +208,7 @@ def test_a_writer_killed_at_any_write_leaves_the_old_run_or_the_new_one(files, t
     new = whole_run(out)
     assert main(_sample_argv(files, out, "--force", n=2, seed=0)) == 0  # back to the old
     rng = random.Random()
-    points = sorted(set(rng.sample(range(n_ops), 4)) | set(range(n_ops - 4, n_ops)))
+    points = sorted(set(rng.sample(range(n_ops), 3)) | set(range(n_ops - 3, n_ops)))
     for k in points:
         assert run_killed_at(k, lambda: main(argv)) == KILLED
         if exchange:  # the destination is whole even before anyone tidies up
