@@ -186,7 +186,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     }
     if args.name:
         extra["name"] = args.name
-    save_model(model, out, metadata=extra)
+    from .outfolder import replace_from_temporary, temporary_path
+
+    tmp = temporary_path(out)  # whole or not at all: a kill never leaves half a file
+    try:
+        save_model(model, tmp, metadata=extra)
+        replace_from_temporary(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {out}: {model.metadata.get('preset') or model.name}, {model.kind}, "
           f"{model.num_parameters():,} parameters")
     return 0
@@ -359,7 +366,25 @@ def read_model_image(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, 
     return image, infos, names
 
 
+def output_folder(args: argparse.Namespace) -> Any:
+    """The ``--out`` folder of a sampling (or refining) run, checked before any work: the
+    run is written beside it and moved into place whole (:mod:`napari_berdiff.outfolder`)."""
+    from .outfolder import OutputFolder
+
+    inputs = [*args.image, *([args.model] if Path(args.model).exists() else []),
+              *([args.prior] if getattr(args, "prior", "segmentor") != "segmentor" else [])]
+    return OutputFolder(args.out, force=args.force, inputs=inputs)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    with output_folder(args) as tmp:
+        summary = _sample_into(args, tmp)
+    print(summary)
+    return 0
+
+
+def _sample_into(args: argparse.Namespace, out: Path) -> str:
+    """Sample as ``args`` say into the folder ``out``; returns the summary line."""
     from .checkpoints import load_model
     from .diffusion import timestep_subsequence
 
@@ -381,7 +406,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           max_batch=args.max_batch, draw_correlation=args.draw_correlation,
                           temperature=args.temperature, units=infos[0].get("units"))
     result, visited = run_with_progress(stream, n_steps, args.quiet, "sampling")
-    out = Path(args.out)
     written = write_results(out, result, args.n)
 
     timings = dict(result.timings)
@@ -391,10 +415,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                      written)
     (out / "run.json").write_text(json.dumps(_json_clean(run), indent=2) + "\n")
     y0, x0, y1, x1 = result.roi
-    print(f"wrote {args.n} sample masks and the {', '.join(MAPS)} maps "
-          f"({y1 - y0}×{x1 - x0}, box {y0},{x0},{y1},{x1}) to {out} "
-          f"in {timings['wall_s']:.1f} s")
-    return 0
+    return (f"wrote {args.n} sample masks and the {', '.join(MAPS)} maps "
+            f"({y1 - y0}×{x1 - x0}, box {y0},{x0},{y1},{x1}) to {args.out} "
+            f"in {timings['wall_s']:.1f} s")
 
 
 # ---------------------------------------------------------------------------- parser
@@ -407,6 +430,9 @@ def add_run_options(p: argparse.ArgumentParser, verb: str, slice_help: str) -> N
                    help=f"{verb} an image larger than twice the training size without --roi")
     p.add_argument("--max-batch", type=int, help="at most this many samples per network call")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out that holds a previous run, whole (the old "
+                        "run is removed only once the new one is complete)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Bernoulli models: each step draws from x0 sharpened by 1/TAU on the "
                         "logit; 1 is BerDiff's step, below 1 moves each sample towards its most "
                         "likely mask (default: the model's)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder: new or empty (or a previous run, with --force)")
     p.add_argument("--preset", help="preset for an official .pt file")
     add_run_options(p, "sample", "slice index of a 3D volume (first axis)")
     p.set_defaults(func=cmd_sample)
@@ -476,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # which options were given
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as e:

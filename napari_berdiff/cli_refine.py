@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from .cli import (_check_region, _json_clean, _parse_roi, _parse_steps, _resolve_model,
-                  add_run_options, read_model_image, run_record, run_with_progress,
-                  write_results)
+                  add_run_options, output_folder, read_model_image, run_record,
+                  run_with_progress, write_results)
 
 __all__ = ["register", "cmd_refine", "read_prior"]
 
@@ -73,6 +73,14 @@ def _segmentor_prior(args: argparse.Namespace, refiner: Any, model_path: Path,
 
 def cmd_refine(args: argparse.Namespace) -> int:
     """Refine a prior mask: write N refined masks, the uncertainty maps and run.json."""
+    with output_folder(args) as tmp:
+        summary = _refine_into(args, tmp)
+    print(summary)
+    return 0
+
+
+def _refine_into(args: argparse.Namespace, out: Path) -> str:
+    """Refine as ``args`` say into the folder ``out``; returns the summary line."""
     from .checkpoints import load_model
     from .diffusion import timestep_subsequence
     from .imageio import write_map
@@ -111,7 +119,6 @@ def cmd_refine(args: argparse.Namespace) -> int:
                     seed=args.seed, roi=roi, max_batch=args.max_batch,
                     units=infos[0].get("units"))
     result, visited = run_with_progress(stream, n_steps, args.quiet, "refining")
-    out = Path(args.out)
     written = write_results(out, result, args.n)
     y0, x0, y1, x1 = result.roi
     written += write_map(out / "prior", p[y0:y1, x0:x1], "prior", limits=(0.0, 1.0))
@@ -133,10 +140,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
         "conditioning": refiner.metadata.get("refiner", {}).get("conditioning"),
     }
     (out / "run.json").write_text(json.dumps(_json_clean(run), indent=2) + "\n")
-    print(f"wrote {args.n} refined masks, the prior and the uncertainty maps "
-          f"({y1 - y0}×{x1 - x0}, box {y0},{x0},{y1},{x1}) to {out} "
-          f"in {timings['wall_s']:.1f} s")
-    return 0
+    return (f"wrote {args.n} refined masks, the prior and the uncertainty maps "
+            f"({y1 - y0}×{x1 - x0}, box {y0},{x0},{y1},{x1}) to {args.out} "
+            f"in {timings['wall_s']:.1f} s")
 
 
 def register(subparsers: Any) -> None:
@@ -159,6 +165,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trust", type=float, default=0.7,
                    help="how far a binary prior's boundary is believed, 0..1 (default 0.7)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder: new or empty (or a previous run, with --force)")
     add_run_options(p, "refine", "slice index of a 3D volume (image and prior)")
     p.set_defaults(func=cmd_refine)

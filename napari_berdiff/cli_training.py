@@ -18,10 +18,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .cli import _json_clean, _resolve_model
+from .outfolder import OutputFolder, atomic_write_text
 
 __all__ = ["register", "cmd_train", "cmd_evaluate", "cmd_data_phantoms"]
 
@@ -62,9 +64,8 @@ def cmd_data_phantoms(args: argparse.Namespace) -> int:
         raise ValueError(f"--cases must be <= {PHANTOM_SEED_STRIDE}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"{out} exists and is not empty; choose another folder or use --force")
+    out = OutputFolder(args.out, force=args.force, marker="dataset.json")
+    out.check()
     seeds = [args.seed * PHANTOM_SEED_STRIDE + i for i in range(args.cases)]
     tic = time.perf_counter()
     phantoms = (make_phantom(s, args.size, args.annotators) for s in seeds)
@@ -75,9 +76,10 @@ def cmd_data_phantoms(args: argparse.Namespace) -> int:
         "generator": "napari_berdiff.data.phantoms", "seed": args.seed, "size": args.size,
         "n_annotators": args.annotators,
     }
-    write_lidc_layout(out, phantoms, desc)
+    with out as tmp:
+        write_lidc_layout(tmp, phantoms, desc)
     print(f"wrote {args.cases} phantom cases ({args.size}×{args.size}, {args.annotators} "
-          f"annotators, seed {args.seed}) to {out} in {time.perf_counter() - tic:.1f} s")
+          f"annotators, seed {args.seed}) to {args.out} in {time.perf_counter() - tic:.1f} s")
     return 0
 
 
@@ -150,19 +152,103 @@ def _refiner_settings(args: argparse.Namespace, seg: Any) -> dict[str, Any]:
             "trust_range": trust, "degrade_strength": args.degrade_strength}
 
 
+#: The ``train`` options that set the recipe: where the run stores each one (a recipe field,
+#: a key of its network or diffusion section, or of the training data's description).
+RECIPE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "kind": ("kind",), "batch_size": ("batch_size",), "lr": ("lr",), "warmup": ("warmup",),
+    "ema_decay": ("ema_decay",), "grad_clip": ("grad_clip",), "no_augment": ("augment",),
+    "bce_weight": ("bce_weight",), "focal": ("focal",), "t_sampling": ("t_sampling",),
+    "unroll_prob": ("unroll_prob",), "normalisation": ("normalisation",), "seed": ("seed",),
+    "prior_mix": ("prior_mix",), "trust_range": ("trust_range",),
+    "degrade_strength": ("degrade_strength",),
+    "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"),
+    "prediction": ("diffusion", "prediction"), "sampling_steps": ("diffusion", "default_steps"),
+    "network": ("network", "type"), "self_condition": ("network", "self_condition"),
+    "presence_head": ("network", "presence_head"), "readers": ("network", "readers"),
+    "base_channels": ("network", "model_channels"), "channel_mult": ("network", "channel_mult"),
+    "res_blocks": ("network", "num_res_blocks"),
+    "attention": ("network", "attention_resolutions"), "norm_groups": ("network", "norm_groups"),
+    "split": ("data", "split"), "val_fraction": ("data", "split_fractions", 1),
+    "test_fraction": ("data", "split_fractions", 2), "split_seed": ("data", "split_seed"),
+}
+
+
+def _given_options(args: argparse.Namespace) -> dict[str, str]:
+    """The options given on a ``train`` command line, as {dest: option}: those in
+    ``args.argv`` (set by :func:`napari_berdiff.cli.main`), else those not at their
+    default."""
+    from .cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train"]
+    options = {a.dest: max(a.option_strings, key=len) for a in train._actions if a.option_strings}
+    argv: Sequence[str] | None = getattr(args, "argv", None)
+    if argv is None:
+        return {d: o for d, o in options.items()
+                if getattr(args, d, None) != train.get_default(d)}
+    unset = object()
+    train.set_defaults(**{dest: unset for dest in options})
+    given = parser.parse_args(list(argv))
+    return {d: o for d, o in options.items() if getattr(given, d, unset) is not unset}
+
+
+def _recipe_value(cfg: dict[str, Any], data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = {**cfg, "data": data}
+    for key in path:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_resume_flags(args: argparse.Namespace, cfg: Any, data: dict[str, Any],
+                        state_file: Path) -> dict[str, Any]:
+    """Refuse ``--resume`` options that contradict the recipe stored in ``state_file``;
+    returns that recipe."""
+    from .training.loop import load_state
+
+    saved = load_state(state_file)
+    stored, stored_data = json.loads(saved["config"]), json.loads(saved.get("data") or "{}")
+    given = _given_options(args)
+    asked = cfg.to_dict()
+    conflicts = []
+    for dest, option in given.items():
+        path = RECIPE_OPTIONS.get(dest)
+        if path is None:
+            continue
+        want, have = _recipe_value(asked, data, path), _recipe_value(stored, stored_data, path)
+        if want != have:
+            value = getattr(args, dest)
+            shown = option if isinstance(value, bool) else f"{option} {value}"
+            conflicts.append(f"{shown} (the run has {'.'.join(map(str, path))} = {have!r})")
+    if conflicts:
+        raise ValueError(
+            f"--resume continues the recipe stored in {state_file.name}, and these options "
+            f"contradict it: {'; '.join(conflicts)}. Drop them to resume, or start a new run "
+            "(another -o, or --force to replace this one)")
+    return stored
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a Bernoulli, Gaussian or deterministic model on a data folder."""
     from .data.layout import load_dataset
     from .data.splits import split_dataset
-    from .training import state_path_for, train
+    from .training import log_path_for, state_path_for, train
 
     out = Path(args.output)
     if out.suffix != ".safetensors":
         raise ValueError(f"the output must be a .safetensors file, got {out.name}")
     if not out.parent.exists():
         raise ValueError(f"the output folder {out.parent} does not exist")
-    if out.exists() and not (args.resume or args.force):
-        raise ValueError(f"{out} exists; use --resume to continue its run or --force to replace it")
+    if args.resume and args.force:
+        raise ValueError("--resume continues the run and --force replaces it; give one of them")
+    existing = [p for p in (out, state_path_for(out), log_path_for(out)) if p.exists()]
+    if existing and not (args.resume or args.force):
+        raise ValueError(f"{existing[0]} exists; use --resume to continue its run or --force "
+                         "to replace it (the old run is kept until the new one's first "
+                         "checkpoint)")
     if args.resume and not state_path_for(out).exists():
         raise ValueError(f"cannot resume: no training state {state_path_for(out).name} "
                          f"next to {out}")
@@ -178,9 +264,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if h != w:
         raise ValueError(f"the images are {h}x{w}; training needs square images")
     cfg = _train_config(args, h, c)
+    kind = args.kind
+    if args.resume:
+        kind = _check_resume_flags(args, cfg, ds.description, state_path_for(out))["kind"]
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"training a {args.kind} model on {len(ds)} items ({len(ds.cases())} cases, "
-              f"{args.split} split) of {args.data}", file=sys.stderr)
+        print(f"{'resuming' if args.resume else 'training'} a {kind} model on {len(ds)} items "
+              f"({len(ds.cases())} cases, {args.split} split) of {args.data}", file=sys.stderr)
     res = train(cfg, ds, out, resume=args.resume, progress=not args.quiet, name=args.name)
     if res.extra.get("rank", 0) != 0:
         return 0
@@ -235,7 +324,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(summary))
     if args.json:
         doc = {**summary, "_settings": {**rep.settings, "n": rep.n, "n_items": len(rep.items)}}
-        Path(args.json).write_text(json.dumps(_json_clean(doc), indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(_json_clean(doc), indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -355,7 +444,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--seed", type=int, default=0, help="a different seed gives different cases")
     q.add_argument("--size", type=int, default=128)
     q.add_argument("--annotators", type=int, default=4)
-    q.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    q.add_argument("--force", action="store_true",
+                   help="replace a previous data folder (one with a dataset.json), whole")
     q.set_defaults(func=cmd_data_phantoms)
 
     def _data_help(args: argparse.Namespace) -> int:

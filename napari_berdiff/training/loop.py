@@ -1,6 +1,6 @@
 """The pieces every training loop shares: resume, the data arrays, the batch draw, the
 learning-rate schedule, gradient clipping, the CSV log with its progress bar, atomic
-state files and the stopping rules.
+state files, the run's files kept whole across kills and the stopping rules.
 
 :func:`napari_berdiff.training.train` (Bernoulli, Gaussian, deterministic) and
 :func:`napari_berdiff.training.refiner.train_refiner` (the alternate segmentor + refiner
@@ -14,6 +14,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -23,11 +25,13 @@ import torch
 
 from ..data.dataset import SegDataset
 from ..model import normalise_image
+from ..outfolder import (atomic_write_text, pid_alive, remove_stale_temporaries,
+                         replace_from_temporary, temporary_path)
 from .config import TrainConfig
 
 __all__ = ["state_path_for", "log_path_for", "load_state", "resume_config", "TrainingArrays",
            "training_arrays", "augment_batch", "Batch", "draw_batch", "lr_at", "set_lr",
-           "clip_gradients", "save_state", "RunLog"]
+           "clip_gradients", "save_state", "RunLog", "RunFiles"]
 
 
 def state_path_for(out: str | Path) -> Path:
@@ -178,10 +182,72 @@ def clip_gradients(net: torch.nn.Module, max_norm: float) -> float:
 
 
 def save_state(state_file: Path, state: dict[str, Any]) -> None:
-    """Write a training state atomically (temporary file, then rename)."""
-    tmp = state_file.with_name(state_file.name + ".tmp")
-    torch.save(state, str(tmp))
-    os.replace(tmp, state_file)
+    """Write a training state atomically (temporary file, fsync, then rename)."""
+    tmp = temporary_path(state_file)
+    try:
+        torch.save(state, str(tmp))
+        replace_from_temporary(tmp, state_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunFiles:
+    """The files of a training run (model, state, log …), kept whole across kills.
+
+    A fresh run over an existing one (``--force``) moves the old files aside, into
+    ``.<model>.old-<pid>-…/``, and removes them only once its own first checkpoint is
+    written: the old run is never truncated. On start, a run tidies what a killed run left:
+    the temporary files of its atomic writes, and a previous run that a fresh run had moved
+    aside (put back when the fresh run died before all the files of its first checkpoint
+    were written; removed otherwise).
+    """
+
+    _LIST = "moved-aside.txt"
+
+    def __init__(self, files: Sequence[Path], *, enabled: bool = True):
+        self.files = [Path(f) for f in files]
+        self.enabled = enabled
+        self.aside: Path | None = None
+        self._prefix = f".{self.files[0].name}.old-"
+        if enabled:
+            self._recover()
+            for f in self.files:
+                remove_stale_temporaries(f)
+
+    def set_aside_previous_run(self) -> None:
+        """A fresh run is about to start: move an existing run's files aside."""
+        if not self.enabled or not any(f.exists() for f in self.files):
+            return
+        self.aside = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{os.getpid()}-",
+                                           dir=self.files[0].parent))
+        moving = [f for f in self.files if f.exists()]
+        atomic_write_text(self.aside / self._LIST, "".join(f"{f.name}\n" for f in moving))
+        for f in moving:
+            os.rename(f, self.aside / f.name)
+
+    def _recover(self) -> None:
+        out = self.files[0]
+        for aside in sorted(out.parent.glob(self._prefix + "*")):
+            pid = aside.name[len(self._prefix):].split("-", 1)[0]
+            if not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            listed = aside / self._LIST
+            if listed.exists() and not all(f.exists() for f in self.files):
+                # the fresh run died before its first checkpoint was complete: the old run
+                # comes back, and what the dead run wrote (its log …) goes
+                old = set(listed.read_text().split())
+                for f in self.files:
+                    if (aside / f.name).exists():
+                        os.replace(aside / f.name, f)
+                    elif f.exists() and f.name not in old:
+                        f.unlink()
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def checkpointed(self) -> None:
+        """The run's first checkpoint is on disk: the run it replaced can go."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
 
 
 class RunLog:
@@ -203,21 +269,39 @@ class RunLog:
         self._file = None
         self.bar = None
         if enabled:
-            rows: list[list[str]] = []
             if resumed and path.exists():
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.reader(f)][1:]
-                rows = [r for r in rows if r and int(r[0]) <= step]
-            self._file = open(path, "w", newline="")
+                self._keep_rows_up_to(path, fields, step)
+                self._file = open(path, "a", newline="")
+            else:
+                self._file = open(path, "w", newline="")
+                csv.writer(self._file).writerow(list(fields))
             self._writer = csv.writer(self._file)
-            self._writer.writerow(list(fields))
-            self._writer.writerows(rows)
-            self._file.flush()
+            self.flush()
             if progress:
                 from tqdm.auto import tqdm
 
                 self.bar = tqdm(total=total, initial=step, desc=desc, unit="step",
                                 dynamic_ncols=True)
+
+    @staticmethod
+    def _keep_rows_up_to(path: Path, fields: Sequence[str], step: int) -> None:
+        """Rewrite the log (atomically) with its rows of steps 1..``step`` only: a killed
+        run may have logged steps after its last checkpoint, or half a row."""
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        kept: dict[int, list[str]] = {}
+        for r in rows:
+            if len(r) == len(fields) and r[0].isdigit() and 0 < int(r[0]) <= step:
+                kept[int(r[0])] = r
+        tmp = temporary_path(path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(list(fields))
+                w.writerows(kept[k] for k in sorted(kept))
+            replace_from_temporary(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @property
     def session_s(self) -> float:
@@ -263,8 +347,11 @@ class RunLog:
                                      sps=f"{(step - self.start_step) / self.session_s:.2f}")
 
     def flush(self) -> None:
+        """Write the rows so far to disk (before every checkpoint, so that the log always
+        holds every step of the saved state)."""
         if self._file is not None:
             self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self.bar is not None:

@@ -46,7 +46,7 @@ from ..diffusion.device import select_device
 from ..priors import degrade_mask, mask_to_prior
 from .config import TrainConfig
 from .ema import EMA
-from .loop import (RunLog, augment_batch, clip_gradients, draw_batch, log_path_for,
+from .loop import (RunFiles, RunLog, augment_batch, clip_gradients, draw_batch, log_path_for,
                    resume_config, save_state, set_lr, state_path_for, training_arrays)
 from .trainer import TrainResult, export_model, segmentor_loss_parts, segmentor_predict
 
@@ -150,6 +150,7 @@ def train_refiner(
         raise ValueError(f"the output folder {out.parent} does not exist")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("refiner training runs in one process; DDP is not supported for it")
+    files = RunFiles([out, state_file, log_file, seg_file])
     saved = None
     if resume:
         config, saved = resume_config(config, state_file)
@@ -192,6 +193,8 @@ def train_refiner(
     assert isinstance(kernel, BernoulliKernel)
     T = cfg.diffusion_config().timesteps
     visited = torch.tensor(timestep_subsequence(cfg.diffusion_config().default_steps, T))
+    if saved is None:
+        files.set_aside_previous_run()
     log = RunLog(log_file, REFINER_LOG_FIELDS, total=cfg.steps, step=step,
                  resumed=saved is not None, desc="train refiner", progress=progress,
                  elapsed_before=elapsed_before)
@@ -199,6 +202,7 @@ def train_refiner(
     seg_meta = {"training": {"recipe": cfg.to_dict(), "trained_with_refiner": out.name}}
 
     def checkpoint(cur_step: int, elapsed: float) -> None:
+        log.flush()  # the log first: it must hold every step the state has
         save_state(state_file, {
             "net": net.state_dict(), "ema": ema.state_dict(), "opt": opts[0].state_dict(),
             "seg": seg.state_dict(), "seg_ema": seg_ema.state_dict(),
@@ -209,7 +213,7 @@ def train_refiner(
         export_model(seg_ema.module, seg_recipe, seg_file, data_desc, cur_step, elapsed,
                      f"{name}-segmentor", seg_meta)
         export_model(ema.module, cfg, out, data_desc, cur_step, elapsed, name, meta)
-        log.flush()
+        files.checkpointed()
 
     stopped_by_time = False
     start_step = step

@@ -18,6 +18,12 @@ Files written for ``out = model.safetensors``:
 * ``model.state.pt``: the full training state (weights, EMA, optimiser, step, RNG states,
   recipe) for ``resume``; plain tensors and lists, loadable with ``weights_only=True``;
 * ``model.log.csv``: one row per step (step, loss and its parts, lr, gradient norm, time).
+
+Each checkpoint writes the log to disk first, then the state, then the model, each file
+whole (temporary file and rename), so a kill at any moment leaves a log that holds every
+step of the state; ``resume`` drops the log's rows after the state's step. A fresh run over
+an existing one moves the old files aside and removes them only after its first checkpoint
+(:class:`~napari_berdiff.training.loop.RunFiles`).
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from ..diffusion import BernoulliKernel, GaussianKernel, make_kernel, timestep_s
 from ..diffusion.device import select_device
 from .config import TrainConfig
 from .ema import EMA
-from .loop import (RunLog, clip_gradients, draw_batch, load_state, log_path_for, resume_config,
-                   save_state, set_lr, state_path_for, training_arrays)
+from ..outfolder import replace_from_temporary, temporary_path
+from .loop import (RunFiles, RunLog, clip_gradients, draw_batch, load_state, log_path_for,
+                   resume_config, save_state, set_lr, state_path_for, training_arrays)
 
 __all__ = ["train", "TrainResult", "state_path_for", "log_path_for", "export_model",
            "segmentor_predict", "soft_dice_loss", "segmentor_loss_parts", "load_state"]
@@ -157,10 +164,13 @@ def export_model(net: torch.nn.Module, cfg: TrainConfig, out: str | Path,
     from ..checkpoints.ours import save_model
 
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    save_model(net, tmp, diffusion=cfg.diffusion_config(),
-               metadata=_metadata(cfg, data_desc, step, elapsed, name, extra_meta))
-    os.replace(tmp, out)
+    tmp = temporary_path(out)
+    try:
+        save_model(net, tmp, diffusion=cfg.diffusion_config(),
+                   metadata=_metadata(cfg, data_desc, step, elapsed, name, extra_meta))
+        replace_from_temporary(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -296,6 +306,7 @@ def train(
         raise ValueError(f"the output folder {out.parent} does not exist")
     if len(dataset) == 0:
         raise ValueError("the training data set is empty")
+    files = RunFiles([out, state_file, log_file], enabled=int(os.environ.get("RANK", "0")) == 0)
 
     saved = None
     if resume:
@@ -348,6 +359,8 @@ def train(
     visited = torch.tensor(timestep_subsequence(cfg.diffusion_config().default_steps, T))
     unroll_gap = unroll_gap_for(cfg) if cfg.unroll_prob > 0 else 0
 
+    if saved is None:
+        files.set_aside_previous_run()
     log = RunLog(log_file, LOG_FIELDS, total=cfg.steps, step=step, resumed=saved is not None,
                  desc=f"train {cfg.kind}", progress=progress, enabled=rank == 0,
                  elapsed_before=elapsed_before)
@@ -355,6 +368,7 @@ def train(
     def checkpoint(cur_step: int, elapsed: float) -> None:
         if rank != 0:
             return
+        log.flush()  # the log first: it must hold every step the state has
         save_state(state_file, {
             "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -362,7 +376,7 @@ def train(
             "data": json.dumps(data_desc),
         })
         export_model(ema.module, cfg, out, data_desc, cur_step, elapsed, name, extra_meta)
-        log.flush()
+        files.checkpointed()
 
     gb = cfg.batch_size * world
     lo, hi = rank * cfg.batch_size, (rank + 1) * cfg.batch_size
