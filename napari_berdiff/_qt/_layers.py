@@ -21,8 +21,15 @@ from ._inputs import MODE_2D, Placement
 
 META_KEY = "napari_berdiff"
 
-SAMPLES = "samples"
-PROBS = "x̂0 probability"
+#: the samples layer's name after the run that made it (a Gaussian model's run: "Wolleb")
+SAMPLES = "BerDiff samples"
+REFINED_SAMPLES = "Refined samples"
+GAUSSIAN_SAMPLES = "Wolleb samples"
+#: the mean over the samples of the model's predicted foreground probability
+PROBS = "mean probability"
+#: colour-blind-safe (Okabe–Ito) outline colours: the samples, then reference annotators
+SAMPLE_COLOR = "#E69F00"
+REFERENCE_COLORS = ("#56B4E9", "#009E73", "#0072B2", "#CC79A7", "#F0E442", "#D55E00")
 #: display name, colormap, initially visible, opacity — bottom to top
 MAP_STYLE = {
     "entropy": ("entropy", "inferno", False, 0.75),
@@ -54,6 +61,23 @@ def faded_colormap(name: str) -> Any:
     return _FADED[name]
 
 
+def label_colormap(color: str) -> Any:
+    """A Labels colormap drawing every non-zero label in one ``color``."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: color, 0: "transparent"})
+
+
+def axis_labels(ndim: int, stacked: bool) -> tuple[str, ...]:
+    """Dims names of a result layer: ``sample``, then ``slice`` in a volume run, ``y``, ``x``."""
+    names = ["y", "x"]
+    if ndim - int(stacked) == 3:
+        names.insert(0, "slice")
+    if stacked:
+        names.insert(0, "sample")
+    return tuple(names[-ndim:])
+
+
 def is_result_layer(layer: Any) -> bool:
     """Whether a layer is one of the plugin's result layers."""
     return META_KEY in getattr(layer, "metadata", {})
@@ -64,13 +88,15 @@ def result_info(layer: Any) -> dict[str, Any] | None:
 
 
 class RunLayers:
-    """The layers of one run: ``samples``, ``x̂0 probability`` and the uncertainty maps.
+    """The layers of one run: the samples, their ``mean probability`` and the uncertainty
+    maps.
 
     ``readers``: a reader-conditioned model's reader count (sample i is drawn as reader
-    ``i mod readers``); 0 for other models."""
+    ``i mod readers``); 0 for other models. ``samples_name``: the samples layer's name,
+    after the run (:data:`SAMPLES`, :data:`REFINED_SAMPLES`)."""
 
     def __init__(self, viewer: Any, placement: Placement, n: int, run_id: int,
-                 label: str = "", readers: int = 0):
+                 label: str = "", readers: int = 0, samples_name: str = SAMPLES):
         self.viewer = viewer
         self.placement = placement
         self.n = n
@@ -81,6 +107,7 @@ class RunLayers:
         self.probs = np.zeros((n, *shape), dtype=np.float32)
         self.maps = {k: np.zeros(shape, dtype=np.float32) for k in MAP_STYLE}
         self.label = label
+        self.samples_name = samples_name
         self.layers: dict[str, Any] = {}
         self.pushed = 0
         self.last_step: int | None = None
@@ -100,15 +127,19 @@ class RunLayers:
         for key, (name, cmap, visible, opacity) in MAP_STYLE.items():
             layer = Image(self.maps[key], name=name, colormap=faded_colormap(cmap),
                           contrast_limits=limits[key], scale=scale_m, translate=tr_m,
+                          axis_labels=axis_labels(self.maps[key].ndim, False),
                           opacity=opacity, visible=visible, blending="translucent",
                           interpolation2d="nearest", metadata=self._meta(key))
             self.layers[key] = self.viewer.add_layer(layer)
         probs = Image(self.probs, name=PROBS, colormap=faded_colormap("plasma"),
                       contrast_limits=(0.0, 1.0), scale=scale_s, translate=tr_s, opacity=0.7,
+                      axis_labels=axis_labels(self.probs.ndim, True),
                       visible=False, blending="translucent", metadata=self._meta("probs"))
         self.layers["probs"] = self.viewer.add_layer(probs)
-        samples = Labels(self.samples, name=SAMPLES, scale=scale_s, translate=tr_s,
-                         opacity=0.55, metadata=self._meta("samples"))
+        samples = Labels(self.samples, name=self.samples_name, scale=scale_s, translate=tr_s,
+                         opacity=0.55, metadata=self._meta("samples"),
+                         colormap=label_colormap(SAMPLE_COLOR),
+                         axis_labels=axis_labels(self.samples.ndim, True))
         self.layers["samples"] = self.viewer.add_layer(samples)
 
     def take_over(self, previous: RunLayers) -> bool:
@@ -127,6 +158,7 @@ class RunLayers:
             layer.metadata = {**layer.metadata, **self._meta(key)}
             if key == "samples":
                 layer.contour = 0  # filled while streaming, outlines once final
+                layer.name = self.samples_name
             layer.refresh()
         return True
 

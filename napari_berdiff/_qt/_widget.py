@@ -20,13 +20,14 @@ from qtpy.QtWidgets import QFrame, QMainWindow, QScrollArea, QVBoxLayout, QWidge
 from . import _notify
 from ._accept import check_target, new_target_data, reference_stack, sample_metrics, write_mask
 from ._inputs import InputProblem, PreparedInput, prepare_input
-from ._layers import RunLayers, batched_layer_changes
+from ._layers import GAUSSIAN_SAMPLES, SAMPLES, RunLayers, batched_layer_changes
 from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
 from ._preload import preload
 from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
 from ._run import Job, Outcome, Update, run_job
 from ._sampling_panel import SamplingPanel
+from ._status import done_text
 
 
 @dataclass
@@ -93,11 +94,6 @@ def _set_event(holder: dict, *_: Any) -> None:
         ev.set()
 
 
-def _n_empty(samples: np.ndarray) -> int:
-    """How many of the (N, ...) sample masks mark nothing."""
-    return int((~samples.reshape(len(samples), -1).any(axis=1)).sum())
-
-
 class DiffusionSegmentationWidget(QWidget):
     """Load a model, stream samples into layers, browse, accept, compare."""
 
@@ -122,6 +118,7 @@ class DiffusionSegmentationWidget(QWidget):
         self._closed = False
         self._watcher: _CloseWatcher | None = None
         self._in_yield = 0
+        self._empty_armed: tuple[int, str] | None = None  # an empty accept awaiting a 2nd press
         self.preloading = preload()  # the first run's imports, off the main thread
 
         inner = QWidget()
@@ -143,7 +140,8 @@ class DiffusionSegmentationWidget(QWidget):
 
         self.model_panel.model_changed.connect(self._model_changed)
         self.model_panel.loading_changed.connect(
-            lambda busy: self.sampling.sample_btn.setEnabled(not busy and self._active is None)
+            lambda busy: self.sampling.sample_btn.setEnabled(
+                not busy and self._active is None and self.model is not None)
         )
         self.sampling.sample_btn.clicked.connect(self.sample)
         self.sampling.cancel_btn.clicked.connect(self.cancel)
@@ -178,6 +176,11 @@ class DiffusionSegmentationWidget(QWidget):
     def set_model(self, model: Any, label: str = "") -> None:
         """Use an already built model (what loading a checkpoint ends with)."""
         self.model_panel.set_model(model, label)
+
+    def samples_layer_name(self) -> str:
+        """The samples layer's name, after the kind of run that makes it."""
+        kind = getattr(getattr(self.model, "diffusion", None), "kind", "bernoulli")
+        return SAMPLES if kind == "bernoulli" else GAUSSIAN_SAMPLES
 
     def _model_changed(self, model: Any) -> None:
         if model is not None:
@@ -230,7 +233,8 @@ class DiffusionSegmentationWidget(QWidget):
         self._run_id += 1
         n = sp.n_spin.value()
         layers = RunLayers(self.viewer, prepared.placement, n, self._run_id,
-                           self.model_panel.model_label, self.model.n_readers)
+                           self.model_panel.model_label, self.model.n_readers,
+                           samples_name=self.samples_layer_name())
         previous = self.last_run
         keep = previous is not None and sp.keep_check.isChecked()
         if previous is None or keep or not layers.take_over(previous):
@@ -389,14 +393,7 @@ class DiffusionSegmentationWidget(QWidget):
                         " (intermediate states, not final masks).")
             sp.status.setText(text)
         else:
-            sp.status.setText(
-                f"Done: {layers.n} samples × {outcome.n_steps} steps"
-                + (f" × {outcome.n_slices} slices" if outcome.n_slices > 1 else "")
-                + f" in {outcome.seconds:.1f} s on {outcome.device}."
-                + ("" if outcome.presence is None else
-                   f" Readers marking a lesion: {outcome.presence:.0%} (model's estimate);"
-                   f" {_n_empty(layers.samples)} of {layers.n} samples are empty.")
-            )
+            sp.status.setText(done_text(layers.n, outcome, layers.samples))
         has_frames = layers.pushed > 0
         if has_frames and active.error is None and layers.alive("samples"):
             # Outlines once the masks are final: each sample reads over the heatmap below.
@@ -497,7 +494,8 @@ class DiffusionSegmentationWidget(QWidget):
             return None
         i = self.current_sample() if index is None else int(index)
         if i is None:
-            _notify.error("The 'samples' layer was removed: run Sample again.")
+            _notify.error(f"The '{run.samples_name}' layer was removed: press "
+                          f"{self.sampling.sample_btn.text()} again.")
             return None
         return self._write(run, run.samples[i] > 0, f"sample {i}")
 
@@ -523,7 +521,25 @@ class DiffusionSegmentationWidget(QWidget):
     def _before_write(self, target: Any, run: RunLayers) -> None:
         """Called just before an accepted mask is written into ``target``."""
 
+    def _confirm_empty(self, run: RunLayers, mask: np.ndarray, what: str) -> bool:
+        """Whether to go on writing ``mask``: an empty one needs a second press (the first
+        says why), as it would erase the mask in the region."""
+        key = (run.run_id, what)
+        if np.asarray(mask).any():
+            self._empty_armed = None
+            return True
+        if self._empty_armed == key:
+            self._empty_armed = None
+            return True
+        self._empty_armed = key
+        _notify.warning(f"{what[0].upper()}{what[1:]} marks nothing: accepting it would erase "
+                        "the mask inside the sampled region. Press accept again to do so "
+                        "anyway, or browse to another sample.")
+        return False
+
     def _write(self, run: RunLayers, mask: np.ndarray, what: str) -> Any | None:
+        if not self._confirm_empty(run, mask, what):
+            return None
         try:
             target = self._resolve_target(run)
             self._before_write(target, run)
