@@ -24,6 +24,7 @@ from ._layers import GAUSSIAN_SAMPLES, SAMPLES, RunLayers, batched_layer_changes
 from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
 from ._preload import preload
+from ._reader_preference import prefer_our_readers
 from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
 from ._run import Job, Outcome, Update, run_job
 from ._sampling_panel import SamplingPanel
@@ -120,6 +121,7 @@ class DiffusionSegmentationWidget(QWidget):
         self._in_yield = 0
         self._empty_armed: tuple[int, str] | None = None  # an empty accept awaiting a 2nd press
         self.preloading = preload()  # the first run's imports, off the main thread
+        prefer_our_readers()  # NIfTI opens with our reader, without napari's dialog
 
         inner = QWidget()
         col = QVBoxLayout(inner)
