@@ -25,6 +25,7 @@ from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
 from ._preload import preload
 from ._reader_preference import prefer_our_readers
+from ._reference_view import lay_out_reference
 from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
 from ._run import Job, Outcome, Update, run_job
 from ._sampling_panel import SamplingPanel
@@ -571,6 +572,9 @@ class DiffusionSegmentationWidget(QWidget):
             if not quiet:
                 _notify.error(str(exc))
             return None
+        if np.ndim(ref.data) == len(run.placement.spatial_shape) + 1:
+            # annotators on the sample axis would vanish from sample K on: own layers
+            lay_out_reference(self.viewer, ref)
         m = sample_metrics(run.samples, refs)
         self.last_metrics = m
         self.metrics.show_metrics(m, ref.name)
