@@ -24,9 +24,12 @@ from ._layers import GAUSSIAN_SAMPLES, SAMPLES, RunLayers, batched_layer_changes
 from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
 from ._preload import preload
+from ._presentation import PresentPanel, ask_animation_path, export_animation, headline
+from ._presentation import open_presentation as _open_presentation
 from ._reader_preference import prefer_our_readers
 from ._reference_view import lay_out_reference
 from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
+from ..animation import ReverseRecorder
 from ._run import Job, Outcome, Update, run_job
 from ._sampling_panel import SamplingPanel
 from ._status import done_text
@@ -124,6 +127,13 @@ class DiffusionSegmentationWidget(QWidget):
         self.preloading = preload()  # the first run's imports, off the main thread
         prefer_our_readers()  # NIfTI opens with our reader, without napari's dialog
 
+        self.present = PresentPanel()
+        panels.append(self.present)
+        self.last_image: Any = None  # the image layer of the last run
+        self.last_outcome: Outcome | None = None
+        self.last_recorder: ReverseRecorder | None = None
+        self.presentation: Any = None  # the last presentation viewer opened
+
         inner = QWidget()
         col = QVBoxLayout(inner)
         col.setContentsMargins(4, 4, 4, 4)
@@ -154,6 +164,8 @@ class DiffusionSegmentationWidget(QWidget):
         self.results.consensus_btn.clicked.connect(self.accept_consensus)
         self.metrics.ref_combo.layer_changed.connect(lambda *_: self.compute_metrics(quiet=True))
         self.metrics.table.cellClicked.connect(lambda row, _col: self.show_sample(row))
+        self.present.present_btn.clicked.connect(self.open_presentation)
+        self.present.export_btn.clicked.connect(self.export_animation)
         napari_viewer.dims.events.point.connect(self._dims_changed)
         self.destroyed.connect(lambda *_, h=self._holder: _set_event(h))
         self._keys = {KEY_NEXT: _weak_handler(self, "next_sample"),
@@ -252,11 +264,15 @@ class DiffusionSegmentationWidget(QWidget):
                 layers.add()
         self._bind_layer_keys(layers)
         self.last_run = layers
+        self.last_image = sp.image_combo.layer()
+        self.last_recorder = ReverseRecorder()
+        self.last_outcome = None
         self.last_metrics = None
         self.metrics.clear()
         job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
                   sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0,
-                  priors=prepared.priors, temperature=sp.temperature(self.model))
+                  priors=prepared.priors, temperature=sp.temperature(self.model),
+                  recorder=self.last_recorder)
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)
@@ -266,6 +282,7 @@ class DiffusionSegmentationWidget(QWidget):
                                desc=f"{self.run_name} {n} × {steps} steps")
         sp.set_running(True)
         self.results.set_enabled(False)
+        self.present.set_enabled(False)
         self.model_panel.setEnabled(False)
         sp.status.setText(f"Starting: {n} samples, {steps} steps, {prepared.placement.describe()}")
         # The sample axis is dims axis 0 of the new layers: show the first sample.
@@ -402,6 +419,8 @@ class DiffusionSegmentationWidget(QWidget):
             # Outlines once the masks are final: each sample reads over the heatmap below.
             layers.layers["samples"].contour = 1
         self.results.set_enabled(has_frames)
+        self.last_outcome = outcome
+        self.present.set_enabled(has_frames and active.error is None)
         self._dims_changed()
         if has_frames:
             self.compute_metrics(quiet=True)
@@ -582,3 +601,63 @@ class DiffusionSegmentationWidget(QWidget):
         if i is not None:
             self.metrics.highlight(i)
         return m
+
+    # ------------------------------------------------------------------ present
+    def presentation_text(self) -> str:
+        """The headline figures of the last run, as the presentation view shows them."""
+        run = self.last_run
+        if run is None:
+            return ""
+        ref = self.metrics.ref_combo.layer()
+        steps = self.last_outcome.n_steps if self.last_outcome is not None else None
+        return headline(run.n, steps, self.last_metrics, ref.name if ref is not None else "",
+                        self.model_panel.model_label)
+
+    def _presentable_run(self) -> RunLayers | None:
+        run = self.last_run
+        if run is None or run.pushed == 0 or self.running:
+            _notify.error("Nothing to present yet: press "
+                          f"{self.sampling.sample_btn.text()} and wait for the run to end.")
+            return None
+        return run
+
+    def open_presentation(self, *_: Any, show: bool = True) -> Any | None:
+        """Open the presentation view of the last run (a new 1280×720 napari window)."""
+        run = self._presentable_run()
+        if run is None:
+            return None
+        missing = [k for k in ("frequency", "variance") if not run.alive(k)]
+        image = self.last_image
+        if image is None or image not in self.viewer.layers:
+            missing.append("the image")
+        if missing:
+            _notify.error(f"Cannot present the last run: {', '.join(missing)} was removed. "
+                          f"Press {self.sampling.sample_btn.text()} again.")
+            return None
+        maps = {k: run.layers[k] for k in ("frequency", "variance")}
+        self.presentation = _open_presentation(image, maps, self.presentation_text(),
+                                               point=tuple(self.viewer.dims.point), show=show)
+        return self.presentation
+
+    def _shown_slice(self, run: RunLayers) -> int | None:
+        """The volume slice the viewer shows (a volume run's slice index), else None."""
+        from ._inputs import MODE_VOLUME
+
+        if run.placement.mode != MODE_VOLUME or not run.alive("samples"):
+            return None
+        layer = run.layers["samples"]
+        data = layer.world_to_data(self.viewer.dims.point[-layer.ndim:])
+        return int(np.clip(round(float(data[1])), 0, run.samples.shape[1] - 1))
+
+    def export_animation(self, *_: Any, path: str | None = None) -> Any | None:
+        """Save the last run's reverse process as an animated GIF (asks where, unless
+        ``path`` is given); a volume run's shown slice. Returns the path written."""
+        run = self._presentable_run()
+        if run is None:
+            return None
+        if path is None:
+            path = ask_animation_path(self, run.samples_name.lower().replace(" ", "-") + ".gif")
+            if not path:
+                return None
+        title = f"{self.model_panel.model_label} · N = {run.n}"
+        return export_animation(self.last_recorder, path, self._shown_slice(run), title)
