@@ -25,8 +25,10 @@ TITLE = "BerDiff presentation"
 HEADLINE_FONT = 13
 NAME_FONT = 14
 COLORBAR_FONT = 12
-#: the share of a cell's width the image takes, leaving room for the colour bar beside it
-FILL = 0.85
+#: the image's size relative to napari's reset_view fit, and how far (screen px) it sits left of the
+#: cell's centre: the colour bar on the cell's right then stays beside the map, not on it
+FILL = 1.05
+SHIFT_PX = 36
 #: (run layer key, name shown in the cell, opaque colormap)
 PANELS = (("frequency", "Frequency (of samples)", "viridis"),
           ("variance", "Variance (disagreement)", "magma"))
@@ -113,7 +115,12 @@ def open_presentation(image: Any, maps: dict[str, Any], text: str,
                 viewer.dims.set_point(axis, value)
         viewer.window.resize(*size)
         viewer.reset_view()
-        viewer.camera.zoom *= FILL
+        scene = getattr(viewer, "scene", None)  # napari 0.9: viewer.scene.camera
+        camera = scene.camera if scene is not None else viewer.camera
+        camera.zoom *= FILL
+        center = list(camera.center)
+        center[-1] += SHIFT_PX / camera.zoom
+        camera.center = tuple(center)
     except Exception:
         viewer.close()
         raise
