@@ -68,6 +68,15 @@ def label_colormap(color: str) -> Any:
     return DirectLabelColormap(color_dict={None: color, 0: "transparent"})
 
 
+def show_colorbar(layer: Any) -> None:
+    """A heatmap's legend: napari's colour bar overlay (drawn while the layer is visible),
+    where the napari version has it."""
+    bar = getattr(layer, "colorbar", None)
+    if bar is not None:
+        bar.visible = True
+        bar.font_size = 11
+
+
 def axis_labels(ndim: int, stacked: bool) -> tuple[str, ...]:
     """Dims names of a result layer: ``sample``, then ``slice`` in a volume run, ``y``, ``x``."""
     names = ["y", "x"]
@@ -136,6 +145,8 @@ class RunLayers:
                       axis_labels=axis_labels(self.probs.ndim, True),
                       visible=False, blending="translucent", metadata=self._meta("probs"))
         self.layers["probs"] = self.viewer.add_layer(probs)
+        for key in (*MAP_STYLE, "probs"):
+            show_colorbar(self.layers[key])
         samples = Labels(self.samples, name=self.samples_name, scale=scale_s, translate=tr_s,
                          opacity=0.55, metadata=self._meta("samples"),
                          colormap=label_colormap(SAMPLE_COLOR),

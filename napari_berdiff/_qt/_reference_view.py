@@ -34,7 +34,8 @@ def reader_layer_name(reference: Any, k: int) -> str:
 
 def lay_out_reference(viewer: Any, reference: Any) -> list[Any]:
     """Show the ``(K, …)`` stack ``reference`` as K outline layers without the sample axis;
-    returns them (the existing ones when already laid out with the same data)."""
+    returns them (the existing ones when already laid out with the same data). The stack is
+    hidden when its layers are made."""
     from napari.layers import Labels
 
     data = np.asarray(reference.data)
@@ -42,8 +43,7 @@ def lay_out_reference(viewer: Any, reference: Any) -> list[Any]:
     existing = reader_layers(viewer, reference)
     if len(existing) == len(masks) and all(
             np.array_equal(lay.data > 0, m) for lay, m in zip(existing, masks)):
-        reference.visible = False
-        return existing
+        return existing  # (a stack the user shows again stays shown)
     scale, translate = tuple(reference.scale[1:]), tuple(reference.translate[1:])
     made = []
     with batched_layer_changes(viewer):

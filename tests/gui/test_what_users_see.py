@@ -60,6 +60,9 @@ def test_layers_and_axes_are_named_after_the_run(docked, qtbot):
     assert PROBS == "mean probability" and PROBS in names
     assert not any("x̂0" in n or n.startswith("samples") for n in names)
     assert viewer.dims.axis_labels[0] == "sample"
+    # every heatmap carries its legend (shown with the layer)
+    assert all(viewer.layers[k].colorbar.visible
+               for k in ("frequency", "variance", "entropy", PROBS))
     # samples outline in Okabe–Ito orange, not napari's default colour of label 1
     np.testing.assert_allclose(_rgba(viewer.layers[SAMPLES].colormap), _hex_rgb(SAMPLE_COLOR),
                                atol=1e-3)
