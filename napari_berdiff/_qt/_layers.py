@@ -28,8 +28,11 @@ GAUSSIAN_SAMPLES = "Wolleb samples"
 #: the mean over the samples of the model's predicted foreground probability
 PROBS = "mean probability"
 #: colour-blind-safe (Okabe–Ito) outline colours: the samples, then reference annotators
-SAMPLE_COLOR = "#E69F00"
-REFERENCE_COLORS = ("#56B4E9", "#009E73", "#0072B2", "#CC79A7", "#F0E442", "#D55E00")
+#: (vermillion stands out on every colour of the viridis frequency map under it)
+SAMPLE_COLOR = "#D55E00"
+REFERENCE_COLORS = ("#CC79A7", "#56B4E9", "#F0E442", "#0072B2", "#009E73", "#E69F00")
+#: the samples layer's opacity: filled while streaming, outlines once final
+STREAM_OPACITY, OUTLINE_OPACITY = 0.55, 0.9
 #: display name, colormap, initially visible, opacity — bottom to top
 MAP_STYLE = {
     "entropy": ("entropy", "inferno", False, 0.75),
@@ -148,7 +151,7 @@ class RunLayers:
         for key in (*MAP_STYLE, "probs"):
             show_colorbar(self.layers[key])
         samples = Labels(self.samples, name=self.samples_name, scale=scale_s, translate=tr_s,
-                         opacity=0.55, metadata=self._meta("samples"),
+                         opacity=STREAM_OPACITY, metadata=self._meta("samples"),
                          colormap=label_colormap(SAMPLE_COLOR),
                          axis_labels=axis_labels(self.samples.ndim, True))
         self.layers["samples"] = self.viewer.add_layer(samples)
@@ -169,6 +172,7 @@ class RunLayers:
             layer.metadata = {**layer.metadata, **self._meta(key)}
             if key == "samples":
                 layer.contour = 0  # filled while streaming, outlines once final
+                layer.opacity = STREAM_OPACITY
                 layer.name = self.samples_name
             layer.refresh()
         return True

@@ -20,7 +20,13 @@ from qtpy.QtWidgets import QFrame, QMainWindow, QScrollArea, QVBoxLayout, QWidge
 from . import _notify
 from ._accept import check_target, new_target_data, reference_stack, sample_metrics, write_mask
 from ._inputs import InputProblem, PreparedInput, prepare_input
-from ._layers import GAUSSIAN_SAMPLES, SAMPLES, RunLayers, batched_layer_changes
+from ._layers import (
+    GAUSSIAN_SAMPLES,
+    OUTLINE_OPACITY,
+    SAMPLES,
+    RunLayers,
+    batched_layer_changes,
+)
 from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
 from ._preload import preload
@@ -418,6 +424,7 @@ class DiffusionSegmentationWidget(QWidget):
         if has_frames and active.error is None and layers.alive("samples"):
             # Outlines once the masks are final: each sample reads over the heatmap below.
             layers.layers["samples"].contour = 1
+            layers.layers["samples"].opacity = OUTLINE_OPACITY
         self.results.set_enabled(has_frames)
         self.last_outcome = outcome
         self.present.set_enabled(has_frames and active.error is None)
