@@ -99,8 +99,12 @@ def test_presentation_from_the_layers_menu_command(docked, qtbot, notes, monkeyp
     assert [item.command for item in menu] == ["napari-berdiff.presentation_view"]
     from napari_berdiff._qt._present_command import present_view
 
+    from napari._app_model import get_app_model
+
     viewer, widget = docked
-    assert present_view(viewer) is None  # no run yet: says what to do
+    # from the menu, napari injects the viewer; with no run yet it says what to do
+    app = get_app_model()
+    assert app.commands.execute_command("napari-berdiff.presentation_view").result() is None
     assert "press Sample" in notes("error")[-1][1]
     _run_with_reference(viewer, widget, qtbot, n=3, steps=2)
     # the command finds the docked widget and opens its view (the view itself is tested
