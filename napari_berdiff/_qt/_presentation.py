@@ -25,10 +25,9 @@ TITLE = "BerDiff presentation"
 HEADLINE_FONT = 13
 NAME_FONT = 14
 COLORBAR_FONT = 12
-#: the image's size relative to napari's reset_view fit, and how far (screen px) it sits left of the
-#: cell's centre: the colour bar on the cell's right then stays beside the map, not on it
-FILL = 1.05
-SHIFT_PX = 36
+#: screen pixels kept free in each cell: left of the map, right of it (its colour bar), and
+#: above and below it (the cell's name, the headline)
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_Y = 12, 96, 80
 #: (run layer key, name shown in the cell, opaque colormap)
 PANELS = (("frequency", "Frequency (of samples)", "viridis"),
           ("variance", "Variance (disagreement)", "magma"))
@@ -114,17 +113,36 @@ def open_presentation(image: Any, maps: dict[str, Any], text: str,
             for axis, value in zip(range(n), point[-(n + 2):-2]):
                 viewer.dims.set_point(axis, value)
         viewer.window.resize(*size)
-        viewer.reset_view()
-        scene = getattr(viewer, "scene", None)  # napari 0.9: viewer.scene.camera
-        camera = scene.camera if scene is not None else viewer.camera
-        camera.zoom *= FILL
-        center = list(camera.center)
-        center[-1] += SHIFT_PX / camera.zoom
-        camera.center = tuple(center)
+        _fit(viewer, len(cells))
     except Exception:
         viewer.close()
         raise
     return viewer
+
+
+def _fit(viewer: Any, n_cells: int) -> None:
+    """Zoom and centre the camera so that each map fits its cell beside its colour bar."""
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()  # let the canvas take the window's new size
+    viewer.reset_view()
+    h, w = viewer.canvas.size
+    spacing = viewer.canvas.grid.spacing
+    cell_w = (w - (n_cells - 1) * spacing) / n_cells
+    ext = viewer.layers.extent
+    lo, hi = np.asarray(ext.world)[:, -2:]
+    size = hi - lo + np.asarray(ext.step)[-2:]
+    zoom = min((cell_w - MARGIN_LEFT - MARGIN_RIGHT) / size[1], (h - 2 * MARGIN_Y) / size[0])
+    if zoom <= 0:
+        return
+    scene = getattr(viewer, "scene", None)  # napari 0.9: viewer.scene.camera
+    camera = scene.camera if scene is not None else viewer.camera
+    camera.zoom = float(zoom)
+    center = list(camera.center)
+    center[-2] = float((lo[0] + hi[0]) / 2)
+    # the map sits left of the cell's centre, by half of what the colour bar needs more
+    center[-1] = float((lo[1] + hi[1]) / 2 + (MARGIN_RIGHT - MARGIN_LEFT) / 2 / zoom)
+    camera.center = tuple(center)
 
 
 class PresentPanel(QGroupBox):

@@ -83,6 +83,14 @@ def test_presentation_view_fits_1280x720_with_no_text_cut_off(docked, qtbot):
             assert diff.sum() > 50, f"the {what} draw nothing"
             assert not _touches_edges(diff, cuts if what != "headline" else []), (
                 f"the {what} reach a border: cut off")
+            if what == "colour bars":  # beside the maps, not over them
+                cam = pv.scene.camera
+                ext = pv.layers[1].extent
+                right = (ext.world[1][-1] + ext.step[-1] / 2 - cam.center[-1]) * cam.zoom
+                for i in (1, 2):
+                    left_px = i * (cell + spacing)
+                    xs = np.nonzero(diff[:, int(left_px):int(left_px + cell)].any(0))[0]
+                    assert xs.min() > cell / 2 + right, f"colour bar {i} overlaps its map"
             if what == "headline":  # one block, centred, inside the canvas
                 ys, xs = np.nonzero(diff)
                 assert xs.min() > 10 and xs.max() < w - 10 and ys.max() < h - 2
