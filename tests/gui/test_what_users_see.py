@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import pytest
 import torch
 
 from napari_berdiff._qt._layers import (
