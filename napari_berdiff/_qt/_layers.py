@@ -21,8 +21,18 @@ from ._inputs import MODE_2D, Placement
 
 META_KEY = "napari_berdiff"
 
-SAMPLES = "samples"
-PROBS = "x̂0 probability"
+#: the samples layer's name after the run that made it (a Gaussian model's run: "Wolleb")
+SAMPLES = "BerDiff samples"
+REFINED_SAMPLES = "Refined samples"
+GAUSSIAN_SAMPLES = "Wolleb samples"
+#: the mean over the samples of the model's predicted foreground probability
+PROBS = "mean probability"
+#: colour-blind-safe (Okabe–Ito) outline colours: the samples, then reference annotators
+#: (vermillion stands out on every colour of the viridis frequency map under it)
+SAMPLE_COLOR = "#D55E00"
+REFERENCE_COLORS = ("#CC79A7", "#56B4E9", "#F0E442", "#0072B2", "#009E73", "#E69F00")
+#: the samples layer's opacity: filled while streaming, outlines once final
+STREAM_OPACITY, OUTLINE_OPACITY = 0.55, 0.9
 #: display name, colormap, initially visible, opacity — bottom to top
 MAP_STYLE = {
     "entropy": ("entropy", "inferno", False, 0.75),
@@ -54,6 +64,32 @@ def faded_colormap(name: str) -> Any:
     return _FADED[name]
 
 
+def label_colormap(color: str) -> Any:
+    """A Labels colormap drawing every non-zero label in one ``color``."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: color, 0: "transparent"})
+
+
+def show_colorbar(layer: Any) -> None:
+    """A heatmap's legend: napari's colour bar overlay (drawn while the layer is visible),
+    where the napari version has it."""
+    bar = getattr(layer, "colorbar", None)
+    if bar is not None:
+        bar.visible = True
+        bar.font_size = 11
+
+
+def axis_labels(ndim: int, stacked: bool) -> tuple[str, ...]:
+    """Dims names of a result layer: ``sample``, then ``slice`` in a volume run, ``y``, ``x``."""
+    names = ["y", "x"]
+    if ndim - int(stacked) == 3:
+        names.insert(0, "slice")
+    if stacked:
+        names.insert(0, "sample")
+    return tuple(names[-ndim:])
+
+
 def is_result_layer(layer: Any) -> bool:
     """Whether a layer is one of the plugin's result layers."""
     return META_KEY in getattr(layer, "metadata", {})
@@ -64,13 +100,15 @@ def result_info(layer: Any) -> dict[str, Any] | None:
 
 
 class RunLayers:
-    """The layers of one run: ``samples``, ``x̂0 probability`` and the uncertainty maps.
+    """The layers of one run: the samples, their ``mean probability`` and the uncertainty
+    maps.
 
     ``readers``: a reader-conditioned model's reader count (sample i is drawn as reader
-    ``i mod readers``); 0 for other models."""
+    ``i mod readers``); 0 for other models. ``samples_name``: the samples layer's name,
+    after the run (:data:`SAMPLES`, :data:`REFINED_SAMPLES`)."""
 
     def __init__(self, viewer: Any, placement: Placement, n: int, run_id: int,
-                 label: str = "", readers: int = 0):
+                 label: str = "", readers: int = 0, samples_name: str = SAMPLES):
         self.viewer = viewer
         self.placement = placement
         self.n = n
@@ -81,6 +119,7 @@ class RunLayers:
         self.probs = np.zeros((n, *shape), dtype=np.float32)
         self.maps = {k: np.zeros(shape, dtype=np.float32) for k in MAP_STYLE}
         self.label = label
+        self.samples_name = samples_name
         self.layers: dict[str, Any] = {}
         self.pushed = 0
         self.last_step: int | None = None
@@ -119,15 +158,21 @@ class RunLayers:
         for key, (name, cmap, visible, opacity) in MAP_STYLE.items():
             layer = Image(self.maps[key], name=name, colormap=faded_colormap(cmap),
                           contrast_limits=limits[key], scale=scale_m, translate=tr_m,
+                          axis_labels=axis_labels(self.maps[key].ndim, False),
                           opacity=opacity, visible=visible, blending="translucent",
                           interpolation2d="nearest", metadata=self._meta(key))
             self.layers[key] = self.viewer.add_layer(layer)
         probs = Image(self.probs, name=PROBS, colormap=faded_colormap("plasma"),
                       contrast_limits=(0.0, 1.0), scale=scale_s, translate=tr_s, opacity=0.7,
+                      axis_labels=axis_labels(self.probs.ndim, True),
                       visible=False, blending="translucent", metadata=self._meta("probs"))
         self.layers["probs"] = self.viewer.add_layer(probs)
-        samples = Labels(self.samples, name=SAMPLES, scale=scale_s, translate=tr_s,
-                         opacity=0.55, metadata=self._meta("samples"))
+        for key in (*MAP_STYLE, "probs"):
+            show_colorbar(self.layers[key])
+        samples = Labels(self.samples, name=self.samples_name, scale=scale_s, translate=tr_s,
+                         opacity=STREAM_OPACITY, metadata=self._meta("samples"),
+                         colormap=label_colormap(SAMPLE_COLOR),
+                         axis_labels=axis_labels(self.samples.ndim, True))
         self.layers["samples"] = self.viewer.add_layer(samples)
         self._inherit_affine()
 
@@ -150,6 +195,8 @@ class RunLayers:
             layer.metadata = {**kept, **self._meta(key)}
             if key == "samples":
                 layer.contour = 0  # filled while streaming, outlines once final
+                layer.opacity = STREAM_OPACITY
+                layer.name = self.samples_name
             layer.refresh()
         return True
 

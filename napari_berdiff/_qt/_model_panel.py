@@ -166,9 +166,7 @@ def summary_html(model: Any, label: str = "") -> str:
     meta = getattr(model, "metadata", {}) or {}
     if (data or size) and not meta.get("untrained"):
         extra = f"{size}×{size}, {model.image_channels} ch. " if size else ""
-        text = str(data) or "unknown data"
-        if len(text) > 70:
-            text = text[:68].rstrip(" ,;(") + "…"
+        text = str(data) or "unknown data"  # in full: users read it before sampling
         lines.append(f"Trained on: {extra}{html.escape(text)}")
     measured = _metrics_line(s.get("metrics") or {})
     if measured:

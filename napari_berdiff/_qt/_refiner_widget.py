@@ -2,7 +2,7 @@
 
 It is the sampling widget (:class:`~._widget.DiffusionSegmentationWidget`) with a refiner
 model panel, a prior panel and a refine-in-place accept: the refined samples stream into
-the same layers (samples, x̂0 probability, frequency, variance, entropy), browse and accept
+the same layers (Refined samples, mean probability, frequency, variance, entropy), browse and accept
 the same way, and cancel and closing the viewer behave the same. The loop never leaves
 napari: refine → accept into the prior layer (one undo step) → edit it with the brush →
 refine again. "Undo accept" restores the mask from before the last accept.
@@ -25,7 +25,7 @@ from qtpy.QtWidgets import QPushButton, QWidget
 from . import _notify
 from ._accept import check_target
 from ._inputs import MODE_SLICE, InputProblem, PreparedInput, prepare_input
-from ._layers import RunLayers
+from ._layers import REFINED_SAMPLES, RunLayers
 from ._metrics_panel import MetricsPanel
 from ._prior_input import attach_prior
 from ._refiner_panel import PriorPanel, RefinerModelPanel
@@ -107,6 +107,9 @@ class MaskRefinerWidget(DiffusionSegmentationWidget):
     def set_model(self, model: Any, label: str = "", segmentor: Any | None = None) -> None:
         """Use an already built refiner and, optionally, its segmentor."""
         self.model_panel.set_models(model, segmentor, label)
+
+    def samples_layer_name(self) -> str:
+        return REFINED_SAMPLES
 
     def _model_changed(self, model: Any) -> None:
         super()._model_changed(model)

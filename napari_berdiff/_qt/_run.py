@@ -49,6 +49,8 @@ class Job:
     temperature: float | None = None
     #: the image's intensity units ("HU"): the model's window applies when it has one
     units: str | None = None
+    #: keeps every step for an animation (:class:`~napari_berdiff.animation.ReverseRecorder`)
+    recorder: Any = None
 
     def __post_init__(self) -> None:
         self.consumed.set()
@@ -136,6 +138,8 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
             except Exception as exc:  # noqa: BLE001 - reported to the user
                 raise SamplingError(str(exc)) from exc
             last_frame, last_pushed = None, True
+            if job.recorder is not None:
+                job.recorder.set_image(pos, crop)
             while True:
                 try:
                     frame = next(stream)
@@ -145,6 +149,8 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                 except Exception as exc:  # noqa: BLE001
                     raise SamplingError(f"{type(exc).__name__}: {exc}") from exc
                 n_steps = frame.n_steps
+                if job.recorder is not None:
+                    job.recorder.add(pos, frame)
                 now = time.perf_counter()
                 upd = Update(pos, n_slices, frame.step, frame.n_steps, frame.t, now - t0,
                              frame.final)

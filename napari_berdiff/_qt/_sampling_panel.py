@@ -25,6 +25,8 @@ from ._layer_combo import LayerCombo
 from ._layers import is_result_layer
 from ._window_presets import WindowPresetCombo
 
+#: shown (status and Sample button tooltip) until a model is loaded
+NO_MODEL_HINT = "No model loaded yet: choose one above and press Load (or open a checkpoint)."
 REGION_WHOLE = "whole"
 
 
@@ -97,9 +99,14 @@ class SamplingPanel(QGroupBox):
 
         self.sample_btn = QPushButton("Sample")
         self.sample_btn.setStyleSheet("font-weight: bold")
+        # Disabled until a model is there: loading one takes seconds and memory, so the
+        # user chooses it (or the refiner's default is loaded); see set_model_defaults.
+        self.has_model = False
+        self.sample_btn.setEnabled(False)
+        self.sample_btn.setToolTip(NO_MODEL_HINT)
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
-        self.status = QLabel("")
+        self.status = QLabel(NO_MODEL_HINT)
         self.status.setWordWrap(True)
         # A wrapped label in the scrolling dock is not given its wrapped height: keep room
         # for three lines (a finished run's summary with a presence estimate).
@@ -194,7 +201,8 @@ class SamplingPanel(QGroupBox):
         return layer
 
     def set_running(self, running: bool) -> None:
-        for w in (self.sample_btn, self.image_combo, self.region_combo, self.draw_btn,
+        self.sample_btn.setEnabled(not running and self.has_model)
+        for w in (self.image_combo, self.region_combo, self.draw_btn,
                   self.volume_row, self.n_spin, self.steps_spin, self.seed_spin,
                   self.new_seed_btn, self.keep_check):
             w.setEnabled(not running)
@@ -219,6 +227,12 @@ class SamplingPanel(QGroupBox):
 
     def set_model_defaults(self, model: Any) -> None:
         cfg = model.diffusion
+        if not self.has_model:
+            self.has_model = True
+            self.sample_btn.setEnabled(True)
+            self.sample_btn.setToolTip("")
+            if self.status.text() == NO_MODEL_HINT:
+                self.status.setText("")
         self.steps_spin.setRange(1, int(cfg.timesteps))
         self.steps_spin.setValue(cfg.default_step_count)
         self._bernoulli = cfg.kind == "bernoulli"

@@ -20,14 +20,26 @@ from qtpy.QtWidgets import QFrame, QMainWindow, QScrollArea, QVBoxLayout, QWidge
 from . import _notify
 from ._accept import check_target, new_target_data, reference_stack, sample_metrics, write_mask
 from ._inputs import InputProblem, PreparedInput, prepare_input
-from ._layers import RunLayers, batched_layer_changes
+from ._layers import (
+    GAUSSIAN_SAMPLES,
+    OUTLINE_OPACITY,
+    SAMPLES,
+    RunLayers,
+    batched_layer_changes,
+)
 from ._metrics_panel import MetricsPanel
 from ._model_panel import ModelPanel
 from ._preload import preload
 from ._provenance import record_accept, run_provenance
+from ._presentation import PresentPanel, ask_animation_path, export_animation, headline
+from ._presentation import open_presentation as _open_presentation
+from ._reader_preference import prefer_our_readers
+from ._reference_view import lay_out_reference
 from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
+from ..animation import ReverseRecorder
 from ._run import Job, Outcome, Update, run_job
 from ._sampling_panel import SamplingPanel
+from ._status import done_text
 
 
 @dataclass
@@ -94,11 +106,6 @@ def _set_event(holder: dict, *_: Any) -> None:
         ev.set()
 
 
-def _n_empty(samples: np.ndarray) -> int:
-    """How many of the (N, ...) sample masks mark nothing."""
-    return int((~samples.reshape(len(samples), -1).any(axis=1)).sum())
-
-
 class DiffusionSegmentationWidget(QWidget):
     """Load a model, stream samples into layers, browse, accept, compare."""
 
@@ -123,7 +130,16 @@ class DiffusionSegmentationWidget(QWidget):
         self._closed = False
         self._watcher: _CloseWatcher | None = None
         self._in_yield = 0
+        self._empty_armed: tuple[int, str] | None = None  # an empty accept awaiting a 2nd press
         self.preloading = preload()  # the first run's imports, off the main thread
+        prefer_our_readers()  # NIfTI opens with our reader, without napari's dialog
+
+        self.present = PresentPanel()
+        panels.append(self.present)
+        self.last_image: Any = None  # the image layer of the last run
+        self.last_outcome: Outcome | None = None
+        self.last_recorder: ReverseRecorder | None = None
+        self.presentation: Any = None  # the last presentation viewer opened
 
         inner = QWidget()
         col = QVBoxLayout(inner)
@@ -144,7 +160,8 @@ class DiffusionSegmentationWidget(QWidget):
 
         self.model_panel.model_changed.connect(self._model_changed)
         self.model_panel.loading_changed.connect(
-            lambda busy: self.sampling.sample_btn.setEnabled(not busy and self._active is None)
+            lambda busy: self.sampling.sample_btn.setEnabled(
+                not busy and self._active is None and self.model is not None)
         )
         self.sampling.sample_btn.clicked.connect(self.sample)
         self.sampling.cancel_btn.clicked.connect(self.cancel)
@@ -154,6 +171,8 @@ class DiffusionSegmentationWidget(QWidget):
         self.results.consensus_btn.clicked.connect(self.accept_consensus)
         self.metrics.ref_combo.layer_changed.connect(lambda *_: self.compute_metrics(quiet=True))
         self.metrics.table.cellClicked.connect(lambda row, _col: self.show_sample(row))
+        self.present.present_btn.clicked.connect(self.open_presentation)
+        self.present.export_btn.clicked.connect(self.export_animation)
         napari_viewer.dims.events.point.connect(self._dims_changed)
         self.destroyed.connect(lambda *_, h=self._holder: _set_event(h))
         self._keys = {KEY_NEXT: _weak_handler(self, "next_sample"),
@@ -179,6 +198,11 @@ class DiffusionSegmentationWidget(QWidget):
     def set_model(self, model: Any, label: str = "") -> None:
         """Use an already built model (what loading a checkpoint ends with)."""
         self.model_panel.set_model(model, label)
+
+    def samples_layer_name(self) -> str:
+        """The samples layer's name, after the kind of run that makes it."""
+        kind = getattr(getattr(self.model, "diffusion", None), "kind", "bernoulli")
+        return SAMPLES if kind == "bernoulli" else GAUSSIAN_SAMPLES
 
     def _model_changed(self, model: Any) -> None:
         if model is not None:
@@ -231,7 +255,8 @@ class DiffusionSegmentationWidget(QWidget):
         self._run_id += 1
         n = sp.n_spin.value()
         layers = RunLayers(self.viewer, prepared.placement, n, self._run_id,
-                           self.model_panel.model_label, self.model.n_readers)
+                           self.model_panel.model_label, self.model.n_readers,
+                           samples_name=self.samples_layer_name())
         layers.geometry = prepared.geometry
         layers.provenance = run_provenance(self.model, sp.seed_spin.value(),
                                            sp.steps_spin.value(), sp.steps_spec(self.model),
@@ -250,11 +275,15 @@ class DiffusionSegmentationWidget(QWidget):
                 layers.add()
         self._bind_layer_keys(layers)
         self.last_run = layers
+        self.last_image = sp.image_combo.layer()
+        self.last_recorder = ReverseRecorder()
+        self.last_outcome = None
         self.last_metrics = None
         self.metrics.clear()
         job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
                   sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0,
-                  priors=prepared.priors, temperature=sp.temperature(self.model))
+                  priors=prepared.priors, temperature=sp.temperature(self.model),
+                  recorder=self.last_recorder)
         job.units = prepared.units  # CT in HU: the model's window applies
         self._holder["cancel"] = job.cancel
         self._watch_window()
@@ -265,6 +294,7 @@ class DiffusionSegmentationWidget(QWidget):
                                desc=f"{self.run_name} {n} × {steps} steps")
         sp.set_running(True)
         self.results.set_enabled(False)
+        self.present.set_enabled(False)
         self.model_panel.setEnabled(False)
         sp.status.setText(f"Starting: {n} samples, {steps} steps, {prepared.placement.describe()}")
         # The sample axis is dims axis 0 of the new layers: show the first sample.
@@ -395,19 +425,15 @@ class DiffusionSegmentationWidget(QWidget):
                         " (intermediate states, not final masks).")
             sp.status.setText(text)
         else:
-            sp.status.setText(
-                f"Done: {layers.n} samples × {outcome.n_steps} steps"
-                + (f" × {outcome.n_slices} slices" if outcome.n_slices > 1 else "")
-                + f" in {outcome.seconds:.1f} s on {outcome.device}."
-                + ("" if outcome.presence is None else
-                   f" Readers marking a lesion: {outcome.presence:.0%} (model's estimate);"
-                   f" {_n_empty(layers.samples)} of {layers.n} samples are empty.")
-            )
+            sp.status.setText(done_text(layers.n, outcome, layers.samples))
         has_frames = layers.pushed > 0
         if has_frames and active.error is None and layers.alive("samples"):
             # Outlines once the masks are final: each sample reads over the heatmap below.
             layers.layers["samples"].contour = 1
+            layers.layers["samples"].opacity = OUTLINE_OPACITY
         self.results.set_enabled(has_frames)
+        self.last_outcome = outcome
+        self.present.set_enabled(has_frames and active.error is None)
         self._dims_changed()
         if has_frames:
             self.compute_metrics(quiet=True)
@@ -508,7 +534,8 @@ class DiffusionSegmentationWidget(QWidget):
             return None
         i = self.current_sample() if index is None else int(index)
         if i is None:
-            _notify.error("The 'samples' layer was removed: run Sample again.")
+            _notify.error(f"The '{run.samples_name}' layer was removed: press "
+                          f"{self.sampling.sample_btn.text()} again.")
             return None
         self._accept_choice = {"sample": i}
         return self._write(run, run.samples[i] > 0, f"sample {i}")
@@ -538,7 +565,25 @@ class DiffusionSegmentationWidget(QWidget):
     def _before_write(self, target: Any, run: RunLayers) -> None:
         """Called just before an accepted mask is written into ``target``."""
 
+    def _confirm_empty(self, run: RunLayers, mask: np.ndarray, what: str) -> bool:
+        """Whether to go on writing ``mask``: an empty one needs a second press (the first
+        says why), as it would erase the mask in the region."""
+        key = (run.run_id, what)
+        if np.asarray(mask).any():
+            self._empty_armed = None
+            return True
+        if self._empty_armed == key:
+            self._empty_armed = None
+            return True
+        self._empty_armed = key
+        _notify.warning(f"{what[0].upper()}{what[1:]} marks nothing: accepting it would erase "
+                        "the mask inside the sampled region. Press accept again to do so "
+                        "anyway, or browse to another sample.")
+        return False
+
     def _write(self, run: RunLayers, mask: np.ndarray, what: str) -> Any | None:
+        if not self._confirm_empty(run, mask, what):
+            return None
         try:
             target = self._resolve_target(run)
             self._before_write(target, run)
@@ -570,6 +615,9 @@ class DiffusionSegmentationWidget(QWidget):
             if not quiet:
                 _notify.error(str(exc))
             return None
+        if np.ndim(ref.data) == len(run.placement.spatial_shape) + 1:
+            # annotators on the sample axis would vanish from sample K on: own layers
+            lay_out_reference(self.viewer, ref)
         m = sample_metrics(run.samples, refs)
         self.last_metrics = m
         self.metrics.show_metrics(m, ref.name)
@@ -577,3 +625,63 @@ class DiffusionSegmentationWidget(QWidget):
         if i is not None:
             self.metrics.highlight(i)
         return m
+
+    # ------------------------------------------------------------------ present
+    def presentation_text(self) -> str:
+        """The headline figures of the last run, as the presentation view shows them."""
+        run = self.last_run
+        if run is None:
+            return ""
+        ref = self.metrics.ref_combo.layer()
+        steps = self.last_outcome.n_steps if self.last_outcome is not None else None
+        return headline(run.n, steps, self.last_metrics, ref.name if ref is not None else "",
+                        self.model_panel.model_label)
+
+    def _presentable_run(self) -> RunLayers | None:
+        run = self.last_run
+        if run is None or run.pushed == 0 or self.running:
+            _notify.error("Nothing to present yet: press "
+                          f"{self.sampling.sample_btn.text()} and wait for the run to end.")
+            return None
+        return run
+
+    def open_presentation(self, *_: Any, show: bool = True) -> Any | None:
+        """Open the presentation view of the last run (a new 1280×720 napari window)."""
+        run = self._presentable_run()
+        if run is None:
+            return None
+        missing = [k for k in ("frequency", "variance") if not run.alive(k)]
+        image = self.last_image
+        if image is None or image not in self.viewer.layers:
+            missing.append("the image")
+        if missing:
+            _notify.error(f"Cannot present the last run: {', '.join(missing)} was removed. "
+                          f"Press {self.sampling.sample_btn.text()} again.")
+            return None
+        maps = {k: run.layers[k] for k in ("frequency", "variance")}
+        self.presentation = _open_presentation(image, maps, self.presentation_text(),
+                                               point=tuple(self.viewer.dims.point), show=show)
+        return self.presentation
+
+    def _shown_slice(self, run: RunLayers) -> int | None:
+        """The volume slice the viewer shows (a volume run's slice index), else None."""
+        from ._inputs import MODE_VOLUME
+
+        if run.placement.mode != MODE_VOLUME or not run.alive("samples"):
+            return None
+        layer = run.layers["samples"]
+        data = layer.world_to_data(self.viewer.dims.point[-layer.ndim:])
+        return int(np.clip(round(float(data[1])), 0, run.samples.shape[1] - 1))
+
+    def export_animation(self, *_: Any, path: str | None = None) -> Any | None:
+        """Save the last run's reverse process as an animated GIF (asks where, unless
+        ``path`` is given); a volume run's shown slice. Returns the path written."""
+        run = self._presentable_run()
+        if run is None:
+            return None
+        if path is None:
+            path = ask_animation_path(self, run.samples_name.lower().replace(" ", "-") + ".gif")
+            if not path:
+                return None
+        title = f"{self.model_panel.model_label} · N = {run.n}"
+        return export_animation(self.last_recorder, path, self._shown_slice(run), title)

@@ -15,7 +15,8 @@ import torch
 from qtpy.QtCore import Qt
 
 from napari_berdiff._qt import _refiner_panel
-from napari_berdiff._qt._layers import SAMPLES
+from napari_berdiff._qt._layers import PROBS
+from napari_berdiff._qt._layers import REFINED_SAMPLES as SAMPLES
 from napari_berdiff._qt._refiner_panel import SEGMENTOR_TEXT
 from napari_berdiff._qt._refiner_widget import TARGET_PRIOR, MaskRefinerWidget
 from napari_berdiff.diffusion import DiffusionConfig
@@ -126,7 +127,7 @@ def test_edit_refine_accept_undo_loop(refiner_dock, qtbot, notes):
     samples = viewer.layers[SAMPLES].data.copy()
     np.testing.assert_array_equal(samples, engine_masks(model, image, rough))
     assert len({s.tobytes() for s in samples}) > 1  # N different refinements
-    for name in ("frequency", "variance", "entropy", "x̂0 probability"):
+    for name in ("frequency", "variance", "entropy", PROBS):
         assert name in viewer.layers
     assert "Done" in widget.sampling.status.text()
 
