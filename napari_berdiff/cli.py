@@ -252,6 +252,16 @@ def _check_region(model: Any, image: np.ndarray, roi: tuple | None, allow_large:
         )
 
 
+def warn_if_unlike_training(model: Any, image: np.ndarray, roi: tuple | None,
+                            infos: list[dict]) -> str | None:
+    """Print (and return) the out-of-distribution notice for the region to be sampled."""
+    sp = infos[0].get("spacing") if infos else None
+    notice = model.input_notice(image, roi, None if sp is None else tuple(sp)[-2:])
+    if notice:
+        _note(notice + " Sampling anyway.")
+    return notice
+
+
 def run_with_progress(stream: Any, n_steps: int, quiet: bool, desc: str
                       ) -> tuple[Any, list[int]]:
     """Run a sample stream to the end under a tqdm bar; returns (result, visited t's).
@@ -371,6 +381,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     image, infos, names = read_model_image(args, model)
     _check_region(model, image, roi, args.allow_large, names)
+    notice = warn_if_unlike_training(model, image, roi, infos)
 
     spec = model.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
@@ -386,6 +397,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     timings["wall_s"] = time.perf_counter() - wall0
     run = run_record(args, model, model_path, infos, image, spec, visited, result, timings,
                      written)
+    run["input_notice"] = notice
     (out / "run.json").write_text(json.dumps(_json_clean(run), indent=2) + "\n")
     y0, x0, y1, x1 = result.roi
     print(f"wrote {args.n} sample masks and the {', '.join(MAPS)} maps "

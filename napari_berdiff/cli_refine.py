@@ -24,7 +24,7 @@ import numpy as np
 
 from .cli import (_check_region, _json_clean, _parse_roi, _parse_steps, _resolve_model,
                   add_run_options, read_model_image, run_record, run_with_progress,
-                  write_results)
+                  warn_if_unlike_training, write_results)
 
 __all__ = ["register", "cmd_refine", "read_prior"]
 
@@ -104,6 +104,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ValueError(f"--prior {Path(source).name}: {e}") from None
     _check_region(refiner, image, roi, args.allow_large, names)
+    notice = warn_if_unlike_training(refiner, image, roi, infos)
 
     spec = refiner.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, refiner.diffusion.timesteps))
@@ -121,6 +122,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     timings["wall_s"] = time.perf_counter() - wall0
     run = run_record(args, refiner, model_path, infos, image, spec, visited, result, timings,
                      written)
+    run["input_notice"] = notice
     run["refine"] = {
         "prior": source,
         "prior_kind": "segmentor" if args.prior == "segmentor" else "file",
