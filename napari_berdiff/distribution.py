@@ -178,7 +178,7 @@ def check_input(data: dict[str, Any], normalised: np.ndarray,
             worst = [i for i in np.argsort(-np.abs(z))[:2] if abs(z[i]) > 2]
             what = "intensities" if all(i < _N_INTENSITY for i in worst) else (
                 "texture" if all(i >= _N_INTENSITY for i in worst) else "intensities and texture")
-            detail = ", ".join(f"{FEATURES[i]} {f[i]:.2f} (training {mean[i]:.2f} ± {sd[i]:.2f})"
+            detail = ", ".join(f"{FEATURES[i]} {f[i]:.3g} (training {mean[i]:.3g} ± {sd[i]:.2g})"
                                for i in worst)
             reasons.append(f"its {what} after normalisation differ from the training images' "
                            f"(distance {dist:.1f}, limit {limit:.1f}"

@@ -210,6 +210,18 @@ class DiffusionSegmentationWidget(QWidget):
         _set_event(self._holder)
 
     # ------------------------------------------------------------------ sampling
+    def _unlike_training(self, prepared: Any) -> str | None:
+        """Warn (and return the notice) when the first crop looks unlike the model's
+        training data; sampling still runs."""
+        if not prepared.crops or self.model is None:
+            return None
+        scale = tuple(prepared.placement.scale)[-2:]
+        spacing = None if not scale or all(s == 1.0 for s in scale) else scale
+        notice = self.model.input_notice(prepared.crops[0], spacing=spacing)
+        if notice:
+            _notify.warning(notice + " Sampling anyway.")
+        return notice
+
     def sample(self, *_: Any) -> Any:
         """Start a run with the panel's settings; returns its worker, or None on bad input."""
         if self.running:
@@ -223,6 +235,7 @@ class DiffusionSegmentationWidget(QWidget):
             return None
         for text in prepared.warnings:
             _notify.warning(text)
+        unlike = self._unlike_training(prepared)
 
         from napari.qt.threading import create_worker
         from napari.utils import progress
@@ -260,7 +273,9 @@ class DiffusionSegmentationWidget(QWidget):
         sp.set_running(True)
         self.results.set_enabled(False)
         self.model_panel.setEnabled(False)
-        sp.status.setText(f"Starting: {n} samples, {steps} steps, {prepared.placement.describe()}")
+        sp.status.setText(f"Starting: {n} samples, {steps} steps, {prepared.placement.describe()}"
+                          + ("<br>Image unlike the model's training data: results unlikely to "
+                             "be meaningful." if unlike else ""))
         # The sample axis is dims axis 0 of the new layers: show the first sample.
         self.show_sample(0)
         # The callbacks hold the widget and the run weakly: napari keeps finished workers

@@ -22,6 +22,7 @@ Everything is deterministic by ``seed`` (and the item's patient, nodule and slic
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -95,8 +96,14 @@ def _vessel_tree(rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray,
 
 
 def _scene(seed: int, item: ReaderSlice) -> dict[str, Any]:
-    """What is shared by every slice of one nodule."""
-    rng = _rng(seed, "scene", item.patient, item.nodule)
+    """What is shared by every slice of one nodule (cached: slices come nodule by nodule)."""
+    return _scene_of(int(seed), item.patient, int(item.nodule), tuple(item.bbox))
+
+
+@lru_cache(maxsize=64)
+def _scene_of(seed: int, patient: str, nodule: int, bbox: tuple[int, int, int, int]
+              ) -> dict[str, Any]:
+    rng = _rng(seed, "scene", patient, nodule)
     scene: dict[str, Any] = {"vessels": _vessel_tree(rng)}
     if rng.random() < 0.3:
         ang = rng.uniform(0, 2 * np.pi)
@@ -106,7 +113,7 @@ def _scene(seed: int, item: ReaderSlice) -> dict[str, Any]:
         # the chest wall beyond the nodule along a random in-plane direction
         ang = rng.uniform(0, 2 * np.pi)
         n = np.array([np.cos(ang), np.sin(ang)])
-        r0, c0, h, w = item.bbox
+        r0, c0, h, w = bbox
         corners = (np.array([[r0, c0], [r0, c0 + w], [r0 + h, c0], [r0 + h, c0 + w]], float)
                    - (LIDC_CROP - 1) / 2) * LIDC_SPACING_MM
         reach = float((corners @ n).max())
