@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .cli import (_check_region, _json_clean, _parse_roi, _parse_steps, _resolve_model,
-                  add_run_options, read_model_image, run_record, run_with_progress,
+                  add_run_options, image_spacing, read_model_image, run_record, run_with_progress,
                   warn_if_unlike_training, write_results)
 
 __all__ = ["register", "cmd_refine", "read_prior"]
@@ -104,7 +104,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ValueError(f"--prior {Path(source).name}: {e}") from None
     _check_region(refiner, image, roi, args.allow_large, names)
-    notice = warn_if_unlike_training(refiner, image, roi, infos)
+    notice = warn_if_unlike_training(refiner, image, roi, image_spacing(args, infos))
 
     spec = refiner.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, refiner.diffusion.timesteps))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import _json_clean, _resolve_model
+from .cli import _json_clean, _resolve_model, image_spacing, spacing_note
 
 __all__ = ["register", "cmd_train", "cmd_evaluate", "cmd_data_phantoms", "cmd_data_lidc"]
 
@@ -283,8 +283,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             baseline = _load(bp, args.device)
     elif args.baseline.lower() != "none":
         baseline = _load(_resolve_model(args.baseline), args.device)
+    spacing = ds.description.get("spacing")
+    if args.spacing:
+        spacing = image_spacing(args, [])
+    if spacing is None:
+        spacing_note(model, None, None)
     rep = evaluate(model, ds, n=args.n, steps=args.steps, seed=args.seed, baseline=baseline,
-                   progress=not args.quiet)
+                   progress=not args.quiet, spacing=spacing)
     summary = rep.summary()
     print(f"{model.name or model_path.name} on {len(ds)} items ({args.split} split of "
           f"{args.data}), N = {args.n}")
@@ -394,6 +399,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--baseline", help="deterministic baseline file ('none' to skip; default: "
                                       "the bundled one)")
     p.add_argument("--max-items", type=int, help="evaluate only the first items")
+    p.add_argument("--spacing", help="the images' pixel spacing in mm (default: dataset.json's); "
+                                     "images are resampled to the model's spacing")
     p.add_argument("--json", help="also write the figures as JSON keyed by method")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -51,7 +51,11 @@ def import_pylidc() -> types.ModuleType:
         shim = types.ModuleType("pkg_resources")
         shim.resource_filename = lambda _pkg, name: os.path.join(folder, name)  # type: ignore[attr-defined]
         sys.modules["pkg_resources"] = shim
-    import pylidc
+    import warnings
+
+    with warnings.catch_warnings():  # pylidc's own SQLAlchemy / SciPy deprecation notices
+        warnings.simplefilter("ignore")
+        import pylidc
 
     return pylidc
 
