@@ -139,3 +139,24 @@ def test_cli_sample_resamples_a_nifti_by_its_header(tmp_path, capsys, monkeypatc
     assert main(["sample", "--model", str(path), "--image", str(npy), "--spacing", "-1",
                  "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     assert "--spacing takes one or two positive numbers" in capsys.readouterr().err
+
+
+def test_cli_refine_resamples_image_and_prior_to_the_refiners_spacing(tmp_path, capsys):
+    from napari_berdiff.cli import main
+    from napari_berdiff.data.phantoms import make_phantom
+
+    models = __import__("pathlib").Path(__file__).resolve().parents[2] / "models"
+    ph = make_phantom(70_123, 128)  # a 64 mm phantom at 0.5 mm; the refiner works at 1 mm
+    np.save(tmp_path / "img.npy", ph.image)
+    prior = ph.masks.max(axis=0).astype(np.uint8)
+    np.save(tmp_path / "prior.npy", prior)
+    out = tmp_path / "o"
+    assert main(["refine", "--model", str(models / "refiner-phantom-64.safetensors"),
+                 "--image", str(tmp_path / "img.npy"), "--prior", str(tmp_path / "prior.npy"),
+                 "--spacing", "0.5", "--n", "2", "--steps", "3", "--out", str(out),
+                 "--device", "cpu", "--quiet"]) == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["resampled_zoom"] == 0.5
+    masks = np.stack([np.load(out / f"sample_0{i}.npy") for i in range(2)])
+    assert masks.shape == (2, 128, 128)
+    assert all(_iou(m > 0, prior > 0) > 0.5 for m in masks)
