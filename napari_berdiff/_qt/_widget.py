@@ -40,6 +40,7 @@ class _Active:
     last: Update | None = None
     done: bool = False
     finish_pending: bool = False
+    unlike: str | None = None
 
 
 class _CloseWatcher(QObject):
@@ -266,6 +267,7 @@ class DiffusionSegmentationWidget(QWidget):
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)
+        active.unlike = unlike
         self._active = active
         steps = sp.steps_spin.value()
         active.pbar = progress(total=len(prepared.crops) * steps,
@@ -411,6 +413,8 @@ class DiffusionSegmentationWidget(QWidget):
                 + ("" if outcome.presence is None else
                    f" Readers marking a lesion: {outcome.presence:.0%} (model's estimate);"
                    f" {_n_empty(layers.samples)} of {layers.n} samples are empty.")
+                + ("<br>Image unlike the model's training data: results unlikely to be "
+                   "meaningful." if active.unlike else "")
             )
         has_frames = layers.pushed > 0
         if has_frames and active.error is None and layers.alive("samples"):

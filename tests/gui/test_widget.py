@@ -737,3 +737,4 @@ def test_an_image_unlike_the_training_data_is_sampled_with_a_warning(docked, qtb
     assert outcome.steps_done == 2  # sampled all the same
     warned = [w for w in notes("warning") if "unlikely to be meaningful" in w[1]]
     assert len(warned) == 1 and "Sampling anyway" in warned[0][1]
+    assert "unlike the model's training data" in widget.sampling.status.text()
