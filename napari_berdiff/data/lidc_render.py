@@ -58,7 +58,14 @@ def _rng(seed: int, *keys: Any) -> np.random.Generator:
 
 
 def _noise(rng: np.random.Generator, sigma: float, shape=(LIDC_CROP, LIDC_CROP)) -> np.ndarray:
-    f = ndi.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+    """Gaussian-filtered white noise of unit standard deviation (smooth fields are drawn on a
+    4× coarser grid and interpolated: the same look for a fraction of the cost)."""
+    if sigma >= 6:
+        coarse = tuple(-(-n // 4) + 1 for n in shape)
+        f = ndi.gaussian_filter(rng.standard_normal(coarse), sigma / 4, mode="wrap")
+        f = ndi.zoom(f, 4, order=1)[:shape[0], :shape[1]]
+    else:
+        f = ndi.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
     return f / (f.std() + 1e-12)
 
 
@@ -73,12 +80,13 @@ def _vessel_tree(rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray,
     """Segments (start mm, end mm, radius mm) of a few branching, bending vessel trees."""
     half = LIDC_CROP * LIDC_SPACING_MM / 2
     segs: list[tuple[np.ndarray, np.ndarray, float]] = []
-    for _ in range(int(rng.integers(9, 16))):
+    for _ in range(int(rng.integers(14, 22))):
         start = np.array([rng.uniform(-half, half), rng.uniform(-half, half),
                           rng.uniform(-20, 20)])
         d = rng.standard_normal(3)
         stack = [(start, d / np.linalg.norm(d), rng.uniform(0.5, 1.9), 0)]
-        while stack and len(segs) < 400:
+        tree_end = len(segs) + 140
+        while stack and len(segs) < tree_end:
             p, d, r, depth = stack.pop()
             # a branch is a few short, slightly bending pieces
             for _piece in range(int(rng.integers(2, 5))):
@@ -116,10 +124,14 @@ def _scene_of(seed: int, patient: str, nodule: int, bbox: tuple[int, int, int, i
         r0, c0, h, w = bbox
         corners = (np.array([[r0, c0], [r0, c0 + w], [r0 + h, c0], [r0 + h, c0 + w]], float)
                    - (LIDC_CROP - 1) / 2) * LIDC_SPACING_MM
-        reach = float((corners @ n).max())
+        curv = rng.uniform(1 / 600, 1 / 200)
+        # the wall's surface (see _chest_wall) is convex: its furthest reach over the
+        # nodule's bounding box is at a corner, so the wall never covers a reader's mask
+        along = corners @ np.array([-n[1], n[0]])
+        reach = float((corners @ n + curv * along ** 2).max())
         gap = 0.0 if rng.random() < 0.35 else rng.uniform(1.0, 20.0)
-        scene["wall"] = (n, reach + 1.0 + gap, rng.uniform(1 / 600, 1 / 200),
-                         rng.uniform(3, 7), int(rng.integers(1, 3)), rng.uniform(0, 1))
+        scene["wall"] = (n, reach + 1.0 + gap, curv, rng.uniform(3, 7),
+                         int(rng.integers(1, 3)), rng.uniform(0, 1))
     return scene
 
 

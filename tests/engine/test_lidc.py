@@ -157,3 +157,20 @@ def test_cli_data_lidc_writes_the_lidc_crops_layout(lidc, tmp_path, capsys):
     # a non-empty folder is refused without --force
     assert main(["data", "lidc", "--out", str(out), "--max-nodules", "1", "--quiet"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_the_chest_wall_never_covers_a_readers_mask(lidc):
+    from napari_berdiff.data import lidc_render as R
+
+    yy, xx, _ = R._grid(0.0)
+    walls = 0
+    for nod in range(0, lidc.n_nodules, 40):
+        item = next(lidc.nodule_slices(nod))
+        scene = R._scene(0, item)
+        if "wall" not in scene:
+            continue
+        walls += 1
+        _, inside = R._chest_wall(scene["wall"], yy, xx, np.random.default_rng(0))
+        union = lidc.nodule_masks(nod).any(axis=(0, 1))
+        assert inside[union].max() < 0.5
+    assert walls >= 5
