@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from .cli import (_check_region, _json_clean, _parse_roi, _parse_steps, _resolve_model,
-                  add_run_options, image_spacing, spacing_note, read_model_image, run_record, run_with_progress,
-                  warn_if_unlike_training, write_results)
+                  add_run_options, image_spacing, read_model_image, run_record,
+                  run_with_progress, spacing_note, warn_if_unlike_training, write_results)
 
 __all__ = ["register", "cmd_refine", "read_prior"]
 

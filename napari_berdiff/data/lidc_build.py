@@ -49,7 +49,8 @@ def import_pylidc() -> types.ModuleType:
     if importlib.util.find_spec("pkg_resources") is None and "pkg_resources" not in sys.modules:
         folder = os.path.dirname(spec.origin)
         shim = types.ModuleType("pkg_resources")
-        shim.resource_filename = lambda _pkg, name: os.path.join(folder, name)  # type: ignore[attr-defined]
+        shim.resource_filename = (  # type: ignore[attr-defined]
+            lambda _pkg, name: os.path.join(folder, name))
         sys.modules["pkg_resources"] = shim
     import warnings
 

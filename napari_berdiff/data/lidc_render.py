@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from .lidc import FEATURES, LIDC_CROP, LIDC_SPACING_MM, ReaderSlice
+from .lidc import LIDC_CROP, LIDC_SPACING_MM, ReaderSlice
 
 __all__ = ["render_slice", "window", "LUNG_WINDOW", "HU_AIR"]
 
