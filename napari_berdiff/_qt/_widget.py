@@ -211,17 +211,40 @@ class DiffusionSegmentationWidget(QWidget):
         _set_event(self._holder)
 
     # ------------------------------------------------------------------ sampling
-    def _unlike_training(self, prepared: Any) -> str | None:
+    @staticmethod
+    def _layer_spacing(prepared: Any) -> tuple[float, ...] | None:
+        """The image layer's in-plane scale as a pixel spacing in mm; None when it is
+        napari's default (1, 1), which says nothing about the physical size."""
+        scale = tuple(float(v) for v in tuple(prepared.placement.scale)[-2:])
+        return None if not scale or all(v == 1.0 for v in scale) else scale
+
+    def _unlike_training(self, prepared: Any, spacing: Any) -> str | None:
         """Warn (and return the notice) when the first crop looks unlike the model's
         training data; sampling still runs."""
         if not prepared.crops or self.model is None:
             return None
-        scale = tuple(prepared.placement.scale)[-2:]
-        spacing = None if not scale or all(s == 1.0 for s in scale) else scale
-        notice = self.model.input_notice(prepared.crops[0], spacing=spacing)
+        from ..spacing import to_model_spacing
+
+        crop, _, how = to_model_spacing(self.model, prepared.crops[0], spacing)
+        notice = self.model.input_notice(crop, spacing=None if how else spacing)
         if notice:
             _notify.warning(notice + " Sampling anyway.")
         return notice
+
+    def _spacing_text(self, spacing: Any) -> str:
+        """A short status note on how the pixel spacing is handled ('' when nothing to say)."""
+        from ..distribution import model_spacing
+        from ..spacing import spacing_of, zoom_factor
+
+        ms = model_spacing(self.model.data)
+        if ms is None:
+            return ""
+        if spacing is None:
+            return f"<br>Pixel spacing unknown (layer scale 1): taken as the model's {ms:.3g} mm."
+        if zoom_factor(spacing, ms) is not None:
+            return (f"<br>Resampled from {spacing_of(spacing):.3g} mm to the model's "
+                    f"{ms:.3g} mm pixels and back.")
+        return ""
 
     def sample(self, *_: Any) -> Any:
         """Start a run with the panel's settings; returns its worker, or None on bad input."""
@@ -236,7 +259,8 @@ class DiffusionSegmentationWidget(QWidget):
             return None
         for text in prepared.warnings:
             _notify.warning(text)
-        unlike = self._unlike_training(prepared)
+        spacing = self._layer_spacing(prepared)
+        unlike = self._unlike_training(prepared, spacing)
 
         from napari.qt.threading import create_worker
         from napari.utils import progress
@@ -263,7 +287,8 @@ class DiffusionSegmentationWidget(QWidget):
         self.metrics.clear()
         job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
                   sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0,
-                  priors=prepared.priors, temperature=sp.temperature(self.model))
+                  priors=prepared.priors, temperature=sp.temperature(self.model),
+                  spacing=spacing)
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)
@@ -276,6 +301,7 @@ class DiffusionSegmentationWidget(QWidget):
         self.results.set_enabled(False)
         self.model_panel.setEnabled(False)
         sp.status.setText(f"Starting: {n} samples, {steps} steps, {prepared.placement.describe()}"
+                          + self._spacing_text(spacing)
                           + ("<br>Image unlike the model's training data: results unlikely to "
                              "be meaningful." if unlike else ""))
         # The sample axis is dims axis 0 of the new layers: show the first sample.

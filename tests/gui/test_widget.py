@@ -738,3 +738,33 @@ def test_an_image_unlike_the_training_data_is_sampled_with_a_warning(docked, qtb
     warned = [w for w in notes("warning") if "unlikely to be meaningful" in w[1]]
     assert len(warned) == 1 and "Sampling anyway" in warned[0][1]
     assert "unlike the model's training data" in widget.sampling.status.text()
+
+
+def test_a_layer_scale_resamples_to_the_models_spacing_and_back(docked, qtbot):
+    from napari_berdiff.spacing import sample_at_spacing
+
+    viewer, widget = docked
+    model = toy_model(steps=3)
+    model.metadata["data"]["spacing"] = [1.0, 1.0]
+    widget.set_model(model, "toy")
+    image = blob(64, 64, centre=(20, 40), radius=12, seed=3)
+    viewer.add_image(image, name="img", scale=(0.5, 0.5))  # 0.5 mm pixels, the model's 1 mm
+    widget.sampling.n_spin.setValue(3)
+    widget.sampling.seed_spin.setValue(5)
+    seen = []
+    model_sample = model.sample
+
+    def spy(img, *a, **k):
+        seen.append(np.asarray(img).shape[-2:])
+        return model_sample(img, *a, **k)
+
+    model.sample = spy
+    outcome = run_and_wait(qtbot, widget)
+    assert outcome.steps_done == 3
+    assert seen == [(32, 32)]  # sampled at the model's spacing
+    samples = _layer(viewer, SAMPLES)
+    assert samples.data.shape == (3, 64, 64)  # and shown on the image's grid
+    model.sample = model_sample
+    ref = sample_at_spacing(model, image, (0.5, 0.5), n=3, steps=3, seed=5)
+    np.testing.assert_array_equal(samples.data, ref.masks)
+    np.testing.assert_allclose(_layer(viewer, "x̂0 probability").data, ref.probs, atol=1e-6)
