@@ -244,7 +244,9 @@ def _read_planes(
 
 
 def _check_region(model: Any, image: np.ndarray, roi: tuple | None, allow_large: bool,
-                  image_name: str) -> None:
+                  image_name: str, zoom: float | None = None) -> None:
+    """Refuse a whole image more than twice the training size (in the model's pixels, after
+    resampling by ``zoom``) unless asked."""
     from .diffusion.sampler import check_roi
 
     h, w = image.shape[1:]
@@ -252,7 +254,7 @@ def _check_region(model: Any, image: np.ndarray, roi: tuple | None, allow_large:
     y0, x0, y1, x1 = box
     rh, rw = y1 - y0, x1 - x0
     train = int(model.data.get("image_size") or model.net.config.image_size)
-    if roi is None and max(h, w) > 2 * train and not allow_large:
+    if roi is None and max(h, w) * (zoom or 1.0) > 2 * train and not allow_large:
         bh, bw = min(train, h), min(train, w)
         raise ValueError(
             f"{image_name} is {h}×{w} pixels, more than twice the model's training size "
@@ -260,6 +262,46 @@ def _check_region(model: Any, image: np.ndarray, roi: tuple | None, allow_large:
             f"(e.g. --roi {_centred(0, 0, h, w, bh, bw)}, the central {bh}×{bw}) or pass "
             "--allow-large to sample the whole image anyway"
         )
+
+
+def image_spacing(args: argparse.Namespace, infos: list[dict]) -> tuple[float, ...] | None:
+    """The image's in-plane spacing in mm: ``--spacing``, else the file's header, else None."""
+    text = getattr(args, "spacing", None)
+    if text:
+        try:
+            vals = tuple(float(v) for v in str(text).replace(" ", "").split(",") if v)
+        except ValueError:
+            vals = ()
+        if len(vals) not in (1, 2) or min(vals) <= 0:
+            raise ValueError(f"--spacing takes one or two positive numbers in mm (row,col), "
+                             f"got {text!r}")
+        return vals
+    sp = infos[0].get("spacing") if infos else None
+    return None if sp is None else tuple(float(v) for v in tuple(sp)[-2:])
+
+
+def spacing_note(model: Any, spacing: Any, how: Any) -> None:
+    """Say once how the image's pixel spacing was handled."""
+    from .distribution import model_spacing
+
+    ms = model_spacing(model.data)
+    if ms is None:
+        return
+    if spacing is None:
+        _note(f"the image's pixel spacing is unknown: sampling it as if it were the model's "
+              f"({ms:.3g} mm); give --spacing MM to resample it to the model's")
+    elif how is not None:
+        _note(f"resampling the region from {np.mean(spacing):.3g} mm to the model's {ms:.3g} mm "
+              "pixels, and the results back")
+
+
+def warn_if_unlike_training(model: Any, image: np.ndarray, roi: tuple | None,
+                            spacing: Any) -> str | None:
+    """Print (and return) the out-of-distribution notice for the region to be sampled."""
+    notice = model.input_notice(image, roi, spacing)
+    if notice:
+        _note(notice + " Sampling anyway.")
+    return notice
 
 
 def run_with_progress(stream: Any, n_steps: int, quiet: bool, desc: str
@@ -387,6 +429,8 @@ def _sample_into(args: argparse.Namespace, out: Path) -> str:
     """Sample as ``args`` say into the folder ``out``; returns the summary line."""
     from .checkpoints import load_model
     from .diffusion import timestep_subsequence
+    from .distribution import model_spacing
+    from .spacing import map_back, to_model_spacing, zoom_factor
 
     wall0 = time.perf_counter()
     if args.n < 1:
@@ -398,14 +442,22 @@ def _sample_into(args: argparse.Namespace, out: Path) -> str:
     load_s = time.perf_counter() - wall0
 
     image, infos, names = read_model_image(args, model)
-    _check_region(model, image, roi, args.allow_large, names)
+    spacing = image_spacing(args, infos)
+    _check_region(model, image, roi, args.allow_large, names,
+                  zoom_factor(spacing, model_spacing(model.data)))
+    small, _, how = to_model_spacing(model, image, spacing, roi)
+    spacing_note(model, spacing, how)
+    notice = warn_if_unlike_training(model, small, None if how else roi,
+                                     None if how else spacing)
 
     spec = model.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
-    stream = model.sample(image, n=args.n, steps=steps, seed=args.seed, roi=roi,
-                          max_batch=args.max_batch, draw_correlation=args.draw_correlation,
-                          temperature=args.temperature, units=infos[0].get("units"))
+    stream = model.sample(small, n=args.n, steps=steps, seed=args.seed,
+                          roi=None if how else roi, max_batch=args.max_batch,
+                          draw_correlation=args.draw_correlation, temperature=args.temperature,
+                          units=infos[0].get("units"))
     result, visited = run_with_progress(stream, n_steps, args.quiet, "sampling")
+    result = map_back(result, how)
     written = write_results(out, result, args.n)
 
     timings = dict(result.timings)
@@ -413,6 +465,9 @@ def _sample_into(args: argparse.Namespace, out: Path) -> str:
     timings["wall_s"] = time.perf_counter() - wall0
     run = run_record(args, model, model_path, infos, image, spec, visited, result, timings,
                      written)
+    run["input_notice"] = notice
+    run["pixel_spacing_used"] = None if spacing is None else list(spacing)
+    run["resampled_zoom"] = None if how is None else round(how.zoom, 6)
     (out / "run.json").write_text(json.dumps(_json_clean(run), indent=2) + "\n")
     y0, x0, y1, x1 = result.roi
     return (f"wrote {args.n} sample masks and the {', '.join(MAPS)} maps "
@@ -429,6 +484,8 @@ def add_run_options(p: argparse.ArgumentParser, verb: str, slice_help: str) -> N
     p.add_argument("--allow-large", action="store_true",
                    help=f"{verb} an image larger than twice the training size without --roi")
     p.add_argument("--max-batch", type=int, help="at most this many samples per network call")
+    p.add_argument("--spacing", help="the image's pixel spacing in mm (one number, or row,col); "
+                                     "default: the file's header when it has one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty --out that holds a previous run, whole (the old "

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from .cli import (_check_region, _json_clean, _parse_roi, _parse_steps, _resolve_model,
-                  add_run_options, output_folder, read_model_image, run_record,
-                  run_with_progress, write_results)
+                  add_run_options, image_spacing, output_folder, read_model_image,
+                  run_record, run_with_progress, spacing_note, warn_if_unlike_training,
+                  write_results)
 
 __all__ = ["register", "cmd_refine", "read_prior"]
 
@@ -54,7 +55,7 @@ def read_prior(path: str, k: int | None) -> np.ndarray:
 
 
 def _segmentor_prior(args: argparse.Namespace, refiner: Any, model_path: Path,
-                     image: np.ndarray) -> tuple[np.ndarray, str]:
+                     image: np.ndarray, spacing: Any = None) -> tuple[np.ndarray, str]:
     from .checkpoints import load_model
     from .refine import segmentor_path
 
@@ -68,7 +69,9 @@ def _segmentor_prior(args: argparse.Namespace, refiner: Any, model_path: Path,
     seg = load_model(_resolve_model(str(seg_file)), device=args.device)
     if seg.kind != "segmentor":
         raise ValueError(f"{seg_file} is a {seg.kind} model, not a segmentor")
-    return seg.segment(image), str(seg_file)
+    from .spacing import segment_at_spacing
+
+    return segment_at_spacing(seg, image, spacing), str(seg_file)
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
@@ -85,7 +88,9 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
     from .diffusion import timestep_subsequence
     from .imageio import write_map
     from .priors import validate_prior
+    from .distribution import model_spacing
     from .refine import prior_map, refine
+    from .spacing import map_back, to_model_spacing, zoom_factor
     from .uncertainty import dice
 
     wall0 = time.perf_counter()
@@ -103,22 +108,30 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
     load_s = time.perf_counter() - wall0
     image, infos, names = read_model_image(args, refiner)
 
+    spacing = image_spacing(args, infos)
     if args.prior == "segmentor":
-        raw, source = _segmentor_prior(args, refiner, model_path, image)
+        raw, source = _segmentor_prior(args, refiner, model_path, image, spacing)
     else:
         raw, source = read_prior(args.prior, args.slice), args.prior
     try:
         p = prior_map(raw, image.shape[1:], args.trust)
     except ValueError as e:
         raise ValueError(f"--prior {Path(source).name}: {e}") from None
-    _check_region(refiner, image, roi, args.allow_large, names)
+    _check_region(refiner, image, roi, args.allow_large, names,
+                  zoom_factor(spacing, model_spacing(refiner.data)))
+    # at the model's spacing when the image's is known: the image and the prior map p
+    small, small_p, how = to_model_spacing(refiner, image, spacing, roi, p)
+    spacing_note(refiner, spacing, how)
+    notice = warn_if_unlike_training(refiner, small, None if how else roi,
+                                     None if how else spacing)
 
     spec = refiner.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, refiner.diffusion.timesteps))
-    stream = refine(refiner, image, raw, trust=args.trust, n=args.n, steps=steps,
-                    seed=args.seed, roi=roi, max_batch=args.max_batch,
-                    units=infos[0].get("units"))
+    stream = refine(refiner, small, raw if how is None else small_p, trust=args.trust,
+                    n=args.n, steps=steps, seed=args.seed, roi=None if how else roi,
+                    max_batch=args.max_batch, units=infos[0].get("units"))
     result, visited = run_with_progress(stream, n_steps, args.quiet, "refining")
+    result = map_back(result, how)
     written = write_results(out, result, args.n)
     y0, x0, y1, x1 = result.roi
     written += write_map(out / "prior", p[y0:y1, x0:x1], "prior", limits=(0.0, 1.0))
@@ -129,6 +142,9 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
     timings["wall_s"] = time.perf_counter() - wall0
     run = run_record(args, refiner, model_path, infos, image, spec, visited, result, timings,
                      written)
+    run["input_notice"] = notice
+    run["pixel_spacing_used"] = None if spacing is None else list(spacing)
+    run["resampled_zoom"] = None if how is None else round(how.zoom, 6)
     run["refine"] = {
         "prior": source,
         "prior_kind": "segmentor" if args.prior == "segmentor" else "file",

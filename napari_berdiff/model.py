@@ -243,6 +243,31 @@ class DiffusionModel:
             image_channels=self.network_channels,
         )
 
+    def input_notice(self, image: np.ndarray, roi: Roi | None = None,
+                     spacing: float | tuple[float, ...] | None = None) -> str | None:
+        """A sentence saying why results on ``image`` are unlikely to be meaningful (another
+        modality, window or scale than the training data), or None.
+
+        ``image`` is what :meth:`sample` takes (the region ``roi`` of it is what is
+        compared); ``spacing`` is its pixel spacing in mm when known. Sampling is never
+        refused: this is a notice (see :mod:`napari_berdiff.distribution`).
+        """
+        from .distribution import check_input
+
+        img = np.asarray(image)
+        if img.ndim == 2:
+            img = img[None]
+        if img.ndim != 3 or img.shape[0] != self.image_channels or not img.size:
+            return None
+        box = _valid_box(roi, img.shape[1:])
+        if box is not None:
+            y0, x0, y1, x1 = box
+            img = img[:, y0:y1, x0:x1]
+        if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+            return None
+        norm = normalise_image(img, self.data.get("normalisation"))
+        return check_input(self.data, norm, spacing)
+
     def segment(self, image: np.ndarray, normalise: bool = True) -> np.ndarray:
         """A segmentor's probability map, (H, W) float32, for a (C,) H, W image.
 

@@ -51,6 +51,9 @@ class Job:
     units: str | None = None
     #: keeps every step for an animation (:class:`~napari_berdiff.animation.ReverseRecorder`)
     recorder: Any = None
+    #: the image's pixel spacing in mm (the layer's scale) when known: each crop is sampled
+    #: at the model's spacing and the frames mapped back (napari_berdiff.spacing)
+    spacing: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         self.consumed.set()
@@ -100,11 +103,18 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def _fill(upd: Update, frame: Any) -> Update:
+def _fill(upd: Update, frame: Any, how: Any = None) -> Update:
     upd.states = frame.states
     upd.probs = frame.x0_prob
     maps = frame.maps
     upd.maps = {k: maps[k] for k in MAP_NAMES}
+    if how is not None:  # sampled at the model's spacing: back onto the crop's pixels
+        from ..spacing import resample_back
+
+        upd.states = (resample_back(upd.states.astype(np.float32), how.shape) > 0.5
+                      ).astype(upd.states.dtype)
+        upd.probs = resample_back(upd.probs, how.shape).clip(0, 1)
+        upd.maps = {k: resample_back(v[None], how.shape)[0] for k, v in upd.maps.items()}
     return upd
 
 
@@ -133,6 +143,14 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
             if job.units:
                 extra["units"] = job.units
             try:
+                how = None
+                if job.spacing is not None:
+                    from ..spacing import to_model_spacing
+
+                    crop, prior, how = to_model_spacing(job.model, crop, job.spacing, None,
+                                                        extra.get("prior"))
+                    if prior is not None:
+                        extra["prior"] = prior
                 stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
                                           cancel=job.cancel, **extra)
             except Exception as exc:  # noqa: BLE001 - reported to the user
@@ -157,7 +175,7 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                 push = frame.final or frame.step == 0 or (
                     now - last_push >= job.interval_s and job.consumed.is_set())
                 if push:
-                    _fill(upd, frame)
+                    _fill(upd, frame, how)
                     job.consumed.clear()
                     last_push = time.perf_counter()
                 last_frame, last_pushed = frame, push
@@ -172,7 +190,7 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                     # bring the layers to the last completed step, all of them from one frame
                     yield _fill(Update(pos, n_slices, last_frame.step, last_frame.n_steps,
                                        last_frame.t, time.perf_counter() - t0, False,
-                                       catch_up=True), last_frame)
+                                       catch_up=True), last_frame, how)
                 break
             slices_done += 1
     return Outcome(cancelled, slices_done, n_slices, steps_done, n_steps,

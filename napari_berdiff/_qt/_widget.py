@@ -53,6 +53,7 @@ class _Active:
     last: Update | None = None
     done: bool = False
     finish_pending: bool = False
+    unlike: str | None = None
 
 
 class _CloseWatcher(QObject):
@@ -235,6 +236,41 @@ class DiffusionSegmentationWidget(QWidget):
         _set_event(self._holder)
 
     # ------------------------------------------------------------------ sampling
+    @staticmethod
+    def _layer_spacing(prepared: Any) -> tuple[float, ...] | None:
+        """The image layer's in-plane scale as a pixel spacing in mm; None when it is
+        napari's default (1, 1), which says nothing about the physical size."""
+        scale = tuple(float(v) for v in tuple(prepared.placement.scale)[-2:])
+        return None if not scale or all(v == 1.0 for v in scale) else scale
+
+    def _unlike_training(self, prepared: Any, spacing: Any) -> str | None:
+        """Warn (and return the notice) when the first crop looks unlike the model's
+        training data; sampling still runs."""
+        if not prepared.crops or self.model is None:
+            return None
+        from ..spacing import to_model_spacing
+
+        crop, _, how = to_model_spacing(self.model, prepared.crops[0], spacing)
+        notice = self.model.input_notice(crop, spacing=None if how else spacing)
+        if notice:
+            _notify.warning(notice + " Sampling anyway.")
+        return notice
+
+    def _spacing_text(self, spacing: Any) -> str:
+        """A short status note on how the pixel spacing is handled ('' when nothing to say)."""
+        from ..distribution import model_spacing
+        from ..spacing import spacing_of, zoom_factor
+
+        ms = model_spacing(self.model.data)
+        if ms is None:
+            return ""
+        if spacing is None:
+            return f"<br>Pixel spacing unknown (layer scale 1): taken as the model's {ms:.3g} mm."
+        if zoom_factor(spacing, ms) is not None:
+            return (f"<br>Resampled from {spacing_of(spacing):.3g} mm to the model's "
+                    f"{ms:.3g} mm pixels and back.")
+        return ""
+
     def sample(self, *_: Any) -> Any:
         """Start a run with the panel's settings; returns its worker, or None on bad input."""
         if self.running:
@@ -248,6 +284,8 @@ class DiffusionSegmentationWidget(QWidget):
             return None
         for text in prepared.warnings:
             _notify.warning(text)
+        spacing = self._layer_spacing(prepared)
+        unlike = self._unlike_training(prepared, spacing)
 
         from napari.qt.threading import create_worker
         from napari.utils import progress
@@ -283,11 +321,12 @@ class DiffusionSegmentationWidget(QWidget):
         job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
                   sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0,
                   priors=prepared.priors, temperature=sp.temperature(self.model),
-                  recorder=self.last_recorder)
+                  recorder=self.last_recorder, spacing=spacing)
         job.units = prepared.units  # CT in HU: the model's window applies
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)
+        active.unlike = unlike
         self._active = active
         steps = sp.steps_spin.value()
         active.pbar = progress(total=len(prepared.crops) * steps,
@@ -296,7 +335,10 @@ class DiffusionSegmentationWidget(QWidget):
         self.results.set_enabled(False)
         self.present.set_enabled(False)
         self.model_panel.setEnabled(False)
-        sp.status.setText(f"Starting: {n} samples, {steps} steps, {prepared.placement.describe()}")
+        sp.status.setText(f"Starting: {n} samples, {steps} steps, {prepared.placement.describe()}"
+                          + self._spacing_text(spacing)
+                          + ("<br>Image unlike the model's training data: results unlikely to "
+                             "be meaningful." if unlike else ""))
         # The sample axis is dims axis 0 of the new layers: show the first sample.
         self.show_sample(0)
         # The callbacks hold the widget and the run weakly: napari keeps finished workers
@@ -425,7 +467,9 @@ class DiffusionSegmentationWidget(QWidget):
                         " (intermediate states, not final masks).")
             sp.status.setText(text)
         else:
-            sp.status.setText(done_text(layers.n, outcome, layers.samples))
+            sp.status.setText(done_text(layers.n, outcome, layers.samples)
+                              + ("<br>Image unlike the model's training data: results unlikely "
+                                 "to be meaningful." if active.unlike else ""))
         has_frames = layers.pushed > 0
         if has_frames and active.error is None and layers.alive("samples"):
             # Outlines once the masks are final: each sample reads over the heatmap below.

@@ -168,7 +168,7 @@ def write_lidc_layout(out_dir: str | Path, cases: Iterable[Any],
         for k, m in enumerate(masks):
             imsave(str(root / "gt" / case / f"{sl}_l{k}.png"),
                    ((m > 0) * 255).astype(np.uint8), check_contrast=False)
-        if isinstance(c, Phantom):
+        if isinstance(c, (Phantom, SegItem)) and c.info:
             infos[f"{case}/{sl}"] = c.info
         n += 1
     if n == 0:
@@ -197,7 +197,7 @@ def _description(root: Path, layout: str) -> dict[str, Any]:
     doc = _dataset_json(root)
     if doc.get("description"):
         desc["description"] = doc["description"]
-    for k in ("generator", "seed", "size", "n_annotators"):
+    for k in ("generator", "seed", "size", "n_annotators", "spacing", "split"):
         if k in doc:
             desc[k] = doc[k]
     return desc

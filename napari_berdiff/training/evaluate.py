@@ -91,26 +91,35 @@ def hm_iou_leave_one_out(samples: np.ndarray, labels: np.ndarray, own: int | Non
 
 
 # ---------------------------------------------------------------------------- methods
-def model_method(model: Any, steps: int | str | None = None, max_batch: int | None = None
-                 ) -> Method:
-    """Sampling a :class:`~napari_berdiff.model.DiffusionModel` (a segmentor repeats its mask)."""
+def model_method(model: Any, steps: int | str | None = None, max_batch: int | None = None,
+                 spacing: Any = None) -> Method:
+    """Sampling a :class:`~napari_berdiff.model.DiffusionModel` (a segmentor repeats its mask).
+
+    ``spacing`` (mm per pixel of the images, when known) resamples each image to the model's
+    spacing and the masks back (:mod:`napari_berdiff.spacing`).
+    """
     if getattr(model, "kind", None) == "segmentor":
-        return segmentor_method(model)
+        return segmentor_method(model, spacing)
     if getattr(model, "kind", None) == "refiner":
         raise ValueError("a refiner needs a prior mask for every image; evaluate it with the "
                          "refiner tools, not with `berdiff evaluate`")
 
+    from ..spacing import sample_at_spacing
+
     def run(image: np.ndarray, n: int, seed: int) -> np.ndarray:
-        res = model.sample_all(image, n=n, steps=steps, seed=seed, max_batch=max_batch)
+        res = sample_at_spacing(model, image, spacing, n=n, steps=steps, seed=seed,
+                                max_batch=max_batch)
         return res.masks
 
     return run
 
 
-def segmentor_method(model: Any) -> Method:
+def segmentor_method(model: Any, spacing: Any = None) -> Method:
     """The deterministic baseline: one mask (UNet fed zeros at t = 0, > 0.5) repeated N times."""
+    from ..spacing import segment_at_spacing
+
     def run(image: np.ndarray, n: int, seed: int) -> np.ndarray:
-        prob = model.segment(image)
+        prob = segment_at_spacing(model, image, spacing)
         return np.repeat((prob > 0.5).astype(np.uint8)[None], n, 0)
 
     return run
@@ -347,22 +356,26 @@ def evaluate(
     oracle: bool = True,
     annotators: bool = True,
     progress: bool = False,
+    spacing: Any = None,
 ) -> EvalReport:
     """Evaluate a model (and a deterministic baseline, when given) on a data set.
 
     ``model`` and ``baseline`` are loaded models (:func:`napari_berdiff.load_model`).
+    ``spacing`` (mm per pixel; default: the data set's ``dataset.json`` spacing) resamples
+    the images to each model's spacing and the masks back to the images' grid.
     """
-    methods: dict[str, Method] = {"model": model_method(model, steps)}
+    spacing = dataset.description.get("spacing") if spacing is None else spacing
+    methods: dict[str, Method] = {"model": model_method(model, steps, spacing=spacing)}
     if baseline is not None:
         if getattr(baseline, "kind", None) != "segmentor":
             raise ValueError(f"the baseline must be a deterministic segmentor, got kind "
                              f"{getattr(baseline, 'kind', '?')!r}")
-        methods["deterministic"] = segmentor_method(baseline)
+        methods["deterministic"] = segmentor_method(baseline, spacing)
     settings = {"steps": steps if steps is not None else getattr(
         getattr(model, "diffusion", None), "default_steps", None), "seed": seed,
         "model": getattr(model, "name", ""),
         "baseline": getattr(baseline, "name", None) if baseline is not None else None,
         "data": dataset.description.get("description") or dataset.description.get("root", ""),
-        "split": dataset.description.get("split", "")}
+        "split": dataset.description.get("split", ""), "spacing": spacing}
     return evaluate_methods(dataset, methods, n=n, seed=seed, oracle=oracle,
                             annotators=annotators, progress=progress, settings=settings)

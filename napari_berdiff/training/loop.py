@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..data.dataset import SegDataset
+from ..distribution import intensity_stats
 from ..model import normalise_image
 from ..outfolder import (atomic_write_text, pid_alive, remove_stale_temporaries,
                          replace_from_temporary, temporary_path)
@@ -100,8 +101,12 @@ def training_arrays(cfg: TrainConfig, dataset: SegDataset, image_channels: int,
     if h % m or w % m:
         raise ValueError(f"the images are {h}x{w}; this network needs sizes divisible by {m}")
     images = np.stack([normalise_image(im, {"mode": cfg.normalisation}) for im in images])
+    desc = dataset.describe()
+    # what the inputs look like, for the out-of-distribution notice (napari_berdiff.distribution)
+    pick = np.unique(np.linspace(0, len(images) - 1, min(len(images), 256)).astype(int))
+    desc["intensity_stats"] = intensity_stats(images[pick])
     return TrainingArrays(torch.from_numpy(images), torch.from_numpy(masks),
-                          torch.from_numpy(counts), dataset.describe())
+                          torch.from_numpy(counts), desc)
 
 
 def augment_batch(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -132,15 +132,21 @@ def _metadata(cfg: TrainConfig, data_desc: dict[str, Any], step: int, elapsed: f
         "train_time_s": round(float(elapsed), 1),
         "torch": torch.__version__,
     }
+    data_desc = dict(data_desc)
+    data: dict[str, Any] = {
+        "image_size": int(net.image_size),
+        "image_channels": int(net.image_channels),
+        "normalisation": {"mode": cfg.normalisation},
+        "description": data_desc.get("description", ""),
+    }
+    if data_desc.get("spacing"):
+        data["spacing"] = [float(v) for v in data_desc["spacing"]]
+    if data_desc.get("intensity_stats"):
+        data["intensity_stats"] = data_desc.pop("intensity_stats")
+    data["dataset"] = data_desc
     meta: dict[str, Any] = {
         "kind": kind,
-        "data": {
-            "image_size": int(net.image_size),
-            "image_channels": int(net.image_channels),
-            "normalisation": {"mode": cfg.normalisation},
-            "description": data_desc.get("description", ""),
-            "dataset": data_desc,
-        },
+        "data": data,
         "training": training,
         "metrics": {},
     }

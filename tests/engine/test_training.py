@@ -159,6 +159,11 @@ def test_cli_train_and_resume(tmp_path):
     meta = load_model(out).metadata
     assert meta["training"]["steps_done"] == 5
     assert meta["data"]["dataset"]["split"] == "train"
+    # phantoms of 16 px are a 64 mm field of view: 4 mm pixels, recorded with the input stats
+    assert meta["data"]["spacing"] == [4.0, 4.0]
+    stats = meta["data"]["intensity_stats"]
+    assert stats["n_images"] == meta["data"]["dataset"]["items"] > 0
+    assert len(stats["mean"]) == len(stats["features"])
     missing = ["train", "--data", str(tmp_path / "none"), "-o", str(tmp_path / "y.safetensors")]
     assert main(missing) == 2
 
