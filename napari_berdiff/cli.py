@@ -138,7 +138,7 @@ def _describe_mapping(d: dict) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoints import describe
 
-    d = describe(_resolve_model(args.file), preset=args.preset)
+    d = describe(_resolve_model(args.file), preset=args.preset, verify=True)
     if args.json:
         print(json.dumps(_json_clean(d), indent=2))
         return 0
@@ -155,6 +155,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("training data", _describe_data(d.get("data") or {})),
         ("training", _describe_mapping(d.get("training") or {})),
         ("metrics", _describe_mapping(d.get("metrics") or {})),
+        ("verified", d.get("verified", "-")),
     ]
     if d.get("note"):
         rows.append(("note", d["note"]))
@@ -414,8 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a checkpoint file",
-                       description="Print what a checkpoint is: kind, architecture, parameter "
-                                   "count, diffusion settings, training data and metrics.")
+                       description="Check a checkpoint (every tensor read and finite, the "
+                                   "metadata validated, the network loaded) and print what it "
+                                   "is: kind, architecture, parameter count, diffusion "
+                                   "settings, training data and metrics.")
     p.add_argument("file", help="a .safetensors file, an official .pt file or a bundled model name")
     p.add_argument("--preset", help="the preset of an official file no preset is recognised for")
     p.add_argument("--json", action="store_true", help="print JSON")
