@@ -369,13 +369,13 @@ def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int 
         fits = int(room // per_sample) if room > 0 else 0
         which = ("the memory budget" if memory_budget_mb is not None
                  and limit < machine else "what this machine has free")
-        hint = (f"fewer samples (at most {fits} fit)" if fits >= 1
-                else "fewer samples will not help at this size")
+        hint = (f", fewer samples (--n; at most {fits} fit)" if fits >= 1
+                else " (fewer samples will not help at this size)")
         raise MemoryBudgetError(
             f"sampling {n} sample(s) of a {h}×{w} region needs {plan.describe()}, more than "
             f"{which} ({limit / 2**30:.2f} GiB; {free / 2**30:.1f} GiB free on the "
             f"{'GPU' if device is not None and device.type == 'cuda' else 'machine'}). "
-            f"Choose a smaller region of interest (--roi), {hint} (--n), or a larger "
+            f"Choose a smaller region of interest (--roi){hint}, or a larger "
             f"memory budget (--memory-budget MB, memory_budget_mb=) if the machine has the "
             f"memory. Nothing was sampled"
         )
