@@ -7,6 +7,7 @@ generator, so a seed reproduces its samples exactly, whatever the chunking or de
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -523,6 +524,9 @@ def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch
     if not getattr(net, "has_presence_head", False):
         return None, None
     p = float(torch.sigmoid(net.presence(cond).float()).reshape(-1)[0])
+    if not math.isfinite(p):  # NaN would draw every sample empty, silently
+        raise ValueError("the network's presence head gave NaN for this image; the "
+                         "checkpoint's weights look broken. Nothing was sampled")
     keep = (torch.rand(n, generator=gen) < p).float().reshape(n, 1, 1, 1)
     return p, keep.to(dev)
 

@@ -198,3 +198,17 @@ def test_unknown_device_is_a_clear_value_error(good):
         select_device("bogus")
     with pytest.raises(ValueError, match="unknown device 'bogus'"):
         load_model(good, device="bogus")
+
+
+def test_a_nan_presence_never_silently_empties_every_sample():
+    """Weights that pass the load check can still give NaN (overflow): a NaN presence
+    probability must stop the run, not draw every sample empty."""
+    torch.manual_seed(0)
+    net = ConditionOnceNet(CondOnceConfig(image_size=16, model_channels=8, encoder_channels=8,
+                                          channel_mult=(1, 2), norm_groups=4,
+                                          presence_head=True))
+    with torch.no_grad():
+        net.presence_out.bias.fill_(float("nan"))
+    model = DiffusionModel(net, DiffusionConfig(timesteps=100, default_steps=3))
+    with pytest.raises(ValueError, match="presence head gave NaN"):
+        model.sample_all(torch.rand(16, 16).numpy(), n=4, steps=2)
