@@ -380,15 +380,16 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
 def read_model_image(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, list[dict], str]:
     """The (C, H, W) image of ``--image``/``--slice`` for ``model``, the readers' info and
     the file names (checks the channel count)."""
-    image, infos, names, _ = read_model_region(args, model, None)
+    image, infos, names, _, _ = read_model_region(args, model, None)
     return image, infos, names
 
 
 def read_model_region(args: argparse.Namespace, model: Any, roi: tuple | None,
-                      check: Any = None) -> tuple[np.ndarray, list[dict], str, tuple]:
+                      check: Any = None
+                      ) -> tuple[np.ndarray, list[dict], str, tuple, tuple[int, int]]:
     """Like :func:`read_model_image`, but read only the box ``roi`` (validated against the
-    image's size) from the file(s); returns the (C, h, w) region, the infos, the names and
-    the box in image coordinates. ``check(names, (H, W), box)`` runs before any pixel is
+    image's size) from the file(s); returns the (C, h, w) region, the infos, the names,
+    the box in image coordinates and the image's (H, W). ``check(names, (H, W), box)`` runs before any pixel is
     read (the size and memory checks)."""
     from .diffusion.sampler import check_roi
 
@@ -405,7 +406,7 @@ def read_model_region(args: argparse.Namespace, model: Any, roi: tuple | None,
     box = check_roi(roi, hw)
     if check is not None:
         check(names, hw, box)
-    return _read_chosen(chosen, None if roi is None else box), infos, names, box
+    return _read_chosen(chosen, None if roi is None else box), infos, names, box, hw
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -436,7 +437,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                     box[3] - box[1], args.max_batch, args.memory_budget, model.device)
 
     # Only the region is read from the file; the sampler sees it as the whole image.
-    image, infos, names, box = read_model_region(args, model, roi, check)
+    image, infos, names, box, hw = read_model_region(args, model, roi, check)
 
     spec = model.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
@@ -451,7 +452,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     timings = dict(result.timings)
     timings["load_s"] = load_s
     timings["wall_s"] = time.perf_counter() - wall0
-    run = run_record(args, model, model_path, infos, image, spec, visited, result, timings,
+    plane = np.broadcast_to(np.float32(0), (image.shape[0], *hw))  # the plane's shape only
+    run = run_record(args, model, model_path, infos, plane, spec, visited, result, timings,
                      written)
     (out / "run.json").write_text(json.dumps(_json_clean(run), indent=2) + "\n")
     y0, x0, y1, x1 = result.roi

@@ -72,6 +72,7 @@ def test_a_region_of_a_huge_npy_is_read_alone(capsys, tiny, tmp_path):
     assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB traced: the image was read whole"
     run = json.loads((tmp_path / "o" / "run.json").read_text())
     assert run["roi"] == [100, 200, 132, 232] and run["image_shape"] == [30000, 30000]
+    assert run["sampled_shape"] == [1, 30000, 30000]
     assert np.load(tmp_path / "o" / "probabilities.npy").shape == (2, 32, 32)
 
 
