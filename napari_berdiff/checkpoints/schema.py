@@ -219,8 +219,8 @@ def _schema_error(name: str, err: ValidationError) -> CheckpointError:
         if e.get("type", "").startswith("union_tag"):  # the network's type is unknown
             loc, value = (*loc, "type"), (e.get("ctx") or {}).get("tag")
         where = _where(loc)
-        shown = "" if e.get("type") in ("missing", "union_tag_not_found") \
-            else f" = {_short(value)}"
+        quiet = e.get("type") in ("missing", "union_tag_not_found") or isinstance(value, dict)
+        shown = "" if quiet else f" = {_short(value)}"
         lines.append(f"{where}{shown}: {e.get('msg')}")
     more = err.error_count() - len(lines)
     if more > 0:
