@@ -267,6 +267,9 @@ def choose_chunk(
 STATE_FLOATS_PER_PIXEL = 7
 #: Copies of the (C, H, W) image alive while sampling: as read, normalised, padded, on device.
 IMAGE_COPIES = 4
+#: Memory a run takes whatever its size: the first forward pass's library buffers and the
+#: allocator's slack (measured at 20-40 MiB growth for one 64² sample on the CPU).
+OVERHEAD_BYTES = 64 * 2**20
 #: The share of the machine's free memory a run may plan to use, whatever the budget says.
 MACHINE_SHARE = 0.8
 
@@ -282,7 +285,8 @@ class MemoryPlan:
     ``image``: the image's copies; ``encoder``: the image encoder's peak (run once, batch
     1, before the steps); ``state``: the per-sample tensors of all ``n`` samples;
     ``network``: one chunk's denoiser activations. The encoder's and the steps' activations
-    are not alive together, so the peak is ``image + state + max(encoder, network)``. All in
+    are not alive together, so the peak is ``image + state + max(encoder, network)``, plus
+    :data:`OVERHEAD_BYTES`. All in
     bytes; ``budget`` is the budget asked for (None: none but the machine's).
     """
 
@@ -298,7 +302,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.image + self.state + max(self.encoder, self.network)
+        return OVERHEAD_BYTES + self.image + self.state + max(self.encoder, self.network)
 
     def describe(self) -> str:
         """``"about 1.20 GiB (image …, encoder …, N samples' state …, network …)"``."""
@@ -358,7 +362,7 @@ def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int 
     machine = int(MACHINE_SHARE * free)
     limit = machine if memory_budget_mb is None else min(int(memory_budget_mb * 2**20), machine)
     chunk = n if max_batch is None else max(1, min(n, int(max_batch)))
-    fixed = image + state
+    fixed = OVERHEAD_BYTES + image + state
     if per and memory_budget_mb:
         chunk = max(1, min(chunk, (limit - fixed) // per if limit > fixed else 1))
     plan = MemoryPlan(n, (h, w), int(chunk), image, encoder, state, int(chunk * per),
@@ -366,7 +370,7 @@ def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int 
                       free)
     if plan.total > limit:
         per_sample = floats * 4 * pix
-        room = limit - image - max(encoder, per)
+        room = limit - OVERHEAD_BYTES - image - max(encoder, per)
         fits = int(room // per_sample) if room > 0 else 0
         which = ("the memory budget" if memory_budget_mb is not None
                  and limit < machine else "what this machine has free")
