@@ -7,8 +7,9 @@ one run needs on top of the loaded model, with nothing left over from another ru
 
 Chunking modes: ``none`` (the whole batch at once, ``memory_budget_mb=None``), ``budget``
 (the sampler's default memory budget, which picks the chunk with ``choose_chunk``) and
-``maxK`` (``max_batch=K``). Configurations whose estimated activation memory exceeds
-``--max-gb`` are skipped rather than risk exhausting the machine's RAM; the table says so.
+``maxK`` (``max_batch=K``). The estimate is the sampler's peak-memory plan of every stage
+(``plan_memory``); configurations it refuses, or whose estimate exceeds ``--max-gb``, are
+skipped rather than risk exhausting the machine's RAM; the table says so.
 Peak memory depends on the chunk, not on the step count, so runs use ``--steps 1`` by default.
 
     python benchmarks/bench_memory.py                                   # bundled model
@@ -50,16 +51,21 @@ def chunk_kwargs(mode: str) -> dict[str, Any]:
     raise ValueError(f"unknown chunking mode {mode!r}")
 
 
-def estimate(model: Any, n: int, size: int, mode: str) -> tuple[int, float]:
-    """The chunk the sampler would use and its estimated activation memory in MiB."""
-    from napari_berdiff.diffusion.sampler import (DEFAULT_MEMORY_BUDGET_MB, choose_chunk,
-                                                  estimate_bytes_per_sample)
+def estimate(model: Any, n: int, size: int, mode: str) -> tuple[int, float, str]:
+    """The chunk the sampler would use, its estimated peak memory of every stage in MiB
+    (``plan_memory``: image, image encoder, the N samples' state, the network), and a note
+    when the plan refuses the run."""
+    from napari_berdiff.diffusion.sampler import (DEFAULT_MEMORY_BUDGET_MB, MemoryBudgetError,
+                                                  plan_memory)
 
     kw = chunk_kwargs(mode)
-    chunk = choose_chunk(model.net, n, size, size, kw.get("max_batch"),
-                         kw.get("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB))
-    per = estimate_bytes_per_sample(model.net, size, size) or 0
-    return chunk, chunk * per / 2**20
+    try:
+        plan = plan_memory(model.net, n, model.network_channels, size, size,
+                           kw.get("max_batch"),
+                           kw.get("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB), model.device)
+    except MemoryBudgetError:
+        return 0, float("nan"), "refused by the memory plan"
+    return plan.chunk, plan.total / 2**20, ""
 
 
 def child(net: str, n: int, size: int, mode: str, steps: int, threads: int | None) -> None:
@@ -110,10 +116,12 @@ def main() -> None:
     for size in args.sizes:
         for n in args.n:
             for mode in args.modes:
-                chunk, est = estimate(model, n, size, mode)
+                chunk, est, note = estimate(model, n, size, mode)
                 row = {"net": model.name, "n": n, "size": size, "mode": mode, "chunk": chunk,
-                       "estimate_mb": est, "steps": args.steps, "note": ""}
-                if est > args.max_gb * 1024:
+                       "estimate_mb": est, "steps": args.steps, "note": note}
+                if note:
+                    pass
+                elif est > args.max_gb * 1024:
                     row["note"] = f"skipped: estimate above {args.max_gb} GB"
                 else:
                     row |= run_child(args, n, size, mode)

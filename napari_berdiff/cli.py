@@ -10,8 +10,10 @@ that need it, so ``berdiff --help`` is quick.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +23,10 @@ from typing import Any
 import numpy as np
 
 PROG = "berdiff"
+#: The sampler's default memory budget (MB); kept here so ``--help`` needs no torch.
+DEFAULT_BUDGET_MB = 1536
+#: Options whose value may start with a minus sign (argparse takes "-10,0,64,64" for an option).
+SIGNED_VALUE_OPTIONS = ("--roi",)
 MAPS = ("frequency", "variance", "entropy")
 
 
@@ -141,7 +147,7 @@ def _describe_mapping(d: dict) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoints import describe
 
-    d = describe(_resolve_model(args.file), preset=args.preset)
+    d = describe(_resolve_model(args.file), preset=args.preset, verify=True)
     if args.json:
         print(json.dumps(_json_clean(d), indent=2))
         return 0
@@ -158,6 +164,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("training data", _describe_data(d.get("data") or {})),
         ("training", _describe_mapping(d.get("training") or {})),
         ("metrics", _describe_mapping(d.get("metrics") or {})),
+        ("verified", d.get("verified", "-")),
     ]
     if d.get("note"):
         rows.append(("note", d["note"]))
@@ -200,56 +207,82 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- sample
+def _open_planes(paths: Sequence[str], k: int | None, channels: int
+                 ) -> tuple[list[tuple[Any, tuple]], list[dict]]:
+    """Open the image(s) and choose the plane of each to sample, without reading pixels:
+    a list of (source, key prefix) whose keys select (C, H, W) or (H, W), plus the infos."""
+    from .imageio import open_image
+
+    chosen, infos = [], []
+    for path in paths:
+        src = open_image(path)
+        info, shape, name = src.info, src.shape, Path(path).name
+        infos.append(info)
+        if info["converted_to_grey"]:
+            _note(f"{name} is a colour image; converted it to grey (luminance) for the model")
+        if len(shape) == 2:
+            if k is not None:
+                raise ValueError(f"--slice applies to 3D volumes; {name} is a 2D image")
+            chosen.append((src, ()))
+        elif len(shape) in (3, 4):
+            if k is not None:
+                if not 0 <= k < shape[0]:
+                    raise ValueError(f"--slice {k} is outside {name}'s {shape[0]} slices "
+                                     f"(0..{shape[0] - 1})")
+                chosen.append((src, (k,)))
+            elif len(shape) == 3 and (info["axes"] == "CYX" or shape[0] == channels) \
+                    and len(paths) == 1:
+                chosen.append((src, (slice(None),)))
+            else:
+                raise ValueError(
+                    f"{name} is a {len(shape)}D volume of shape {tuple(shape)} "
+                    f"(axes {info['axes']}); choose a slice with --slice K, "
+                    f"K in 0..{shape[0] - 1}"
+                )
+        else:
+            raise ValueError(f"{name} has {len(shape)} dimensions (shape {tuple(shape)}); "
+                             "expected a 2D image or a 3D volume")
+    sizes = {tuple(src.shape[-2:]) for src, _ in chosen}
+    if len(sizes) > 1:
+        raise ValueError(f"the images have different sizes: {sorted(sizes)}")
+    return chosen, infos
+
+
+def _plane_channels(chosen: list[tuple[Any, tuple]]) -> int:
+    return sum(src.shape[len(key)] if len(src.shape) - len(key) == 3 else 1
+               for src, key in chosen)
+
+
+def _read_chosen(chosen: list[tuple[Any, tuple]], box: tuple[int, int, int, int] | None
+                 ) -> np.ndarray:
+    """Read the chosen planes (only the box, when given) as one (C, H, W) array."""
+    region = () if box is None else (slice(box[0], box[2]), slice(box[1], box[3]))
+    planes = []
+    for src, key in chosen:
+        if region:
+            key = key + (slice(None),) * (len(src.shape) - len(key) - 2) + region
+        plane = src.read(key)
+        planes.append(plane[None] if plane.ndim == 2 else plane)
+    # Keep the file's dtype: the model's normalisation reads 8-bit data as value/255.
+    return np.concatenate(planes, 0)
+
+
 def _read_planes(
     paths: Sequence[str], k: int | None, channels: int
 ) -> tuple[np.ndarray, list[dict]]:
     """Read the image(s) and return the (C, H, W) plane to sample, plus the readers' info."""
-    from .imageio import read_image
-
-    planes, infos = [], []
-    for path in paths:
-        arr, info = read_image(path)
-        infos.append(info)
-        name = Path(path).name
-        if info["converted_to_grey"]:
-            _note(f"{name} is a colour image; converted it to grey (luminance) for the model")
-        if arr.ndim == 2:
-            if k is not None:
-                raise ValueError(f"--slice applies to 3D volumes; {name} is a 2D image")
-            planes.append(arr[None])
-        elif arr.ndim in (3, 4):
-            if k is not None:
-                if not 0 <= k < arr.shape[0]:
-                    raise ValueError(f"--slice {k} is outside {name}'s {arr.shape[0]} slices "
-                                     f"(0..{arr.shape[0] - 1})")
-                plane = arr[k]
-                planes.append(plane[None] if plane.ndim == 2 else plane)
-            elif arr.ndim == 3 and (info["axes"] == "CYX" or arr.shape[0] == channels) \
-                    and len(paths) == 1:
-                planes.append(arr)
-            else:
-                raise ValueError(
-                    f"{name} is a {arr.ndim}D volume of shape {tuple(arr.shape)} "
-                    f"(axes {info['axes']}); choose a slice with --slice K, "
-                    f"K in 0..{arr.shape[0] - 1}"
-                )
-        else:
-            raise ValueError(f"{name} has {arr.ndim} dimensions (shape {tuple(arr.shape)}); "
-                             "expected a 2D image or a 3D volume")
-    shapes = {p.shape[1:] for p in planes}
-    if len(shapes) > 1:
-        raise ValueError(f"the images have different sizes: {sorted(shapes)}")
-    # Keep the file's dtype: the model's normalisation reads 8-bit data as value/255.
-    return np.concatenate(planes, 0), infos
+    chosen, infos = _open_planes(paths, k, channels)
+    return _read_chosen(chosen, None), infos
 
 
-def _check_region(model: Any, image: np.ndarray, roi: tuple | None, allow_large: bool,
-                  image_name: str, zoom: float | None = None) -> None:
-    """Refuse a whole image more than twice the training size (in the model's pixels, after
-    resampling by ``zoom``) unless asked."""
+def _check_region(model: Any, image: np.ndarray | tuple[int, int], roi: tuple | None,
+                  allow_large: bool, image_name: str, zoom: float | None = None) -> None:
+    """Refuse a whole image more than twice the model's training size (in the model's
+    pixels, after resampling by ``zoom``) unless allowed (``image``: the (C, H, W) image or
+    its (H, W))."""
     from .diffusion.sampler import check_roi
 
-    h, w = image.shape[1:]
+    h, w = image if isinstance(image, tuple) else image.shape[1:]
     box = check_roi(roi, (h, w))
     y0, x0, y1, x1 = box
     rh, rw = y1 - y0, x1 - x0
@@ -260,7 +293,8 @@ def _check_region(model: Any, image: np.ndarray, roi: tuple | None, allow_large:
             f"{image_name} is {h}×{w} pixels, more than twice the model's training size "
             f"({train} px). Nothing is cropped silently: choose a region with --roi y0,x0,y1,x1 "
             f"(e.g. --roi {_centred(0, 0, h, w, bh, bw)}, the central {bh}×{bw}) or pass "
-            "--allow-large to sample the whole image anyway"
+            "--allow-large to sample the whole image anyway (still within the memory "
+            "budget)"
         )
 
 
@@ -378,7 +412,7 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
         "converted_to_grey": any(i["converted_to_grey"] for i in infos),
         "pixel_spacing": infos[0].get("spacing"),
         "n": args.n,
-        "seed": args.seed,
+        "seed": result.seed,
         "steps": spec,
         **{key: _step_option(args, model, key) for key in ("draw_correlation", "temperature")},
         "timesteps": visited,
@@ -397,15 +431,33 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
 def read_model_image(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, list[dict], str]:
     """The (C, H, W) image of ``--image``/``--slice`` for ``model``, the readers' info and
     the file names (checks the channel count)."""
-    image, infos = _read_planes(args.image, args.slice, model.image_channels)
+    image, infos, names, _, _ = read_model_region(args, model, None)
+    return image, infos, names
+
+
+def read_model_region(args: argparse.Namespace, model: Any, roi: tuple | None,
+                      check: Any = None
+                      ) -> tuple[np.ndarray, list[dict], str, tuple, tuple[int, int]]:
+    """Like :func:`read_model_image`, but read only the box ``roi`` (validated against the
+    image's size) from the file(s); returns the (C, h, w) region, the infos, the names,
+    the box in image coordinates and the image's (H, W). ``check(names, (H, W), box, infos)`` runs before any pixel is
+    read (the size and memory checks)."""
+    from .diffusion.sampler import check_roi
+
+    chosen, infos = _open_planes(args.image, args.slice, model.image_channels)
     names = ", ".join(Path(p).name for p in args.image)
-    if image.shape[0] != model.image_channels:
+    channels = _plane_channels(chosen)
+    if channels != model.image_channels:
         raise ValueError(
             f"the model takes {model.image_channels} image channel(s) but the image has "
-            f"{image.shape[0]} ({names})"
+            f"{channels} ({names})"
             + ("; give one --image per channel" if model.image_channels > 1 else "")
         )
-    return image, infos, names
+    hw = tuple(chosen[0][0].shape[-2:])
+    box = check_roi(roi, hw)
+    if check is not None:
+        check(names, hw, box, infos)
+    return _read_chosen(chosen, None if roi is None else box), infos, names, box, hw
 
 
 def output_folder(args: argparse.Namespace) -> Any:
@@ -429,41 +481,58 @@ def _sample_into(args: argparse.Namespace, out: Path) -> str:
     """Sample as ``args`` say into the folder ``out``; returns the summary line."""
     from .checkpoints import load_model
     from .diffusion import timestep_subsequence
+    from .diffusion.sampler import check_seed, plan_memory
     from .distribution import model_spacing
     from .spacing import map_back, to_model_spacing, zoom_factor
 
     wall0 = time.perf_counter()
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
+    try:
+        check_seed(args.seed)
+    except ValueError as e:
+        raise ValueError(f"--seed: {e}") from None
+    if args.memory_budget is not None and not 0 < args.memory_budget < float("inf"):
+        raise ValueError(f"--memory-budget must be a positive number of MB, "
+                         f"got {args.memory_budget}")
     roi = _parse_roi(args.roi)
     steps = _parse_steps(args.steps)
     model_path = _resolve_model(args.model)
     model = load_model(model_path, preset=args.preset, device=args.device)
     load_s = time.perf_counter() - wall0
 
-    image, infos, names = read_model_image(args, model)
+    def check(names: str, hw: tuple[int, int], box: tuple, infos: list[dict]) -> None:
+        # Before any pixel is read: the size rule, then every stage's peak memory (at the
+        # model's spacing, when the image's is known).
+        zoom = zoom_factor(image_spacing(args, infos), model_spacing(model.data))
+        _check_region(model, hw, roi, args.allow_large, names, zoom)
+        z = zoom or 1.0
+        plan_memory(model.net, args.n, model.network_channels,
+                    max(1, round((box[2] - box[0]) * z)), max(1, round((box[3] - box[1]) * z)),
+                    args.max_batch, args.memory_budget, model.device)
+
+    # Only the region is read from the file; the sampler sees it as the whole image.
+    image, infos, names, box, hw = read_model_region(args, model, roi, check)
     spacing = image_spacing(args, infos)
-    _check_region(model, image, roi, args.allow_large, names,
-                  zoom_factor(spacing, model_spacing(model.data)))
-    small, _, how = to_model_spacing(model, image, spacing, roi)
+    small, _, how = to_model_spacing(model, image, spacing, None)
     spacing_note(model, spacing, how)
-    notice = warn_if_unlike_training(model, small, None if how else roi,
-                                     None if how else spacing)
+    notice = warn_if_unlike_training(model, small, None, None if how else spacing)
 
     spec = model.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, model.diffusion.timesteps))
     stream = model.sample(small, n=args.n, steps=steps, seed=args.seed,
-                          roi=None if how else roi, max_batch=args.max_batch,
-                          draw_correlation=args.draw_correlation, temperature=args.temperature,
+                          max_batch=args.max_batch, draw_correlation=args.draw_correlation,
+                          temperature=args.temperature, memory_budget_mb=args.memory_budget,
                           units=infos[0].get("units"))
     result, visited = run_with_progress(stream, n_steps, args.quiet, "sampling")
-    result = map_back(result, how)
+    result = dataclasses.replace(map_back(result, how), roi=box)
     written = write_results(out, result, args.n)
 
     timings = dict(result.timings)
     timings["load_s"] = load_s
     timings["wall_s"] = time.perf_counter() - wall0
-    run = run_record(args, model, model_path, infos, image, spec, visited, result, timings,
+    plane = np.broadcast_to(np.float32(0), (image.shape[0], *hw))  # the plane's shape only
+    run = run_record(args, model, model_path, infos, plane, spec, visited, result, timings,
                      written)
     run["input_notice"] = notice
     run["pixel_spacing_used"] = None if spacing is None else list(spacing)
@@ -500,8 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a checkpoint file",
-                       description="Print what a checkpoint is: kind, architecture, parameter "
-                                   "count, diffusion settings, training data and metrics.")
+                       description="Check a checkpoint (every tensor read and finite, the "
+                                   "metadata validated, the network loaded) and print what it "
+                                   "is: kind, architecture, parameter count, diffusion "
+                                   "settings, training data and metrics.")
     p.add_argument("file", help="a .safetensors file, an official .pt file or a bundled model name")
     p.add_argument("--preset", help="the preset of an official file no preset is recognised for")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -527,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--steps", help="sampling steps: a number, or a spec such as ddimuni10 "
                                    "(default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed, 0..2**64-1 (default 0); run.json records it")
     p.add_argument("--draw-correlation", type=float, metavar="RHO",
                    help="Bernoulli models: correlation in [0, 1] of a step's draws within a "
                         "sample; 0 draws pixels independently as BerDiff does (default: the "
@@ -539,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="output folder: new or empty (or a previous run, with --force)")
     p.add_argument("--preset", help="preset for an official .pt file")
+    p.add_argument("--memory-budget", type=float, metavar="MB", default=DEFAULT_BUDGET_MB,
+                   help="peak memory a run may plan for, all stages together (image, image "
+                        "encoder, the N samples, the network); the batch is chunked to fit and "
+                        "a run that cannot fit is refused before it starts. Never more than "
+                        f"80%% of the memory free on the device (default {DEFAULT_BUDGET_MB})")
     add_run_options(p, "sample", "slice index of a 3D volume (first axis)")
     p.set_defaults(func=cmd_sample)
 
@@ -550,11 +627,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _attach_signed_values(argv: Sequence[str]) -> list[str]:
+    """``--roi -10,0,64,64`` as ``--roi=-10,0,64,64``, so that argparse takes a value that
+    starts with a minus sign as the option's value (the range check then explains it)."""
+    out, items = [], list(argv)
+    i = 0
+    while i < len(items):
+        if items[i] in SIGNED_VALUE_OPTIONS and i + 1 < len(items) \
+                and re.fullmatch(r"-[\d.][\d.,\s-]*", items[i + 1]):
+            out.append(f"{items[i]}={items[i + 1]}")
+            i += 2
+        else:
+            out.append(items[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``berdiff`` command and return its exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attach_signed_values(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # --help, or argparse's own usage errors (exit code 2)
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     if not getattr(args, "func", None):

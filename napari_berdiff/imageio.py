@@ -28,7 +28,9 @@ None when unknown) and ``converted_to_grey``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ import numpy as np
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "ImageSource",
+    "open_image",
     "read_image",
     "to_grey",
     "write_mask",
@@ -73,16 +77,12 @@ def to_grey(rgb: np.ndarray) -> np.ndarray:
     return (arr[..., :3].astype(np.float64) @ LUMINANCE).astype(np.float32)
 
 
-def _looks_rgb(arr: np.ndarray) -> bool:
-    return arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) > 4
-
-
-def _info(path: Path, fmt: str, arr: np.ndarray, dtype: Any, axes: str,
+def _info(path: Path, fmt: str, arr: np.ndarray | Sequence[int], dtype: Any, axes: str,
           spacing: Sequence[float] | None = None, grey: bool = False, **extra: Any) -> dict:
     return {
         "path": str(path),
         "format": fmt,
-        "shape": tuple(int(s) for s in arr.shape),
+        "shape": tuple(int(s) for s in getattr(arr, "shape", arr)),
         "dtype": str(dtype),
         "axes": axes,
         "spacing": None if spacing is None else tuple(float(s) for s in spacing),
@@ -96,7 +96,63 @@ def _default_axes(ndim: int) -> str:
 
 
 # --------------------------------------------------------------------------- readers
-def _read_pillow(path: Path) -> tuple[np.ndarray, dict]:
+Key = tuple[Any, ...]
+
+
+class ImageSource:
+    """A file's image, opened but not yet read.
+
+    ``shape`` and ``info`` are known at once; :meth:`read` reads what a basic-indexing key
+    selects (ints and slices, on the axes :func:`read_image` returns). For ``.npy`` files,
+    uncompressed TIFFs (memory maps) and NIfTI files (nibabel's array proxy) only the
+    selected part is read from disk, so a small region of a huge image costs little memory.
+    """
+
+    def __init__(self, path: Path, info: dict[str, Any], read: Any):
+        self.path = path
+        self.info = info
+        self.shape: tuple[int, ...] = tuple(info["shape"])
+        self._read = read
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def read(self, key: Key = ()) -> np.ndarray:
+        """The array (or the part ``key`` selects) as an in-memory numpy array."""
+        key = tuple(key) + (slice(None),) * (self.ndim - len(key))
+        with _errors_named(self.path, self.info["format"]):
+            return np.asarray(self._read(key))
+
+
+def _check_dtype(path: Path, dtype: Any, shape: Sequence[int]) -> None:
+    """Refuse what would be silently wrong once converted: complex or non-numeric data, and
+    empty arrays (before any conversion or reduction runs on them)."""
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise ValueError(f"{path.name} holds Python objects, not numbers; napari-berdiff "
+                         "never loads pickled data. Save the image as a numeric array")
+    if np.issubdtype(dt, np.complexfloating):
+        raise ValueError(f"{path.name} holds complex numbers (dtype {dt}); save its "
+                         "magnitude or real part (e.g. np.abs(a)) as a real array")
+    if dt != bool and not np.issubdtype(dt, np.number):
+        raise ValueError(f"{path.name} holds {dt} data, not numbers; save the image as a "
+                         "numeric array")
+    if 0 in tuple(shape):
+        raise ValueError(f"{path.name} holds an empty array of shape {tuple(shape)}: "
+                         "there is no image in it")
+
+
+def _grey_reader(data: Any) -> Any:
+    """A reader of an (H, W, 3|4) source by (y, x) key that converts the selection to grey."""
+    def read(key: Key) -> np.ndarray:
+        part = np.asarray(data[tuple(key[:2]) + (slice(None),)])
+        return (part[..., :3].astype(np.float64) @ LUMINANCE).astype(np.float32)
+
+    return read
+
+
+def _open_pillow(path: Path) -> ImageSource:
     from PIL import Image
 
     with Image.open(path) as im:
@@ -114,56 +170,142 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, dict]:
     grey = arr.ndim == 3
     if grey:
         arr = to_grey(arr)
-    return arr, _info(path, "pillow", arr, dtype, "YX", grey=grey, mode=mode)
+    _check_dtype(path, arr.dtype, arr.shape)
+    return ImageSource(path, _info(path, "pillow", arr, dtype, "YX", grey=grey, mode=mode),
+                       arr.__getitem__)
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
+def _open_tiff(path: Path) -> ImageSource:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        arr = series.asarray()
-        axes = series.axes
+        axes, shape, dtype = series.axes, tuple(series.shape), series.dtype
         photometric = getattr(tif.pages[0], "photometric", None)
-    dtype = arr.dtype
-    arr = np.squeeze(arr) if min(arr.shape) == 1 and arr.ndim > 2 else arr
+        mappable = getattr(series, "dataoffset", None) is not None
+    _check_dtype(path, dtype, shape)
+    # Uncompressed, contiguous data is memory-mapped (only what is indexed is read); other
+    # TIFFs (compressed, tiled) are read whole when first indexed.
+    if mappable:
+        data: Any = tifffile.memmap(path, series=0, mode="r")
+    else:
+        data = _Deferred(lambda: tifffile.imread(path, series=0), shape)
+    if min(shape) == 1 and len(shape) > 2:
+        data = _Squeezed(data, shape)
+        shape = data.shape
     rgb = photometric is not None and getattr(photometric, "name", "") == "RGB"
-    grey = False
-    if arr.ndim == 3 and (rgb or _looks_rgb(arr)) and arr.shape[-1] in (3, 4):
-        arr, grey = to_grey(arr), True
-    if arr.ndim == 3:
+    grey = len(shape) == 3 and (rgb or _looks_rgb_shape(shape)) and shape[-1] in (3, 4)
+    if grey:
+        read, shape = _grey_reader(data), shape[:2]
+    else:
+        read = data.__getitem__
+    if len(shape) == 3:
         out_axes = "CYX" if axes.upper().startswith("C") else "ZYX"
     else:
-        out_axes = _default_axes(arr.ndim)
-    return arr, _info(path, "tiff", arr, dtype, out_axes, grey=grey)
+        out_axes = _default_axes(len(shape))
+    return ImageSource(path, _info(path, "tiff", shape, dtype, out_axes, grey=grey), read)
 
 
-def _read_npy(path: Path) -> tuple[np.ndarray, dict]:
-    arr = np.load(path, allow_pickle=False)
-    dtype = arr.dtype
-    grey = False
-    if _looks_rgb(arr):
-        arr, grey = to_grey(arr), True
-    return arr, _info(path, "numpy", arr, dtype, _default_axes(arr.ndim), grey=grey)
+def _looks_rgb_shape(shape: Sequence[int]) -> bool:
+    return len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
+def _looks_rgb(arr: np.ndarray) -> bool:
+    return _looks_rgb_shape(arr.shape)
+
+
+class _Deferred:
+    """An array read whole on first indexing (formats that cannot be read in parts)."""
+
+    def __init__(self, load: Any, shape: Sequence[int]):
+        self._load, self._arr, self.shape = load, None, tuple(shape)
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        if self._arr is None:
+            self._arr = np.asarray(self._load())
+        return self._arr[key]
+
+
+class _Squeezed:
+    """A view of ``data`` without its length-1 axes, indexed lazily."""
+
+    def __init__(self, data: Any, shape: Sequence[int]):
+        self._data, self._full = data, tuple(shape)
+        self.shape = tuple(n for n in shape if n != 1)
+
+    def __getitem__(self, key: Key) -> np.ndarray:
+        it = iter(tuple(key) + (slice(None),) * (len(self.shape) - len(key)))
+        return np.asarray(self._data[tuple(0 if n == 1 else next(it) for n in self._full)])
+
+
+def _open_npy(path: Path) -> ImageSource:
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ValueError(f"{path.name} is not a NumPy .npy file (it lacks the .npy "
+                             "header); save the image with numpy.save")
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        text = str(e)
+        if "object" in text.lower() or "pickle" in text.lower():
+            raise ValueError(f"{path.name} holds Python objects (pickled data), not numbers; "
+                             "napari-berdiff never loads pickled data. Save the image as a "
+                             "numeric array") from None
+        if "mmap length" in text or "not fully written" in text:
+            raise ValueError(f"{path.name} is truncated: its header announces "
+                             "more data than the file holds. Copy or save it again") from None
+        raise
+    _check_dtype(path, data.dtype, data.shape)
+    dtype, shape = data.dtype, tuple(data.shape)
+    grey = _looks_rgb_shape(shape)
+    if grey:
+        read, shape = _grey_reader(data), shape[:2]
+    else:
+        read = data.__getitem__
+    return ImageSource(path, _info(path, "numpy", shape, dtype, _default_axes(len(shape)),
+                                   grey=grey), read)
+
+
+def _open_nifti(path: Path) -> ImageSource:
     import nibabel as nib
 
     img = nib.load(str(path))
     dtype = img.get_data_dtype()
-    data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    proxy = img.dataobj
+    file_shape = tuple(int(n) for n in proxy.shape)
+    _check_dtype(path, dtype, file_shape)
+    if not str(path).lower().endswith(".gz"):
+        need = int(img.header.get_data_offset()) + math.prod(file_shape) * np.dtype(
+            dtype).itemsize
+        have = path.stat().st_size
+        if have < need:
+            raise ValueError(
+                f"{path.name} is truncated or its header is wrong: the header announces "
+                f"{'×'.join(map(str, file_shape))} voxels of {np.dtype(dtype)} "
+                f"({need / 1e9:.3g} GB) but the file holds {have:,} bytes"
+            )
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: len(file_shape)])
     # Drop trailing singleton voxel axes (a 2D slice stored as X×Y×1).
-    while data.ndim > 2 and data.shape[-1] == 1:
-        data, zooms = data[..., 0], zooms[:-1]
-    arr = np.ascontiguousarray(data.transpose(tuple(range(data.ndim))[::-1]))
-    return arr, _info(path, "nifti", arr, dtype, _default_axes(arr.ndim), spacing=zooms[::-1],
-                      affine=np.asarray(img.affine).round(6).tolist())
+    kept = len(file_shape)
+    while kept > 2 and file_shape[kept - 1] == 1:
+        kept -= 1
+    shape = file_shape[:kept][::-1]
+
+    def read(key: Key) -> np.ndarray:
+        # Our axes are the file's reversed: index the proxy (which reads only that part,
+        # scaled by scl_slope/scl_inter) with the reversed key, then reverse the result.
+        part = np.asarray(proxy[tuple(key[::-1]) + (0,) * (len(file_shape) - kept)],
+                          dtype=np.float32)
+        return np.ascontiguousarray(part.transpose(tuple(range(part.ndim))[::-1]))
+
+    return ImageSource(path, _info(path, "nifti", shape, dtype, _default_axes(len(shape)),
+                                   spacing=zooms[:kept][::-1],
+                                   affine=np.asarray(img.affine).round(6).tolist()), read)
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
-    """A DICOM file, or a folder holding one series (:mod:`napari_berdiff.dicom_io`)."""
+def _open_dicom(path: Path) -> ImageSource:
+    """A DICOM file, or a folder holding one series (:mod:`napari_berdiff.dicom_io`); a
+    colour (RGB) file is read as grey."""
     import pydicom
 
     if path.is_file():
@@ -172,43 +314,95 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
         except Exception:  # noqa: BLE001 - dicom_io names the problem below
             ds = None
         if ds is not None and int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:
-            return _read_dicom_colour(path)
+            return _open_dicom_colour(path)
     from .dicom_io import read_dicom_volume
 
     vol = read_dicom_volume(path)
     arr, spacing = vol.array, vol.spacing
     if arr.shape[0] == 1:
         arr, spacing = arr[0], spacing[1:]
+    _check_dtype(path, arr.dtype, arr.shape)
     axes = "YX" if arr.ndim == 2 else "ZYX"
-    return arr, _info(path, "dicom", arr, "float32", axes, spacing=spacing,
-                      modality=vol.modality, units=vol.units, dicom=vol.metadata())
+    return ImageSource(path, _info(path, "dicom", arr, "float32", axes, spacing=spacing,
+                                   modality=vol.modality, units=vol.units,
+                                   dicom=vol.metadata()), arr.__getitem__)
 
 
-def _read_dicom_colour(path: Path) -> tuple[np.ndarray, dict]:
+def _open_dicom_colour(path: Path) -> ImageSource:
     import pydicom
 
     try:
         ds = pydicom.dcmread(str(path))
         raw = ds.pixel_array
     except Exception as e:  # InvalidDicomError, missing pixel data, unsupported compression
-        raise ValueError(f"cannot read the DICOM file {path.name}: {e}") from None
+        reason = str(e).strip() or type(e).__name__
+        raise ValueError(f"cannot read the DICOM file {path.name}: {reason}") from None
+    _check_dtype(path, raw.dtype, raw.shape)
     arr = to_grey(raw)
     spacing = None
     ps = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None)
     if ps is not None and len(ps) == 2:
         spacing = [float(ps[0]), float(ps[1])]
-    return arr, _info(path, "dicom", arr, raw.dtype, "YX", spacing=spacing, grey=True,
-                      modality=str(getattr(ds, "Modality", "")),
-                      photometric=str(getattr(ds, "PhotometricInterpretation", "")))
+    return ImageSource(path, _info(path, "dicom", arr, raw.dtype, "YX", spacing=spacing,
+                                   grey=True, modality=str(getattr(ds, "Modality", "")),
+                                   photometric=str(getattr(ds, "PhotometricInterpretation",
+                                                           ""))), arr.__getitem__)
 
 
-_READERS = {
-    "pillow": _read_pillow,
-    "tiff": _read_tiff,
-    "numpy": _read_npy,
-    "nifti": _read_nifti,
-    "dicom": _read_dicom,
+_OPENERS = {
+    "pillow": _open_pillow,
+    "tiff": _open_tiff,
+    "numpy": _open_npy,
+    "nifti": _open_nifti,
+    "dicom": _open_dicom,
 }
+
+
+@contextmanager
+def _errors_named(path: Path, fmt: str) -> Iterator[None]:
+    """Turn a reader's failure into a ``ValueError`` that names the file and says why."""
+    try:
+        yield
+    except ValueError as e:
+        text = str(e).strip() or type(e).__name__
+        raise ValueError(text if path.name in text else f"{path.name}: {text}") from None
+    except ImportError as e:
+        raise ValueError(f"reading {path.name} needs an extra package: {e}") from None
+    except MemoryError:
+        raise ValueError(f"{path.name} is too large to read into memory; read a region of "
+                         "it (--roi) or a slice (--slice)") from None
+    except Exception as e:  # noqa: BLE001 - format libraries raise many kinds of errors
+        reason = str(e).strip() or type(e).__name__
+        raise ValueError(f"cannot read {path.name} as {fmt}: {reason} "
+                         f"({type(e).__name__}); the file is damaged or not a {fmt} "
+                         "file") from None
+
+
+def open_image(path: str | Path) -> ImageSource:
+    """Open an image file without reading its pixels (see :class:`ImageSource`).
+
+    Raises
+    ------
+    ValueError
+        For a missing file, an unsupported extension (listing the supported ones), data
+        that is not real numbers or is empty, or a file its reader cannot parse; the
+        message names the file.
+    """
+    p = Path(path)
+    if p.is_dir():  # a folder is read as one DICOM series
+        with _errors_named(p, "dicom"):
+            return _open_dicom(p)
+    if not p.is_file():
+        raise ValueError(f"no such image file: {p}")
+    suffix = _suffix(p)
+    for fmt, suffixes in IMAGE_SUFFIXES.items():
+        if suffix in suffixes:
+            with _errors_named(p, fmt):
+                return _OPENERS[fmt](p)
+    raise ValueError(
+        f"cannot read {p.name}: unsupported file type {suffix or '(no extension)'!r}; "
+        f"supported: {_supported()}"
+    )
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -217,29 +411,10 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     Raises
     ------
     ValueError
-        For a missing file, an unsupported extension (listing the supported ones) or a
-        file its reader cannot parse.
+        As :func:`open_image`, and for a file whose data cannot be read.
     """
-    p = Path(path)
-    if p.is_dir():
-        return _read_dicom(p)  # a folder is read as one DICOM series
-    if not p.is_file():
-        raise ValueError(f"no such image file: {p}")
-    suffix = _suffix(p)
-    for fmt, suffixes in IMAGE_SUFFIXES.items():
-        if suffix in suffixes:
-            try:
-                return _READERS[fmt](p)
-            except ValueError:
-                raise
-            except ImportError as e:
-                raise ValueError(f"reading {suffix} files needs an extra package: {e}") from None
-            except Exception as e:
-                raise ValueError(f"cannot read {p.name} as {fmt}: {e}") from None
-    raise ValueError(
-        f"cannot read {p.name}: unsupported file type {suffix or '(no extension)'!r}; "
-        f"supported: {_supported()}"
-    )
+    src = open_image(path)
+    return src.read(), src.info
 
 
 # --------------------------------------------------------------------------- writers

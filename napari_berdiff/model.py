@@ -52,12 +52,46 @@ def normalise_image(image: np.ndarray, spec: dict[str, Any] | None) -> np.ndarra
         return ((img - lo) / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
     if mode == "fixed":
         lo, hi = float(spec["min"]), float(spec["max"])
+        if not (np.isfinite(hi - lo) and hi > lo):
+            raise ValueError(
+                f"the model's fixed intensity normalisation is broken: min={lo}, max={hi} "
+                "(it needs finite min < max). The checkpoint's data.normalisation is at "
+                "fault, not the image; use an unmodified checkpoint"
+            )
         return ((np.clip(img, lo, hi) - lo) / (hi - lo)).astype(np.float32)
     if mode == "zscore":
         mu = img.mean(axis=axes, keepdims=True)
         sd = img.std(axis=axes, keepdims=True)
         return ((img - mu) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
     raise ValueError(f"unknown intensity normalisation {mode!r}")
+
+
+#: The largest magnitude float32 holds; the network computes in float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_real_image(image: np.ndarray) -> np.ndarray:
+    """``image`` as an array of real numbers that float32 can hold, else a ``ValueError``
+    that says what is wrong with it (its type, its size or its range), before any conversion
+    could drop an imaginary part or turn large values into infinities."""
+    arr = np.asarray(image)
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"the image holds complex numbers (dtype {arr.dtype}); give its "
+                         "magnitude or real part explicitly (e.g. np.abs(image))")
+    if arr.dtype != bool and not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"the image must hold real numbers, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError(f"the image is empty: shape {tuple(arr.shape)}")
+    if np.issubdtype(arr.dtype, np.floating) and arr.dtype.itemsize > 4:
+        finite = arr[np.isfinite(arr)]
+        peak = float(np.abs(finite).max()) if finite.size else 0.0
+        if peak > FLOAT32_MAX:
+            raise ValueError(
+                f"the image's values reach {peak:.3g} in magnitude, beyond the float32 range "
+                f"the network computes in (about {FLOAT32_MAX:.3g}); rescale the image "
+                "(e.g. to its physical units) before sampling"
+            )
+    return arr
 
 
 def _valid_box(roi: Roi | None, shape: tuple[int, ...]) -> Roi | None:
@@ -169,7 +203,7 @@ class DiffusionModel:
         plugin's widgets crop before normalising; pixels outside the region are not used.
         For a refiner the prior map is appended as the last condition channel.
         """
-        img = np.asarray(image)
+        img = check_real_image(image)
         if img.ndim == 2:
             img = img[None]
         finite = not np.issubdtype(img.dtype, np.floating) or np.isfinite(img).all()

@@ -34,14 +34,21 @@ def _preset_description(preset: str) -> dict[str, Any]:
 
 
 def describe(
-    path: str | Path, preset: str | None = None, *, checksum: bool = True
+    path: str | Path, preset: str | None = None, *, checksum: bool = True,
+    verify: bool = False,
 ) -> dict[str, Any]:
-    """What a checkpoint is, without building its network.
+    """What a checkpoint is; with ``verify``, also whether it works.
+
+    Without ``verify`` only the header (or the pickle's tensor table) is read and no network
+    is built. With ``verify`` every tensor is read and checked for NaN and infinity and, when
+    the network is known (our files, or an official file whose preset is named or
+    recognised), the model is loaded exactly as :func:`load_model` loads it; then
+    ``verified`` holds what was checked.
 
     Returns a JSON-friendly dict: ``file``, ``file_format``, ``size_bytes``, ``sha256``,
     ``kind``, ``name``, ``preset``, ``architecture`` (the network description),
-    ``parameters``, ``tensors``, ``diffusion``, ``data``, ``training``, ``metrics`` and,
-    for an official file no preset fits, a ``note``.
+    ``parameters``, ``tensors``, ``diffusion``, ``data``, ``training``, ``metrics``,
+    ``verified`` (with ``verify``) and, for an official file no preset fits, a ``note``.
 
     Raises
     ------
@@ -94,9 +101,24 @@ def describe(
         "training": doc.get("training", {}),
         "metrics": doc.get("metrics", {}),
     })
+    if verify:
+        out["verified"] = _verify(p, preset, known=doc.get("network") is not None)
     if checksum:
         out["sha256"] = sha256_of(p)
     return out
+
+
+def _verify(p: Path, preset: str | None, known: bool) -> str:
+    """Read every tensor and, when the network is known, load the model as ``load_model``
+    does; returns what was checked (raises :class:`CheckpointError` on a problem)."""
+    from .loading import check_finite, load_model, load_state_dict_file
+
+    if known:
+        model = load_model(p, preset=preset, device="cpu")
+        return (f"every tensor read, finite, and loaded into the described network "
+                f"({model.num_parameters():,} parameters)")
+    check_finite(load_state_dict_file(p), p)
+    return "every tensor read and finite; no network to load it into (name a --preset)"
 
 
 class _Shaped:

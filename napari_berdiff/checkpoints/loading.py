@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, corrupt
+from .errors import CheckpointError, corrupt, short_list
 from .official import (
     check_fits,
     matching_presets,
@@ -17,9 +17,11 @@ from .official import (
     recognise_preset,
 )
 from .ours import FORMAT, METADATA_KEY, read_description
+from .schema import check_network_size
 from .sniff import SAFETENSORS, read_safetensors_header, sniff
 
-__all__ = ["load_model", "load_state_dict_file", "network_from_description", "foreign_error"]
+__all__ = ["load_model", "load_state_dict_file", "network_from_description", "foreign_error",
+           "check_finite"]
 
 
 def foreign_error(path: Path) -> CheckpointError:
@@ -37,6 +39,19 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError and friends: the file does not parse
         raise corrupt(path, str(e).splitlines()[0][:120] if str(e) else type(e).__name__) from None
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights holding NaN or infinity, naming the tensors (a network with such
+    weights gives NaN probabilities, or all-empty masks through a presence head)."""
+    bad = [k for k, v in state_dict.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{path.name}: {len(bad)} tensor(s) hold NaN or infinite weights: "
+            f"{short_list(bad)}. The file is damaged, or its training diverged; use another "
+            "checkpoint."
+        )
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -101,11 +116,13 @@ def _from_description(doc: dict[str, Any], path: Path, device: Any):
     from ..model import DiffusionModel
 
     net = network_from_description(doc["network"])
+    check_network_size(net, path)
     try:
         diffusion = DiffusionConfig.from_dict(doc["diffusion"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path.name}: the diffusion description is invalid: {e}") from None
     sd = _read_safetensors(path)
+    check_finite(sd, path)
     net = _materialise(net, sd, f"the network described in {path.name}", net.config)
     return DiffusionModel(net, diffusion, doc).to(device)
 
@@ -115,6 +132,7 @@ def _from_preset(sd: dict[str, torch.Tensor], preset: str, path: Path, device: A
     from ..model_presets import get_model_preset
     from ..networks import build_network, get_network_preset
 
+    check_finite(sd, path)
     mp = get_model_preset(preset)
     config = get_network_preset(mp.network)
     with torch.device("meta"):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, corrupt
+from .schema import validate_description
 from .sniff import read_safetensors_header
 
 __all__ = ["METADATA_KEY", "FORMAT", "save_model", "read_description", "tensor_shapes"]
@@ -144,10 +145,14 @@ def read_description(
 ) -> dict[str, Any] | None:
     """Our JSON description from a safetensors file, or None when the file is foreign.
 
+    The whole description is validated (:func:`~.schema.validate_description`): types,
+    bounds and the configs' own checks, before anything is built from it.
+
     Raises
     ------
     CheckpointError
-        For an unreadable description or one written in a format this version cannot read.
+        For an unreadable or invalid description, or one written in a format this version
+        cannot read.
     """
     p = Path(path)
     header = header if header is not None else read_safetensors_header(p)
@@ -173,4 +178,4 @@ def read_description(
     for key in ("network", "diffusion"):
         if not isinstance(doc.get(key), dict):
             raise CheckpointError(f"{p.name}: its description has no {key!r} section")
-    return doc
+    return validate_description(doc, p)

@@ -39,6 +39,20 @@ def check_exists(path: str | Path) -> Path:
     return p
 
 
+def _not_misnamed(path: Path, kind: str) -> str:
+    """``kind``, unless a torch.save/pickle file is named ``*.safetensors`` (torch.load would
+    then hand it to the safetensors parser, which fails with an obscure message)."""
+    if path.suffix.lower() == ".safetensors":
+        what = "a PyTorch zip (torch.save)" if kind == TORCH_ZIP else "a pickle (torch.save)"
+        raise CheckpointError(
+            f"{path.name} is named .safetensors but holds {what} file, not safetensors. "
+            "If it is an official BerDiff/Wolleb state_dict, rename it to .pt and load it "
+            "with its preset (it is read with weights_only=True); otherwise use the "
+            ".safetensors file napari-berdiff wrote."
+        )
+    return kind
+
+
 def sniff(path: str | Path) -> str:
     """Return :data:`SAFETENSORS`, :data:`TORCH_ZIP` or :data:`TORCH_LEGACY`.
 
@@ -54,7 +68,7 @@ def sniff(path: str | Path) -> str:
     with open(p, "rb") as f:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
-        return TORCH_ZIP
+        return _not_misnamed(p, TORCH_ZIP)
     if len(head) == 9 and head[8:9] == b"{":
         # Before the pickle test: a header length such as 0x7980 starts with the byte 0x80.
         (n,) = struct.unpack("<Q", head[:8])
@@ -63,7 +77,7 @@ def sniff(path: str | Path) -> str:
         if head[:1] != b"\x80":
             raise corrupt(p, f"its header announces {n} bytes but the file has {size}")
     if head[:1] == b"\x80":  # a pickle protocol marker
-        return TORCH_LEGACY
+        return _not_misnamed(p, TORCH_LEGACY)
     if p.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
         raise corrupt(p, f"it does not start like a {p.suffix} file")
     raise CheckpointError(

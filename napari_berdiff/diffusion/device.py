@@ -27,7 +27,12 @@ def select_device(device: str | torch.device | None = "auto") -> torch.device:
     """
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device(available_devices()[0])
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {str(device)!r}; choose one of {['auto', *available_devices()]}"
+        ) from None
     if dev.type not in available_devices():
         raise ValueError(
             f"device {str(device)!r} is not available on this machine; "

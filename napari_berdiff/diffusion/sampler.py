@@ -7,6 +7,7 @@ generator, so a seed reproduces its samples exactly, whatever the chunking or de
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -182,6 +183,22 @@ def prepare_image(image: np.ndarray | torch.Tensor, channels: int | None = None)
     return arr
 
 
+#: The seeds the sampler's torch generator takes (``manual_seed``'s unsigned 64-bit range;
+#: it would wrap negative seeds onto this range, so that -1 and 2**64 - 1 draw the same).
+SEED_RANGE = (0, 2**64 - 1)
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int in :data:`SEED_RANGE`, else a ``ValueError`` saying the range."""
+    lo, hi = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"the seed must be a whole number in {lo}..{hi} (2**64 - 1), "
+                         f"got {seed!r}")
+    if not lo <= int(seed) <= hi:
+        raise ValueError(f"the seed must lie in {lo}..{hi} (2**64 - 1), got {seed}")
+    return int(seed)
+
+
 def check_roi(roi: Roi | None, shape: tuple[int, int]) -> Roi:
     """Return a validated ``(y0, x0, y1, x1)`` box (the whole image when ``roi`` is None)."""
     h, w = shape
@@ -190,9 +207,16 @@ def check_roi(roi: Roi | None, shape: tuple[int, int]) -> Roi:
     if len(roi) != 4:
         raise ValueError(f"a region of interest is (y0, x0, y1, x1); got {roi!r}")
     y0, x0, y1, x1 = (int(v) for v in roi)
-    if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+    problems = [f"{name}={v} is outside 0..{size}"
+                for name, v, size in (("y0", y0, h), ("x0", x0, w), ("y1", y1, h),
+                                      ("x1", x1, w)) if not 0 <= v <= size]
+    problems += [f"{a}={va} is not below {b}={vb}"
+                 for a, va, b, vb in (("y0", y0, "y1", y1), ("x0", x0, "x1", x1)) if va >= vb]
+    if problems:
         raise ValueError(
-            f"region of interest {(y0, x0, y1, x1)} is empty or outside the {h}x{w} image"
+            f"region of interest {(y0, x0, y1, x1)} is empty or outside the {h}x{w} image: "
+            f"{'; '.join(problems)}. Give y0,x0,y1,x1 with 0 <= y0 < y1 <= {h} and "
+            f"0 <= x0 < x1 <= {w}"
         )
     return (y0, x0, y1, x1)
 
@@ -235,6 +259,132 @@ def choose_chunk(
         if per:
             chunk = max(1, min(chunk, int(memory_budget_mb * 2**20 // per)))
     return chunk
+
+
+#: float32 values per pixel and sample alive at once outside the network: x_t, the step's
+#: noise, two x̂0 tensors (the frame handed out and the next), the binary states, the returned
+#: probabilities, and the masks and the finiteness check rounded up to one more.
+STATE_FLOATS_PER_PIXEL = 7
+#: Copies of the (C, H, W) image alive while sampling: as read, normalised, padded, on device.
+IMAGE_COPIES = 4
+#: Memory a run takes whatever its size: the first forward pass's library buffers and the
+#: allocator's slack (measured at 20-40 MiB growth for one 64² sample on the CPU).
+OVERHEAD_BYTES = 64 * 2**20
+#: The share of the machine's free memory a run may plan to use, whatever the budget says.
+MACHINE_SHARE = 0.8
+
+
+class MemoryBudgetError(ValueError):
+    """A run's estimated peak memory exceeds its budget (or what the machine has free)."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The estimated peak memory of a run, by stage, and the chunk that keeps it in budget.
+
+    ``image``: the image's copies; ``encoder``: the image encoder's peak (run once, batch
+    1, before the steps); ``state``: the per-sample tensors of all ``n`` samples;
+    ``network``: one chunk's denoiser activations. The encoder's and the steps' activations
+    are not alive together, so the peak is ``image + state + max(encoder, network)``, plus
+    :data:`OVERHEAD_BYTES`. All in
+    bytes; ``budget`` is the budget asked for (None: none but the machine's).
+    """
+
+    n: int
+    size: tuple[int, int]
+    chunk: int
+    image: int
+    encoder: int
+    state: int
+    network: int
+    budget: int | None
+    available: int
+
+    @property
+    def total(self) -> int:
+        return OVERHEAD_BYTES + self.image + self.state + max(self.encoder, self.network)
+
+    def describe(self) -> str:
+        """``"about 1.20 GiB (image …, encoder …, N samples' state …, network …)"``."""
+        def g(b: int) -> str:
+            return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.0f} MiB"
+        return (f"about {g(self.total)} (image {g(self.image)}, image encoder "
+                f"{g(self.encoder)}, {self.n} samples' state {g(self.state)}, network "
+                f"{g(self.network)} for {self.chunk} sample(s) at a time)")
+
+
+def available_memory(device: torch.device | None = None) -> int:
+    """Bytes free for a run on ``device``: the GPU's free memory for CUDA, else the host's
+    available memory (psutil)."""
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    from ..checkpoints.schema import available_memory_bytes
+
+    return available_memory_bytes()
+
+
+def estimate_encoder_bytes(net: Any, channels: int, h: int, w: int) -> int:
+    """Float32 activation memory of encoding one image (networks may say with
+    ``encode_bytes(h, w)``; the concatenation UNet's encoding is the image itself)."""
+    own = getattr(net, "encode_bytes", None)
+    if callable(own):
+        return int(own(h, w))
+    return 4 * max(channels, 1) * h * w
+
+
+def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int | None,
+                memory_budget_mb: float | None, device: torch.device | None = None,
+                available: int | None = None) -> MemoryPlan:
+    """Estimate every stage's peak memory for ``n`` samples of an (h, w) region and choose
+    the chunk (samples per network call) that keeps the total within the budget.
+
+    The budget covers everything the run allocates beyond the loaded model: the image's
+    copies, the image encoder, the state of all ``n`` samples and one chunk's activations.
+    It is never more than :data:`MACHINE_SHARE` of the memory free on the device, so no
+    budget (None included) lets a run plan beyond what the machine holds.
+
+    Raises
+    ------
+    MemoryBudgetError
+        (a ``ValueError``) when even one sample at a time exceeds the limit, with the
+        estimate and what to change.
+    """
+    m = _size_multiple(net)
+    hp, wp = h + (-h) % m, w + (-w) % m
+    pix = hp * wp
+    floats = STATE_FLOATS_PER_PIXEL + (1 if getattr(net, "self_conditioned", False) else 0)
+    image = IMAGE_COPIES * 4 * max(channels, 1) * pix
+    encoder = estimate_encoder_bytes(net, channels, hp, wp)
+    state = floats * 4 * n * pix
+    per = estimate_bytes_per_sample(net, hp, wp) or 0
+    free = available_memory(device) if available is None else int(available)
+    machine = int(MACHINE_SHARE * free)
+    limit = machine if memory_budget_mb is None else min(int(memory_budget_mb * 2**20), machine)
+    chunk = n if max_batch is None else max(1, min(n, int(max_batch)))
+    fixed = OVERHEAD_BYTES + image + state
+    if per and memory_budget_mb:
+        chunk = max(1, min(chunk, (limit - fixed) // per if limit > fixed else 1))
+    plan = MemoryPlan(n, (h, w), int(chunk), image, encoder, state, int(chunk * per),
+                      None if memory_budget_mb is None else int(memory_budget_mb * 2**20),
+                      free)
+    if plan.total > limit:
+        per_sample = floats * 4 * pix
+        room = limit - OVERHEAD_BYTES - image - max(encoder, per)
+        fits = int(room // per_sample) if room > 0 else 0
+        which = ("the memory budget" if memory_budget_mb is not None
+                 and limit < machine else "what this machine has free")
+        hint = (f", fewer samples (--n; at most {fits} fit)" if fits >= 1
+                else " (fewer samples will not help at this size)")
+        raise MemoryBudgetError(
+            f"sampling {n} sample(s) of a {h}×{w} region needs {plan.describe()}, more than "
+            f"{which} ({limit / 2**30:.2f} GiB; {free / 2**30:.1f} GiB free on the "
+            f"{'GPU' if device is not None and device.type == 'cuda' else 'machine'}). "
+            f"Choose a smaller region of interest (--roi){hint}, or a larger "
+            f"memory budget (--memory-budget MB, memory_budget_mb=) if the machine has the "
+            f"memory. Nothing was sampled"
+        )
+    return plan
 
 
 def _uses_channels_last(net: Any) -> bool:
@@ -351,6 +501,7 @@ def sample_stream(
     if int(n) != n or n < 1:
         raise ValueError(f"the number of samples must be a whole number >= 1, got {n!r}")
     n = int(n)
+    seed = check_seed(seed)
     T = kernel.config.timesteps
     spec = kernel.config.default_steps if steps is None else steps
     if isinstance(spec, (int, np.integer)) and spec > T:
@@ -364,7 +515,7 @@ def sample_stream(
     dev = select_device(device)
     prior_t = _prepare_prior(prior, kernel, full.shape[1:], box)
 
-    chunk = choose_chunk(net, n, h, w, max_batch, memory_budget_mb)
+    chunk = plan_memory(net, n, img.shape[0], h, w, max_batch, memory_budget_mb, dev).chunk
     return SampleStream(_stream(net, kernel, img, n, visited, int(seed), prior_t, box, dev,
                                 chunk, cancel, profile, t_start))
 
@@ -377,6 +528,9 @@ def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch
     if not getattr(net, "has_presence_head", False):
         return None, None
     p = float(torch.sigmoid(net.presence(cond).float()).reshape(-1)[0])
+    if not math.isfinite(p):  # NaN would draw every sample empty, silently
+        raise ValueError("the network's presence head gave NaN for this image; the "
+                         "checkpoint's weights look broken. Nothing was sampled")
     keep = (torch.rand(n, generator=gen) < p).float().reshape(n, 1, 1, 1)
     return p, keep.to(dev)
 

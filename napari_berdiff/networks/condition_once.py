@@ -372,6 +372,19 @@ class ConditionOnceNet(nn.Module):
             extras.append(self.presence(cond))
         return (out, *extras)
 
+    def encode_bytes(self, h: int, w: int) -> int:
+        """Rough float32 peak memory of :meth:`encode` on one (h, w) image: the stem's
+        full-resolution features (kept to the end), the first level's working set (about
+        three maps), the kept projections of every level and the heads' full-resolution
+        maps. Checked against the resident-memory growth of real runs (BENCHMARKS)."""
+        c = self.config
+        enc0, u2 = c.encoder_widths[0], c.unshuffle**2
+        total = enc0 * h * w + 3 * enc0 * h * w / u2
+        for level, m in enumerate(c.channel_mult):
+            total += c.model_channels * m * h * w / u2 / 4**level
+        total += (c.full_res_head + 2 * int(c.prior_head)) * h * w
+        return int(4 * total)
+
     def activation_bytes(self, h: int, w: int) -> int:
         """Rough float32 activation memory of one sample's denoiser pass (for chunking)."""
         c = self.config
