@@ -3,6 +3,9 @@
     berdiff refine --model R --image IMG --prior MASK --n 8 --steps 10 --trust 0.7 --out DIR
     berdiff refine --model R --image IMG --prior segmentor --out DIR
 
+``--keep MASK`` and ``--never MASK`` are hard constraints: their non-zero pixels are
+foreground (keep) or background (never) in every refined mask.
+
 The prior is a mask file (any non-zero value is the object; softened with ``--trust``), a
 probability map in [0, 1] (a float file, used as it is) or ``segmentor``: the probability
 map of the segmentor the refiner's metadata names (or ``--segmentor FILE``). The outputs
@@ -53,6 +56,16 @@ def read_prior(path: str, k: int | None) -> np.ndarray:
     return (arr > 0).astype(np.float32)  # label ids, 0/255 PNGs …
 
 
+def read_constraint(path: str | None, k: int | None, flag: str) -> np.ndarray | None:
+    """A ``--keep``/``--never`` mask file as a boolean (H, W) array (non-zero: marked)."""
+    if path is None:
+        return None
+    try:
+        return read_prior(path, k) > 0
+    except ValueError as e:
+        raise ValueError(f"{flag} {Path(path).name}: {e}") from None
+
+
 def _segmentor_prior(args: argparse.Namespace, refiner: Any, model_path: Path,
                      image: np.ndarray) -> tuple[np.ndarray, str]:
     from .checkpoints import load_model
@@ -77,7 +90,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from .diffusion import timestep_subsequence
     from .imageio import write_map
     from .priors import validate_prior
-    from .refine import prior_map, refine
+    from .refine import constraint_map, prior_map, refine
     from .uncertainty import dice
 
     wall0 = time.perf_counter()
@@ -103,12 +116,15 @@ def cmd_refine(args: argparse.Namespace) -> int:
         p = prior_map(raw, image.shape[1:], args.trust)
     except ValueError as e:
         raise ValueError(f"--prior {Path(source).name}: {e}") from None
+    keep = read_constraint(args.keep, args.slice, "--keep")
+    never = read_constraint(args.never, args.slice, "--never")
+    constraints = constraint_map(image.shape[1:], keep, never)
     _check_region(refiner, image, roi, args.allow_large, names)
 
     spec = refiner.diffusion.default_steps if steps is None else steps
     n_steps = len(timestep_subsequence(spec, refiner.diffusion.timesteps))
     stream = refine(refiner, image, raw, trust=args.trust, n=args.n, steps=steps,
-                    seed=args.seed, roi=roi, max_batch=args.max_batch)
+                    seed=args.seed, roi=roi, max_batch=args.max_batch, keep=keep, never=never)
     result, visited = run_with_progress(stream, n_steps, args.quiet, "refining")
     out = Path(args.out)
     written = write_results(out, result, args.n)
@@ -130,6 +146,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
         "sample_dice_with_prior": [round(float(dice(m, prior_mask)), 4) for m in result.masks],
         "mean_mask_area_px": int((result.probs.mean(0) > 0.5).sum()),
         "conditioning": refiner.metadata.get("refiner", {}).get("conditioning"),
+        "keep": args.keep, "never": args.never,
+        "keep_px": 0 if constraints is None else int((constraints == 1).sum()),
+        "never_px": 0 if constraints is None else int((constraints == 0).sum()),
     }
     (out / "run.json").write_text(json.dumps(_json_clean(run), indent=2) + "\n")
     print(f"wrote {args.n} refined masks, the prior and the uncertainty maps "
@@ -153,6 +172,10 @@ def register(subparsers: Any) -> None:
                    help="mask or probability-map file of the image's size, or 'segmentor'")
     p.add_argument("--segmentor", help="segmentor file for --prior segmentor (default: the one "
                                        "the refiner names)")
+    p.add_argument("--keep", help="mask file: its non-zero pixels are foreground in every "
+                                  "refined mask (hard constraint)")
+    p.add_argument("--never", help="mask file: its non-zero pixels are background in every "
+                                   "refined mask (hard constraint)")
     p.add_argument("--n", type=int, default=8, help="number of refined masks (default 8)")
     p.add_argument("--steps", help="sampling steps (default: the model's)")
     p.add_argument("--trust", type=float, default=0.7,
