@@ -20,7 +20,7 @@ import numpy as np
 from _common import BUNDLED, describe, machine, median, write_json
 
 from napari_berdiff import load_model
-from napari_berdiff.threads import available_cores, resolve_threads, use_threads
+from napari_berdiff.threads import available_cores, use_threads
 
 
 def _busy(stop) -> None:  # pragma: no cover - runs in a child process
@@ -76,9 +76,8 @@ def main() -> None:
                      "seconds": {s: t for s, (t, _) in res.items()},
                      "auto_threads": res["auto"][1],
                      "ratio_to_best": {s: t / best for s, (t, _) in res.items()}})
-    write_json("bench_threads", {"machine": info, "args": vars(args), "rows": rows})
+    write_json("bench_threads", {"args": vars(args), "rows": rows}, info)
 
 
 if __name__ == "__main__":
-    resolve_threads("auto")
     main()
