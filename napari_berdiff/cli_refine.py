@@ -3,6 +3,9 @@
     berdiff refine --model R --image IMG --prior MASK --n 8 --steps 10 --trust 0.7 --out DIR
     berdiff refine --model R --image IMG --prior segmentor --out DIR
 
+``--keep MASK`` and ``--never MASK`` are hard constraints: their non-zero pixels are
+foreground (keep) or background (never) in every refined mask.
+
 The prior is a mask file (any non-zero value is the object; softened with ``--trust``), a
 probability map in [0, 1] (a float file, used as it is) or ``segmentor``: the probability
 map of the segmentor the refiner's metadata names (or ``--segmentor FILE``). The outputs
@@ -54,6 +57,16 @@ def read_prior(path: str, k: int | None) -> np.ndarray:
     return (arr > 0).astype(np.float32)  # label ids, 0/255 PNGs …
 
 
+def read_constraint(path: str | None, k: int | None, flag: str) -> np.ndarray | None:
+    """A ``--keep``/``--never`` mask file as a boolean (H, W) array (non-zero: marked)."""
+    if path is None:
+        return None
+    try:
+        return read_prior(path, k) > 0
+    except ValueError as e:
+        raise ValueError(f"{flag} {Path(path).name}: {e}") from None
+
+
 def _segmentor_prior(args: argparse.Namespace, refiner: Any, model_path: Path,
                      image: np.ndarray, spacing: Any = None) -> tuple[np.ndarray, str]:
     from .checkpoints import load_model
@@ -89,7 +102,7 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
     from .imageio import write_map
     from .priors import validate_prior
     from .distribution import model_spacing
-    from .refine import prior_map, refine
+    from .refine import constraint_map, enforce_constraints, prior_map, refine
     from .spacing import map_back, to_model_spacing, zoom_factor
     from .uncertainty import dice
 
@@ -117,10 +130,17 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
         p = prior_map(raw, image.shape[1:], args.trust)
     except ValueError as e:
         raise ValueError(f"--prior {Path(source).name}: {e}") from None
+    keep = read_constraint(args.keep, args.slice, "--keep")
+    never = read_constraint(args.never, args.slice, "--never")
+    constraints = constraint_map(image.shape[1:], keep, never)
     _check_region(refiner, image, roi, args.allow_large, names,
                   zoom_factor(spacing, model_spacing(refiner.data)))
     # at the model's spacing when the image's is known: the image and the prior map p
     small, small_p, how = to_model_spacing(refiner, image, spacing, roi, p)
+    if how is not None and constraints is not None:  # the constraints on the model's grid
+        keep, never = (to_model_spacing(refiner, image, spacing, roi,
+                                        (constraints == v).astype(np.float32))[1] > 0.5
+                       for v in (1, 0))
     spacing_note(refiner, spacing, how)
     notice = warn_if_unlike_training(refiner, small, None if how else roi,
                                      None if how else spacing)
@@ -129,9 +149,10 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
     n_steps = len(timestep_subsequence(spec, refiner.diffusion.timesteps))
     stream = refine(refiner, small, raw if how is None else small_p, trust=args.trust,
                     n=args.n, steps=steps, seed=args.seed, roi=None if how else roi,
-                    max_batch=args.max_batch, units=infos[0].get("units"))
+                    max_batch=args.max_batch, units=infos[0].get("units"), keep=keep,
+                    never=never)
     result, visited = run_with_progress(stream, n_steps, args.quiet, "refining")
-    result = map_back(result, how)
+    result = enforce_constraints(map_back(result, how), constraints)
     written = write_results(out, result, args.n)
     y0, x0, y1, x1 = result.roi
     written += write_map(out / "prior", p[y0:y1, x0:x1], "prior", limits=(0.0, 1.0))
@@ -154,6 +175,9 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
         "sample_dice_with_prior": [round(float(dice(m, prior_mask)), 4) for m in result.masks],
         "mean_mask_area_px": int((result.probs.mean(0) > 0.5).sum()),
         "conditioning": refiner.metadata.get("refiner", {}).get("conditioning"),
+        "keep": args.keep, "never": args.never,
+        "keep_px": 0 if constraints is None else int((constraints == 1).sum()),
+        "never_px": 0 if constraints is None else int((constraints == 0).sum()),
     }
     (out / "run.json").write_text(json.dumps(_json_clean(run), indent=2) + "\n")
     return (f"wrote {args.n} refined masks, the prior and the uncertainty maps "
@@ -176,6 +200,10 @@ def register(subparsers: Any) -> None:
                    help="mask or probability-map file of the image's size, or 'segmentor'")
     p.add_argument("--segmentor", help="segmentor file for --prior segmentor (default: the one "
                                        "the refiner names)")
+    p.add_argument("--keep", help="mask file: its non-zero pixels are foreground in every "
+                                  "refined mask (hard constraint)")
+    p.add_argument("--never", help="mask file: its non-zero pixels are background in every "
+                                   "refined mask (hard constraint)")
     p.add_argument("--n", type=int, default=8, help="number of refined masks (default 8)")
     p.add_argument("--steps", help="sampling steps (default: the model's)")
     p.add_argument("--trust", type=float, default=0.7,

@@ -250,6 +250,7 @@ class DiffusionModel:
         draw_correlation: float | None = None,
         temperature: float | None = None,
         units: str | None = None,
+        constraints: np.ndarray | None = None,
     ) -> SampleStream:
         """Stream ``n`` samples for ``image``: an iterator of :class:`Frame`, one per step,
         whose ``.result`` is the :class:`SampleResult` once it is exhausted.
@@ -259,6 +260,7 @@ class DiffusionModel:
         ``draw_correlation`` and ``temperature`` override the model's (Bernoulli only; see
         :class:`~napari_berdiff.diffusion.DiffusionConfig`); None keeps them. ``units``:
         the image's intensity units ("HU"), which select the model's window when it has one.
+        ``constraints`` (−1 free, 0 never, 1 keep) clamps pixels in every sample.
         """
         if self.kind == "segmentor":
             raise ValueError("a segmentor is not a diffusion model and cannot be sampled")
@@ -272,7 +274,7 @@ class DiffusionModel:
         start_prior = prior if self.kind == "refiner" else None
         return sample_stream(
             self.net, kernel, cond, n=n, steps=steps, seed=seed, prior=start_prior,
-            roi=roi, device=self.device, max_batch=max_batch,
+            roi=roi, constraints=constraints, device=self.device, max_batch=max_batch,
             memory_budget_mb=memory_budget_mb, cancel=cancel,
             image_channels=self.network_channels,
         )

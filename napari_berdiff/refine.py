@@ -8,6 +8,7 @@ segmentor's probability map. A refiner file may name its segmentor in its metada
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from .diffusion import SampleResult, SampleStream, run_to_end
 from .model import DiffusionModel
 from .priors import mask_to_prior, validate_prior
 
-__all__ = ["prior_map", "refine", "refine_all", "segmentor_path", "load_refiner"]
+__all__ = ["prior_map", "constraint_map", "constrain_prior", "enforce_constraints", "refine",
+           "refine_all",
+           "segmentor_path", "load_refiner"]
 
 
 def prior_map(prior: np.ndarray, shape: tuple[int, int], trust: float = 0.7) -> np.ndarray:
@@ -28,6 +31,62 @@ def prior_map(prior: np.ndarray, shape: tuple[int, int], trust: float = 0.7) -> 
     return mask_to_prior(p, trust) if binary else p
 
 
+def constraint_map(shape: tuple[int, int], keep: np.ndarray | None = None,
+                   never: np.ndarray | None = None) -> np.ndarray | None:
+    """Hard constraints as one (H, W) int8 map: 1 where ``keep`` is set (the pixel stays
+    foreground in every sample), 0 where ``never`` is set (it stays background), −1 where
+    the pixel is free. None when neither mask marks a pixel.
+
+    Raises
+    ------
+    ValueError
+        For a mask of another shape, or a pixel marked both keep and never.
+    """
+    out = np.full(shape, -1, dtype=np.int8)
+    masks = {}
+    for name, m in (("keep", keep), ("never", never)):
+        if m is None:
+            continue
+        arr = np.asarray(m)
+        if arr.shape != tuple(shape):
+            raise ValueError(f"the {name} mask has shape {tuple(arr.shape)} but the image is "
+                             f"{tuple(shape)}")
+        masks[name] = arr != 0
+    if "keep" in masks and "never" in masks:
+        both = masks["keep"] & masks["never"]
+        if both.any():
+            ys, xs = np.nonzero(both)
+            raise ValueError(f"{int(both.sum())} pixel(s) are marked both keep and never "
+                             f"(first at row {ys[0]}, column {xs[0]}); clear one of them")
+    if "keep" in masks:
+        out[masks["keep"]] = 1
+    if "never" in masks:
+        out[masks["never"]] = 0
+    return out if (out >= 0).any() else None
+
+
+def constrain_prior(p: np.ndarray, constraints: np.ndarray | None) -> np.ndarray:
+    """The prior map p with the constrained pixels set to their value (1 keep, 0 never)."""
+    if constraints is None:
+        return p
+    return np.where(constraints >= 0, constraints, p).astype(np.float32)
+
+
+def enforce_constraints(result: SampleResult, constraints: np.ndarray | None) -> SampleResult:
+    """``result`` with its masks and probabilities set to the constraints' values inside its
+    region (``result.roi``). The sampler already holds them on its own grid; this keeps them
+    exactly after a result was resampled back to the image's grid."""
+    if constraints is None or result.masks is None:
+        return result
+    y0, x0, y1, x1 = result.roi
+    c = constraints[y0:y1, x0:x1]
+    fixed = c >= 0
+    masks, probs = result.masks.copy(), result.probs.copy()
+    masks[:, fixed] = c[fixed].astype(masks.dtype)
+    probs[:, fixed] = c[fixed].astype(probs.dtype)
+    return replace(result, masks=masks, probs=probs)
+
+
 def _check_refiner(refiner: DiffusionModel) -> None:
     if refiner.kind != "refiner":
         raise ValueError(f"this is a {refiner.kind} model, not a mask refiner; load a refiner "
@@ -36,13 +95,20 @@ def _check_refiner(refiner: DiffusionModel) -> None:
 
 def refine(refiner: DiffusionModel, image: np.ndarray, prior: np.ndarray, *,
            trust: float = 0.7, n: int = 8, steps: int | str | None = None, seed: int = 0,
+           keep: np.ndarray | None = None, never: np.ndarray | None = None,
            **sample_kwargs: Any) -> SampleStream:
     """Stream ``n`` refined masks of ``prior`` for ``image`` (see ``DiffusionModel.sample``
-    for ``roi``, ``cancel`` and the other keyword arguments)."""
+    for ``roi``, ``cancel`` and the other keyword arguments).
+
+    ``keep`` and ``never`` are optional (H, W) masks of hard constraints: their non-zero
+    pixels are foreground (``keep``) or background (``never``) in every refined sample and
+    frame. The prior map p and ``x_t`` are clamped there at every step."""
     _check_refiner(refiner)
     img = np.asarray(image)
-    p = prior_map(prior, img.shape[-2:], trust)
-    return refiner.sample(img, n, steps, seed, prior=p, **sample_kwargs)
+    constraints = constraint_map(img.shape[-2:], keep, never)
+    p = constrain_prior(prior_map(prior, img.shape[-2:], trust), constraints)
+    return refiner.sample(img, n, steps, seed, prior=p, constraints=constraints,
+                          **sample_kwargs)
 
 
 def refine_all(refiner: DiffusionModel, image: np.ndarray, prior: np.ndarray,

@@ -417,24 +417,53 @@ def _prepare_prior(
     return torch.from_numpy(np.ascontiguousarray(pr[y0:y1, x0:x1]))[None, None]
 
 
+def _prepare_constraints(
+    constraints: np.ndarray | None, kernel: Kernel, shape: tuple[int, int], box: Roi
+) -> torch.Tensor | None:
+    """Validate a constraint map (−1 free, 0 never, 1 keep) and crop it to the region."""
+    if constraints is None:
+        return None
+    if kernel.kind != "bernoulli":
+        raise ValueError("keep/never constraints apply only to the Bernoulli kernel")
+    c = np.asarray(constraints)
+    if c.shape != tuple(shape):
+        raise ValueError(f"the constraint map's shape {tuple(c.shape)} does not match the "
+                         f"image's {tuple(shape)}")
+    if not np.isin(c, (-1, 0, 1)).all():
+        raise ValueError("a constraint map holds -1 (free), 0 (never) or 1 (keep) only")
+    y0, x0, y1, x1 = box
+    return torch.from_numpy(np.ascontiguousarray(c[y0:y1, x0:x1], dtype=np.float32))[None, None]
+
+
+def apply_constraints(x: torch.Tensor, constraint_t: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the constrained pixels set to their value (0 or 1); free pixels unchanged."""
+    if constraint_t is None:
+        return x
+    return torch.where(constraint_t >= 0, constraint_t.to(x.dtype), x)
+
+
 def _size_multiple(net: Any) -> int:
     return int(getattr(getattr(net, "config", None), "size_multiple", 1) or 1)
 
 
 def _pad_to_multiple(
-    img: np.ndarray, prior: torch.Tensor | float, m: int
-) -> tuple[np.ndarray, torch.Tensor | float]:
-    """Pad (by edge replication, bottom and right) to sizes the network can take.
+    img: np.ndarray, prior: torch.Tensor | float, m: int,
+    constraint_t: torch.Tensor | None = None,
+) -> tuple[np.ndarray, torch.Tensor | float, torch.Tensor | None]:
+    """Pad (by edge replication, bottom and right) to sizes the network can take; the
+    padding of a constraint map is free.
 
     Every frame and the result are cropped back, so callers never see the padding.
     """
     ph, pw = (-img.shape[1]) % m, (-img.shape[2]) % m
     if not (ph or pw):
-        return img, prior
+        return img, prior, constraint_t
     img = np.pad(img, ((0, 0), (0, ph), (0, pw)), mode="edge")
     if isinstance(prior, torch.Tensor):
         prior = torch.nn.functional.pad(prior, (0, pw, 0, ph), mode="replicate")
-    return img, prior
+    if constraint_t is not None:
+        constraint_t = torch.nn.functional.pad(constraint_t, (0, pw, 0, ph), value=-1.0)
+    return img, prior, constraint_t
 
 
 # ---------------------------------------------------------------------------- the sampler
@@ -448,6 +477,7 @@ def sample_stream(
     seed: int = 0,
     prior: np.ndarray | float | None = None,
     roi: Roi | None = None,
+    constraints: np.ndarray | None = None,
     device: str | torch.device | None = "auto",
     max_batch: int | None = None,
     memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
@@ -474,6 +504,12 @@ def sample_stream(
         1/2 when None.
     roi
         ``(y0, x0, y1, x1)``: sample only this box of the image (and of the prior).
+    constraints
+        Bernoulli only: an (H, W) map of the full image, −1 where a pixel is free, 0 where
+        it must stay background and 1 where it must stay foreground. The constrained pixels
+        of ``x_t`` and ``x̂_0`` are clamped at the start and after every step, so every
+        sample and every frame holds them (user edits as hard constraints, HiDiff-style
+        refinement). Pass a prior ``p`` that agrees with them (see ``refine``).
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"`` or a torch device.
     max_batch, memory_budget_mb
@@ -514,10 +550,11 @@ def sample_stream(
     h, w = img.shape[1:]
     dev = select_device(device)
     prior_t = _prepare_prior(prior, kernel, full.shape[1:], box)
+    constraint_t = _prepare_constraints(constraints, kernel, full.shape[1:], box)
 
     chunk = plan_memory(net, n, img.shape[0], h, w, max_batch, memory_budget_mb, dev).chunk
     return SampleStream(_stream(net, kernel, img, n, visited, int(seed), prior_t, box, dev,
-                                chunk, cancel, profile, t_start))
+                                chunk, cancel, profile, t_start, constraint_t))
 
 
 def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch.device
@@ -562,12 +599,15 @@ def sample_readers(net: Any, n: int) -> np.ndarray | None:
 def _stream(
     net: ConditionalNet, kernel: Kernel, img: np.ndarray, n: int, visited: list[int], seed: int,
     prior_t: torch.Tensor | float, box: Roi, dev: torch.device, chunk: int, cancel: CancelLike,
-    profile: bool, t_start: float,
+    profile: bool, t_start: float, constraint_t: torch.Tensor | None = None,
 ) -> Generator[Frame, None, SampleResult]:
     """The generator behind :func:`sample_stream`, which has validated every argument."""
     order = visited[::-1]
     h, w = img.shape[1:]
-    img, prior_t = _pad_to_multiple(img, prior_t, _size_multiple(net))
+    img, prior_t, constraint_t = _pad_to_multiple(img, prior_t, _size_multiple(net),
+                                                  constraint_t)
+    if constraint_t is not None:
+        constraint_t = constraint_t.to(dev)
     channels_last = _uses_channels_last(net)
     gen = torch.Generator().manual_seed(seed)
     shape = (n, 1, *img.shape[1:])
@@ -584,7 +624,8 @@ def _stream(
         cond = net.encode(image_t)
         _sync()
         encode_seconds = time.perf_counter() - tic
-        x = kernel.init(kernel.noise(shape, gen), prior_t).to(dev)
+        x = apply_constraints(kernel.init(kernel.noise(shape, gen), prior_t).to(dev),
+                              constraint_t)
         presence, keep = _draw_presence(net, cond, n, gen, dev)
     readers = sample_readers(net, n)
     readers_t = None if readers is None else torch.from_numpy(readers).to(dev)
@@ -625,6 +666,7 @@ def _stream(
                 if keep is not None:  # samples drawn "not marked" stay empty
                     kb = keep[a : a + chunk]
                     xs, x0b = xs * kb, x0b * kb
+                xs, x0b = apply_constraints(xs, constraint_t), apply_constraints(x0b, constraint_t)
                 if x0_prev is not None:
                     x0_prev[a : a + chunk] = x0b
                 if n_chunks == 1:

@@ -343,3 +343,101 @@ def test_a_safetensors_header_length_starting_with_byte_0x80_is_not_taken_for_a_
     else:  # pragma: no cover - some padding always gives the low byte 0x80
         pytest.fail("no padding gave a header length whose first byte is 0x80")
     assert sniff(path) == SAFETENSORS
+
+
+# ---------------------------------------------------------------------------- hard constraints
+def _constraint_masks(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random, disjoint keep and never masks (about 15% of the pixels each)."""
+    rng = np.random.default_rng(seed)
+    u = rng.random((size, size))
+    return u < 0.15, u > 0.85
+
+
+@pytest.mark.parametrize("constant", [0.0, 0.5, 1.0])
+def test_no_refined_sample_or_frame_contradicts_a_constraint(constant):
+    # A refiner that predicts x̂0 = constant everywhere would overwrite every keep pixel
+    # (0.0) or every never pixel (1.0) without the clamp; 0.5 leaves them to chance.
+    model = _fake_refiner(constant=constant)
+    keep, never = _constraint_masks(SIZE, 3)
+    prior = np.zeros((SIZE, SIZE), np.uint8)
+    prior[4:12, 4:12] = 1
+    stream = refine(model, _image(), prior, n=12, steps=10, seed=5, keep=keep, never=never)
+    frames = list(stream)
+    assert len(frames) == 10
+    for f in frames:
+        for arr in (f.states, f.masks):
+            assert arr[:, keep].all() and not arr[:, never].any()
+        assert (f.x0_prob[:, keep] == 1).all() and (f.x0_prob[:, never] == 0).all()
+    res = stream.result
+    assert res.masks[:, keep].all() and not res.masks[:, never].any()
+    free = ~(keep | never)
+    if constant == 0.0:  # the free pixels are the model's: all background
+        assert not res.masks[:, free].any()
+
+
+def test_constraints_follow_the_region_of_interest_and_bad_maps_are_refused():
+    model = _fake_refiner(constant=0.0)
+    keep, never = _constraint_masks(SIZE, 4)
+    prior = np.ones((SIZE, SIZE), np.uint8)
+    res = refine_all(model, _image(), prior, n=3, steps=4, seed=0, keep=keep, never=never,
+                     roi=(2, 3, 14, 13))
+    assert res.masks.shape == (3, 12, 10)
+    assert res.masks[:, keep[2:14, 3:13]].all() and not res.masks[:, never[2:14, 3:13]].any()
+    with pytest.raises(ValueError, match="both keep and never"):
+        refine(model, _image(), prior, keep=keep, never=keep)
+    with pytest.raises(ValueError, match="keep mask has shape"):
+        refine(model, _image(), prior, keep=keep[:8])
+
+
+def test_berdiff_refine_keep_and_never(trained, tmp_path, capsys):
+    from napari_berdiff.cli import main
+
+    out, _ = trained
+    img, mask = _write_inputs(tmp_path)
+    keep, never = _constraint_masks(SIZE, 6)
+    np.save(tmp_path / "keep.npy", keep.astype(np.uint8))
+    np.save(tmp_path / "never.npy", never.astype(np.uint8))
+    code = main(["refine", "--model", str(out), "--image", str(img), "--prior", str(mask),
+                 "--keep", str(tmp_path / "keep.npy"), "--never", str(tmp_path / "never.npy"),
+                 "--n", "4", "--steps", "5", "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    masks = np.stack([np.load(tmp_path / "o" / f"sample_{i:02d}.npy") for i in range(4)])
+    assert masks[:, keep].all() and not masks[:, never].any()
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["refine"]["keep_px"] == int(keep.sum())
+    assert run["refine"]["never_px"] == int(never.sum())
+    np.save(tmp_path / "k2.npy", np.ones((SIZE // 2, SIZE), np.uint8))
+    assert main(["refine", "--model", str(out), "--image", str(img), "--prior", str(mask),
+                 "--keep", str(tmp_path / "k2.npy"), "--out", str(tmp_path / "x"),
+                 "--device", "cpu", "--quiet"]) == 2
+    assert "keep mask has shape" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_berdiff_refine_constraints_hold_when_the_image_is_resampled(trained, tmp_path, capsys):
+    # An image at half the refiner's spacing is resampled to the model's grid and the
+    # samples mapped back: the constraints must still hold pixel for pixel on the image's
+    # own grid.
+    from napari_berdiff.checkpoints import load_model
+    from napari_berdiff.cli import main
+    from napari_berdiff.distribution import model_spacing
+
+    out, _ = trained
+    sp = model_spacing(load_model(out, device="cpu").data)
+    if sp is None:
+        pytest.skip("the tiny refiner records no spacing")
+    img, mask = _write_inputs(tmp_path)
+    keep, never = _constraint_masks(SIZE, 8)
+    np.save(tmp_path / "keep.npy", keep.astype(np.uint8))
+    np.save(tmp_path / "never.npy", never.astype(np.uint8))
+    code = main(["refine", "--model", str(out), "--image", str(img), "--prior", str(mask),
+                 "--keep", str(tmp_path / "keep.npy"), "--never", str(tmp_path / "never.npy"),
+                 "--spacing", str(float(np.ravel(sp)[0]) / 2), "--n", "3", "--steps", "4",
+                 "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["resampled_zoom"] is not None
+    masks = np.stack([np.load(tmp_path / "o" / f"sample_{i:02d}.npy") for i in range(3)])
+    assert masks.shape[1:] == (SIZE, SIZE)
+    assert masks[:, keep].all() and not masks[:, never].any()
