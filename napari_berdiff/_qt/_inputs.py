@@ -96,6 +96,8 @@ class PreparedInput:
     warnings: list[str] = field(default_factory=list)
     #: a refiner's prior map per crop (set by the Mask refiner widget), else None
     priors: list[np.ndarray] | None = None
+    #: the refiner's hard constraints per crop (−1 free, 0 never, 1 keep), else None
+    constraints: list[np.ndarray | None] | None = None
     #: the image's intensity units ("HU" for CT from DICOM), which select the model's window
     units: str | None = None
     #: the image layer's geometry metadata (NIfTI / DICOM), inherited by the layers made over it

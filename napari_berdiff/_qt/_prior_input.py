@@ -48,6 +48,56 @@ def prior_from_layer(layer: Any, placement: Placement, trust: float) -> np.ndarr
     return np.ascontiguousarray(p[region], dtype=np.float32)
 
 
+def _plane_region(data: np.ndarray, placement: Placement) -> np.ndarray:
+    """The run's slice (when ``data`` is a volume of the image's shape) cut to its region."""
+    if placement.mode == MODE_SLICE and data.shape == tuple(placement.spatial_shape):
+        data = data[placement.z]
+    return data[_roi_slices(placement)]
+
+
+#: label values of a "keep / never" Labels layer
+KEEP_LABEL, NEVER_LABEL = 1, 2
+
+
+def constraints_for_run(prior: Any | None, baseline: np.ndarray | None, marks: Any | None,
+                        placement: Placement) -> np.ndarray | None:
+    """The hard constraints over the run's region (−1 free, 0 never, 1 keep), or None.
+
+    - Edits: where the prior layer now differs from ``baseline`` (its contents at the last
+      accept), a painted pixel must stay foreground and an erased one background.
+    - Marks: a "keep / never" Labels layer's label 1 pixels stay foreground and its label 2
+      pixels background (they win over edits).
+
+    Raises
+    ------
+    InputProblem
+        For a marks layer of another shape than the image.
+    """
+    from ..refine import constraint_map
+
+    keep = never = None
+    if prior is not None and baseline is not None:
+        cur = np.asarray(prior.data)
+        if cur.shape == baseline.shape:
+            now = _plane_region(cur, placement) > 0
+            before = _plane_region(baseline, placement) > 0
+            keep, never = now & ~before, ~now & before
+    if marks is not None:
+        data = np.asarray(marks.data)
+        if data.shape not in (tuple(placement.spatial_shape),
+                              tuple(placement.spatial_shape[-2:])):
+            raise InputProblem(
+                f"The keep / never layer '{marks.name}' has shape {data.shape}, not the "
+                f"image's {tuple(placement.spatial_shape)}: make it over the same image.")
+        region = _plane_region(data, placement)
+        k, nv = region == KEEP_LABEL, region == NEVER_LABEL
+        keep = k if keep is None else (keep & ~nv) | k
+        never = nv if never is None else (never & ~k) | nv
+    if keep is None:
+        return None
+    return constraint_map(keep.shape, keep, never)
+
+
 def prior_from_segmentor(segmentor: Any, crop: np.ndarray, trust: float
                          ) -> tuple[np.ndarray, list[str]]:
     """The segmentor's probability map of ``crop`` (C, h, w) as the prior, with warnings."""

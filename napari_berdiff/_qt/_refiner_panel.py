@@ -6,7 +6,9 @@ import html
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from qtpy.QtWidgets import (
+    QCheckBox,
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
@@ -21,13 +23,23 @@ from . import _model_panel, _notify
 from ._layer_combo import LayerCombo
 from ._layers import is_result_layer
 from ._model_panel import ModelPanel
+from ._prior_input import KEEP_LABEL, NEVER_LABEL
 
+#: the "keep / never" entry that stands for no such layer
+NO_MARKS = "none"
+#: layer metadata key that marks a "keep / never" layer (never offered as the prior)
+MARKS_ROLE = "napari_berdiff_keep_never"
 #: the prior-source entry that stands for the segmentor's prediction
 SOURCE_SEGMENTOR = "segmentor"
 SEGMENTOR_TEXT = "Segmentor prediction"
 DEFAULT_TRUST = 0.7
 #: the bundled refiner loaded by default when it exists
 DEFAULT_REFINER = "refiner-phantom-64"
+
+
+def is_marks_layer(layer: Any) -> bool:
+    """Whether ``layer`` is a "keep / never" constraints layer made by the panel."""
+    return bool(getattr(layer, "metadata", {}).get(MARKS_ROLE))
 
 
 # Engine calls, kept as module functions so that tests can replace them.
@@ -118,8 +130,9 @@ class PriorPanel(QGroupBox):
         from napari.layers import Labels
 
         self.viewer = viewer
-        self.source_combo = LayerCombo(viewer, (Labels,),
-                                       accept=lambda lay: not is_result_layer(lay))
+        self.source_combo = LayerCombo(
+            viewer, (Labels,),
+            accept=lambda lay: not is_result_layer(lay) and not is_marks_layer(lay))
         self.source_combo.setToolTip(
             "The mask to refine: any Labels layer (a mask you drew, accepted or edited; every "
             "non-zero label is the object) or the segmentor's prediction"
@@ -136,20 +149,42 @@ class PriorPanel(QGroupBox):
             "values soften it so the refiner may move it further. A segmentor's prediction "
             "is already a probability map and is used as it is."
         )
+        self.keep_edits_check = QCheckBox("Keep my edits")
+        self.keep_edits_check.setChecked(True)
+        self.keep_edits_check.setToolTip(
+            "Pixels you painted or erased in the prior since the last accept keep your value "
+            "in every refined mask (hard constraints)"
+        )
+        self.marks_combo = LayerCombo(viewer, (Labels,), specials=((NO_MARKS, "(none)"),),
+                                      accept=lambda lay: not is_result_layer(lay),
+                                      prefer_last=False)
+        self.marks_combo.setToolTip(
+            "Optional Labels layer of hard constraints: label 1 (keep) is foreground and label "
+            "2 (never) is background in every refined mask"
+        )
+        self.marks_btn = QPushButton("New")
+        self.marks_btn.setToolTip("Add a 'keep / never' Labels layer over the image and paint "
+                                  "label 1 (keep) or 2 (never)")
         self.hint = QLabel("")
         self.hint.setWordWrap(True)
 
         src_row = QHBoxLayout()
         src_row.addWidget(self.source_combo, 1)
         src_row.addWidget(self.edit_btn)
+        marks_row = QHBoxLayout()
+        marks_row.addWidget(self.marks_combo, 1)
+        marks_row.addWidget(self.marks_btn)
         form = QFormLayout()
         form.addRow("Prior:", src_row)
         form.addRow("Trust:", self.trust_spin)
+        form.addRow("", self.keep_edits_check)
+        form.addRow("Keep / never:", marks_row)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.hint)
 
         self.edit_btn.clicked.connect(self.edit_prior)
+        self.marks_btn.clicked.connect(self.new_marks_layer)
         self.source_combo.layer_changed.connect(self._source_changed)
         self._source_changed()
 
@@ -157,6 +192,37 @@ class PriorPanel(QGroupBox):
     def layer(self) -> Any | None:
         """The chosen prior Labels layer (None for the segmentor or no choice)."""
         return self.source_combo.layer()
+
+    def marks_layer(self) -> Any | None:
+        """The chosen "keep / never" Labels layer, if any."""
+        return self.marks_combo.layer()
+
+    def keep_edits(self) -> bool:
+        return self.keep_edits_check.isChecked()
+
+    def new_marks_layer(self) -> Any | None:
+        """Add an empty "keep / never" Labels layer the shape of the prior (or the first
+        image), choose it, and make it active with the brush on label 1 (keep)."""
+        from napari.layers import Image
+        from napari.utils.colormaps import DirectLabelColormap
+
+        ref = self.layer()
+        if ref is None:
+            ref = next((lay for lay in self.viewer.layers if isinstance(lay, Image)), None)
+        if ref is None:
+            return None
+        shape = ref.data.shape[:-1] if getattr(ref, "rgb", False) else ref.data.shape
+        colours = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
+                                                  KEEP_LABEL: "#009E73",      # bluish green
+                                                  NEVER_LABEL: "#D55E00"})    # vermillion
+        marks = self.viewer.add_labels(np.zeros(shape, np.uint8), name="keep / never",
+                                       scale=ref.scale, translate=ref.translate, opacity=0.6,
+                                       colormap=colours, metadata={MARKS_ROLE: True})
+        self.marks_combo.set_layer(marks)
+        self.viewer.layers.selection.active = marks
+        marks.selected_label = 1
+        marks.mode = "paint"
+        return marks
 
     def uses_segmentor(self) -> bool:
         return self.source_combo.special() == SOURCE_SEGMENTOR

@@ -27,7 +27,7 @@ from ._accept import check_target
 from ._inputs import MODE_SLICE, InputProblem, PreparedInput, prepare_input
 from ._layers import REFINED_SAMPLES, RunLayers
 from ._metrics_panel import MetricsPanel
-from ._prior_input import attach_prior
+from ._prior_input import attach_prior, constraints_for_run
 from ._refiner_panel import PriorPanel, RefinerModelPanel
 from ._results_panel import TARGET_NEW, ResultsPanel
 from ._sampling_panel import SamplingPanel
@@ -67,6 +67,9 @@ class MaskRefinerWidget(DiffusionSegmentationWidget):
             maxlen=UNDO_DEPTH)
         self._pending_prior: Any = None
         self.run_prior: Any = None  # the prior Labels layer of the last run (None: segmentor)
+        #: each prior layer's contents at its last accept (or first refine): the pixels that
+        #: differ from it since are the user's edits, kept as hard constraints
+        self._baselines: dict[int, tuple[Any, np.ndarray]] = {}
         self.undo_btn.clicked.connect(self.undo_accept)
         QTimer.singleShot(0, _load_default_later(self.model_panel))
 
@@ -123,8 +126,21 @@ class MaskRefinerWidget(DiffusionSegmentationWidget):
         layer = self.prior.layer()
         seg = self.segmentor if self.prior.uses_segmentor() else None
         attach_prior(prepared, layer, seg, self.prior.trust())
+        baseline = self._baseline(layer) if self.prior.keep_edits() else None
+        fixed = constraints_for_run(layer if baseline is not None else None, baseline,
+                                    self.prior.marks_layer(), prepared.placement)
+        prepared.constraints = None if fixed is None else [fixed]
+        if layer is not None and hash(layer) not in self._baselines:
+            self._set_baseline(layer)  # edits from now on are the user's
         self._pending_prior = layer
         return prepared
+
+    def _baseline(self, layer: Any) -> np.ndarray | None:
+        entry = self._baselines.get(hash(layer)) if layer is not None else None
+        return entry[1] if entry is not None and entry[0] is layer else None
+
+    def _set_baseline(self, layer: Any) -> None:
+        self._baselines[hash(layer)] = (layer, np.array(layer.data, copy=True))
 
     def sample(self, *_: Any) -> Any:
         """Start refining with the panels' settings; returns the worker, or None (after a
@@ -166,9 +182,10 @@ class MaskRefinerWidget(DiffusionSegmentationWidget):
     def _write(self, run: RunLayers, mask: np.ndarray, what: str) -> Any | None:
         target = super()._write(run, mask, what)
         if target is not None:
-            # the next refine starts from what was just accepted
+            # the next refine starts from what was just accepted; edits count from here
             self.prior.use_layer(target)
             self.run_prior = target
+            self._set_baseline(target)
         self._update_undo()
         return target
 
@@ -196,5 +213,6 @@ class MaskRefinerWidget(DiffusionSegmentationWidget):
                     index = tuple(ix[sel] + o for ix, o in zip(changed, offset))
                     layer.data_setitem(index, int(v))
         self._update_undo()
+        self._set_baseline(layer)
         _notify.info(f"Restored '{layer.name}' as it was before the last accept.")
         return layer

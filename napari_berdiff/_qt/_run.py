@@ -51,6 +51,8 @@ class Job:
     units: str | None = None
     #: keeps every step for an animation (:class:`~napari_berdiff.animation.ReverseRecorder`)
     recorder: Any = None
+    #: the refiner's hard constraints per crop (−1 free, 0 never, 1 keep), else None
+    constraints: list[np.ndarray | None] | None = None
     #: the image's pixel spacing in mm (the layer's scale) when known: each crop is sampled
     #: at the model's spacing and the frames mapped back (napari_berdiff.spacing)
     spacing: tuple[float, ...] | None = None
@@ -103,7 +105,8 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def _fill(upd: Update, frame: Any, how: Any = None) -> Update:
+def _fill(upd: Update, frame: Any, how: Any = None, fixed: np.ndarray | None = None
+          ) -> Update:
     upd.states = frame.states
     upd.probs = frame.x0_prob
     maps = frame.maps
@@ -115,7 +118,34 @@ def _fill(upd: Update, frame: Any, how: Any = None) -> Update:
                       ).astype(upd.states.dtype)
         upd.probs = resample_back(upd.probs, how.shape).clip(0, 1)
         upd.maps = {k: resample_back(v[None], how.shape)[0] for k, v in upd.maps.items()}
+        if fixed is not None:  # hard constraints hold on the crop's own pixels too
+            sel = fixed >= 0
+            upd.states = upd.states.copy()
+            upd.states[:, sel] = fixed[sel].astype(upd.states.dtype)
+            upd.probs[:, sel] = fixed[sel].astype(upd.probs.dtype)
     return upd
+
+
+def _constrain(extra: dict[str, Any], job: Job, full: np.ndarray | None,
+               fixed: np.ndarray) -> None:
+    """Add the hard constraints ``fixed`` (on the crop's grid) to the sampling keywords, on
+    the model's grid when the crop is resampled (``full``: the crop before resampling), and
+    clamp the prior map there too."""
+    from ..refine import constrain_prior, constraint_map
+
+    c = fixed
+    if full is not None:
+        from ..spacing import to_model_spacing
+
+        keep, never = (to_model_spacing(job.model, full, job.spacing, None,
+                                        (fixed == v).astype(np.float32))[1] > 0.5
+                       for v in (1, 0))
+        c = constraint_map(keep.shape, keep, never)
+    if c is None:
+        return
+    extra["constraints"] = c
+    if "prior" in extra:
+        extra["prior"] = constrain_prior(np.asarray(extra["prior"], np.float32), c)
 
 
 def run_job(job: Job) -> Generator[Update, None, Outcome]:
@@ -142,15 +172,18 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                 extra["temperature"] = job.temperature
             if job.units:
                 extra["units"] = job.units
+            fixed = None if job.constraints is None else job.constraints[pos]
             try:
-                how = None
+                how, full = None, crop
                 if job.spacing is not None:
                     from ..spacing import to_model_spacing
 
-                    crop, prior, how = to_model_spacing(job.model, crop, job.spacing, None,
+                    crop, prior, how = to_model_spacing(job.model, full, job.spacing, None,
                                                         extra.get("prior"))
                     if prior is not None:
                         extra["prior"] = prior
+                if fixed is not None:
+                    _constrain(extra, job, full if how is not None else None, fixed)
                 stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
                                           cancel=job.cancel, **extra)
             except Exception as exc:  # noqa: BLE001 - reported to the user
@@ -175,7 +208,7 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                 push = frame.final or frame.step == 0 or (
                     now - last_push >= job.interval_s and job.consumed.is_set())
                 if push:
-                    _fill(upd, frame, how)
+                    _fill(upd, frame, how, fixed)
                     job.consumed.clear()
                     last_push = time.perf_counter()
                 last_frame, last_pushed = frame, push
@@ -190,7 +223,7 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                     # bring the layers to the last completed step, all of them from one frame
                     yield _fill(Update(pos, n_slices, last_frame.step, last_frame.n_steps,
                                        last_frame.t, time.perf_counter() - t0, False,
-                                       catch_up=True), last_frame, how)
+                                       catch_up=True), last_frame, how, fixed)
                 break
             slices_done += 1
     return Outcome(cancelled, slices_done, n_slices, steps_done, n_steps,

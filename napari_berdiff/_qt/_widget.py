@@ -323,6 +323,7 @@ class DiffusionSegmentationWidget(QWidget):
                   priors=prepared.priors, temperature=sp.temperature(self.model),
                   recorder=self.last_recorder, spacing=spacing)
         job.units = prepared.units  # CT in HU: the model's window applies
+        job.constraints = prepared.constraints  # the refiner's keep / never pixels
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)

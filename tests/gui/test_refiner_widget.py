@@ -89,8 +89,9 @@ def refine_and_wait(qtbot, widget, timeout=60_000):
     return blocker.args[0]
 
 
-def engine_masks(model, image, prior, n=4, steps=4, seed=3, trust=0.7):
-    return refine_all(model, image, prior, trust=trust, n=n, steps=steps, seed=seed).masks
+def engine_masks(model, image, prior, n=4, steps=4, seed=3, trust=0.7, **constraints):
+    return refine_all(model, image, prior, trust=trust, n=n, steps=steps, seed=seed,
+                      **constraints).masks
 
 
 def test_docks_from_the_manifest(refiner_dock):
@@ -151,7 +152,12 @@ def test_edit_refine_accept_undo_loop(refiner_dock, qtbot, notes):
     assert edited[4, 4] == 1 and not np.array_equal(edited, samples[2])
     refine_and_wait(qtbot, widget)
     samples2 = viewer.layers[SAMPLES].data.copy()
-    np.testing.assert_array_equal(samples2, engine_masks(model, image, edited))
+    # the pixels painted since the accept are kept in every refined mask (hard constraints)
+    painted = (edited > 0) & ~(samples[2] > 0)
+    assert painted.any()
+    np.testing.assert_array_equal(
+        samples2, engine_masks(model, image, edited, keep=painted, never=None))
+    assert samples2[:, painted].all()
     assert not np.array_equal(samples2, samples)
 
     # accept again, then "Undo accept" restores exactly the edited mask
@@ -360,3 +366,50 @@ def test_volume_refines_the_current_slice(refiner_dock, qtbot):
     np.testing.assert_array_equal(mask.data[:2], prior[:2])
     mask.undo()
     np.testing.assert_array_equal(mask.data, prior)
+
+
+def test_edits_and_keep_never_marks_hold_in_every_refined_mask(refiner_dock, qtbot):
+    viewer, widget = refiner_dock
+    image = blob(seed=4)
+    viewer.add_image(image, name="img")
+    rough = disk(radius=6)
+    mask = viewer.add_labels(rough.copy(), name="mask")
+    model = tiny("refiner", seed=2)
+    widget.set_model(model, "tiny refiner")
+    settings(widget, n=6, steps=5)
+    refine_and_wait(qtbot, widget)  # the first refine: edits count from here
+
+    # the user erases part of the mask and paints a blob away from it with the brush
+    widget.prior.edit_prior()
+    mask.brush_size = 4
+    mask.paint((16, 16), 0)
+    mask.paint((26, 26), 1)
+    erased = (rough > 0) & (mask.data == 0)
+    painted = (rough == 0) & (mask.data > 0)
+    assert erased.any() and painted.any()
+
+    # and marks "keep" and "never" pixels on a keep / never layer made by the panel
+    widget.prior.new_marks_layer()
+    marks = viewer.layers["keep / never"]
+    assert widget.prior.marks_layer() is marks and widget.prior.layer() is mask
+    assert marks.mode == "paint" and marks.selected_label == 1
+    marks.data[4:7, 4:7] = 1
+    marks.data[10:13, 20:23] = 2
+    marks.refresh()
+    refine_and_wait(qtbot, widget)
+    samples = viewer.layers[SAMPLES].data
+    keep = painted | (marks.data == 1)
+    never = (erased | (marks.data == 2)) & ~keep
+    assert samples[:, keep].all() and not samples[:, never].any()
+    np.testing.assert_array_equal(
+        samples, engine_masks(model, image, mask.data.copy(), n=6, steps=5, keep=keep,
+                              never=never))
+
+    # with "Keep my edits" off, only the marks hold
+    widget.prior.keep_edits_check.setChecked(False)
+    refine_and_wait(qtbot, widget)
+    samples = viewer.layers[SAMPLES].data
+    assert samples[:, marks.data == 1].all() and not samples[:, marks.data == 2].any()
+    np.testing.assert_array_equal(
+        samples, engine_masks(model, image, mask.data.copy(), n=6, steps=5,
+                              keep=marks.data == 1, never=marks.data == 2))
