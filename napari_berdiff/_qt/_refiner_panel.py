@@ -214,7 +214,7 @@ class PriorPanel(QGroupBox):
         shape = ref.data.shape[:-1] if getattr(ref, "rgb", False) else ref.data.shape
         colours = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
                                                   KEEP_LABEL: "#009E73",      # bluish green
-                                                  NEVER_LABEL: "#D55E00"})    # vermillion
+                                                  NEVER_LABEL: "#0072B2"})    # blue
         marks = self.viewer.add_labels(np.zeros(shape, np.uint8), name="keep / never",
                                        scale=ref.scale, translate=ref.translate, opacity=0.6,
                                        colormap=colours, metadata={MARKS_ROLE: True})
