@@ -285,7 +285,6 @@ def _check_region(model: Any, image: np.ndarray | tuple[int, int], roi: tuple | 
     h, w = image if isinstance(image, tuple) else image.shape[1:]
     box = check_roi(roi, (h, w))
     y0, x0, y1, x1 = box
-    rh, rw = y1 - y0, x1 - x0
     train = int(model.data.get("image_size") or model.net.config.image_size)
     if roi is None and max(h, w) * (zoom or 1.0) > 2 * train and not allow_large:
         bh, bw = min(train, h), min(train, w)
@@ -420,6 +419,7 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
         "roi": list(result.roi),
         "roi_requested": args.roi is not None,
         "device": result.device,
+        "threads": getattr(args, "threads_used", None),
         "chunk_size": result.chunk_size,
         "presence": result.presence,
         "readers": None if result.readers is None else result.readers.tolist(),
@@ -484,6 +484,7 @@ def _sample_into(args: argparse.Namespace, out: Path) -> str:
     from .diffusion.sampler import check_seed, plan_memory
     from .distribution import model_spacing
     from .spacing import map_back, to_model_spacing, zoom_factor
+    from .threads import use_threads
 
     wall0 = time.perf_counter()
     if args.n < 1:
@@ -497,6 +498,7 @@ def _sample_into(args: argparse.Namespace, out: Path) -> str:
                          f"got {args.memory_budget}")
     roi = _parse_roi(args.roi)
     steps = _parse_steps(args.steps)
+    args.threads_used = use_threads(args.threads)
     model_path = _resolve_model(args.model)
     model = load_model(model_path, preset=args.preset, device=args.device)
     load_s = time.perf_counter() - wall0
@@ -553,6 +555,9 @@ def add_run_options(p: argparse.ArgumentParser, verb: str, slice_help: str) -> N
     p.add_argument("--allow-large", action="store_true",
                    help=f"{verb} an image larger than twice the training size without --roi")
     p.add_argument("--max-batch", type=int, help="at most this many samples per network call")
+    p.add_argument("--threads", default="auto",
+                   help="torch threads: a count, or 'auto' (default): the cores other "
+                        "processes leave free right now (napari_berdiff.threads)")
     p.add_argument("--spacing", help="the image's pixel spacing in mm (one number, or row,col); "
                                      "default: the file's header when it has one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

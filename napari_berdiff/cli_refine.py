@@ -104,6 +104,7 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
     from .distribution import model_spacing
     from .refine import constraint_map, enforce_constraints, prior_map, refine
     from .spacing import map_back, to_model_spacing, zoom_factor
+    from .threads import use_threads
     from .uncertainty import dice
 
     wall0 = time.perf_counter()
@@ -113,6 +114,7 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
         raise ValueError(f"--trust must lie in [0, 1], got {args.trust}")
     roi = _parse_roi(args.roi)
     steps = _parse_steps(args.steps)
+    args.threads_used = use_threads(args.threads)
     model_path = _resolve_model(args.model)
     refiner = load_model(model_path, device=args.device)
     if refiner.kind != "refiner":

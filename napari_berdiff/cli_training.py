@@ -340,14 +340,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a model, the deterministic baseline and the references on a data folder."""
-    import torch
-
     from .data.layout import load_dataset
     from .data.splits import split_dataset
+    from .threads import use_threads
     from .training.evaluate import default_baseline_path, evaluate, format_table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     model_path = _resolve_model(args.model)
     model = _load(model_path, args.device)
     full = load_dataset(args.data)
@@ -491,7 +489,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--spacing", help="the images' pixel spacing in mm (default: dataset.json's); "
                                      "images are resampled to the model's spacing")
     p.add_argument("--json", help="also write the figures as JSON keyed by method")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", default="auto",
+                   help="torch threads: a count, or 'auto' (default; napari_berdiff.threads)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -10,7 +10,6 @@ of those frames are computed here, in the worker, so the event loop only copies 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Generator
@@ -39,7 +38,8 @@ class Job:
     steps: int | None
     seed: int
     interval_s: float = 0.1
-    threads: int | None = None
+    #: torch threads: a count, or "auto"/None for the shared policy (napari_berdiff.threads)
+    threads: int | str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     #: set by the main thread once the last update with arrays has reached the layers
     consumed: threading.Event = field(default_factory=threading.Event)
@@ -98,11 +98,15 @@ class Outcome:
     #: Models with a presence head: the mean over the slices of the probability that an
     #: annotator marks anything (samples drawn unmarked are empty masks); None otherwise.
     presence: float | None = None
+    #: the torch threads the run used (in its worker thread)
+    threads: int = 0
 
 
 def default_threads() -> int:
-    """Leave one core to the event loop."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    """The thread count of the shared ``auto`` policy (:mod:`napari_berdiff.threads`)."""
+    from ..threads import auto_threads
+
+    return auto_threads()
 
 
 def _fill(upd: Update, frame: Any, how: Any = None, fixed: np.ndarray | None = None
@@ -152,7 +156,10 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
     """Sample every crop of ``job`` in turn, yielding an :class:`Update` per step."""
     import torch
 
-    torch.set_num_threads(job.threads or default_threads())
+    from ..threads import use_threads
+
+    use_threads(job.threads or "auto")
+    threads = torch.get_num_threads()  # what torch runs with in this (the worker) thread
     t0 = time.perf_counter()
     n_slices = len(job.crops)
     last_push = -float("inf")
@@ -228,4 +235,4 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
             slices_done += 1
     return Outcome(cancelled, slices_done, n_slices, steps_done, n_steps,
                    time.perf_counter() - t0, device,
-                   sum(presences) / len(presences) if presences else None)
+                   sum(presences) / len(presences) if presences else None, threads)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
 from qtpy.QtWidgets import (
     QButtonGroup,
     QCheckBox,
+    QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
@@ -92,6 +94,14 @@ class SamplingPanel(QGroupBox):
             "Shortest time between two layer updates while streaming (0: every step). "
             "The first and the last step are always shown."
         )
+        self.threads_combo = QComboBox()
+        self.threads_combo.addItem("auto", "auto")
+        for k in range(1, (os.cpu_count() or 1) + 1):
+            self.threads_combo.addItem(str(k), k)
+        self.threads_combo.setToolTip(
+            "CPU threads for sampling. auto: the cores other programs leave free when the run "
+            "starts (more threads than free cores slow sampling down several-fold)"
+        )
         self._bernoulli = True  # until a model says otherwise
         self._shown_default = 1.0  # what the box showed for the model's own temperature
         self.keep_check = QCheckBox("Keep previous results")
@@ -130,6 +140,7 @@ class SamplingPanel(QGroupBox):
         form.addRow("Temperature:", self.temperature_spin)
         form.addRow("Seed:", seed_row)
         form.addRow("Stream every:", self.interval_spin)
+        form.addRow("Threads:", self.threads_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.sample_btn, 2)
         buttons.addWidget(self.cancel_btn, 1)

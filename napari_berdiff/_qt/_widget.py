@@ -324,6 +324,7 @@ class DiffusionSegmentationWidget(QWidget):
                   recorder=self.last_recorder, spacing=spacing)
         job.units = prepared.units  # CT in HU: the model's window applies
         job.constraints = prepared.constraints  # the refiner's keep / never pixels
+        job.threads = sp.threads_combo.currentData()  # "auto" or a count
         self._holder["cancel"] = job.cancel
         self._watch_window()
         active = _Active(layers, job)

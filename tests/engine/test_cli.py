@@ -221,3 +221,22 @@ def test_sample_step_option_is_recorded_and_checked(capsys, files, tmp_path, fla
     code, _, err = _sample(capsys, files, tmp_path / "bad", flag, bad)
     assert code == 2 and message in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_threads_are_honoured_and_recorded(capsys, files, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        code, _, err = _sample(capsys, files, tmp_path / "t1", "--threads", "1")
+        assert code == 0, err
+        assert torch.get_num_threads() == 1
+        assert json.loads((tmp_path / "t1" / "run.json").read_text())["threads"] == 1
+        code, _, err = _sample(capsys, files, tmp_path / "ta", "--threads", "auto")
+        assert code == 0, err
+        used = json.loads((tmp_path / "ta" / "run.json").read_text())["threads"]
+        assert isinstance(used, int) and used >= 1 and torch.get_num_threads() == used
+        for bad in ("0", "many"):
+            code, _, err = _sample(capsys, files, tmp_path / f"b{bad}", "--threads", bad)
+            assert code == 2 and "'auto' or a whole number" in err
+            assert not (tmp_path / f"b{bad}").exists()
+    finally:
+        torch.set_num_threads(before)

@@ -413,3 +413,20 @@ def test_edits_and_keep_never_marks_hold_in_every_refined_mask(refiner_dock, qtb
     np.testing.assert_array_equal(
         samples, engine_masks(model, image, mask.data.copy(), n=6, steps=5,
                               keep=marks.data == 1, never=marks.data == 2))
+
+
+def test_the_threads_setting_is_used_by_the_run(refiner_dock, qtbot):
+    import os
+
+    viewer, widget = refiner_dock
+    viewer.add_image(blob(seed=5), name="img")
+    viewer.add_labels(disk(), name="mask")
+    widget.set_model(tiny("refiner"), "tiny refiner")
+    settings(widget, n=2, steps=2)
+    combo = widget.sampling.threads_combo
+    assert combo.currentData() == "auto"  # the shared policy by default
+    assert [combo.itemData(i) for i in range(1, combo.count())] == list(
+        range(1, (os.cpu_count() or 1) + 1))
+    combo.setCurrentIndex(combo.count() - 1)  # the most threads: not what the fixture set
+    outcome = refine_and_wait(qtbot, widget)
+    assert outcome.threads == combo.currentData()  # torch's count in the worker thread
