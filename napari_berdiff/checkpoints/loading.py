@@ -124,7 +124,7 @@ def _from_preset(sd: dict[str, torch.Tensor], preset: str, path: Path, device: A
     except CheckpointError as e:
         fits = [p for p in matching_presets(sd) if p != preset]
         extra = (f"\n  {path.name} fits preset {fits[0]!r}: use that one." if fits
-                 else f"\n  No known preset fits {path.name}; {preset_hint()}.")
+                 else f"\n  No known preset fits {path.name}; {preset_hint(sd)}.")
         raise CheckpointError(f"{path.name}: {e}{extra}") from None
     meta = {
         "kind": mp.kind,
@@ -145,7 +145,9 @@ def load_model(path: str | Path, preset: str | None = None, device: Any = "cpu")
     path
         A napari-berdiff ``.safetensors`` file, or an official BerDiff / Wolleb
         ``torch.save(state_dict)`` file (``BerDiff_epsilon.pt``, ``model*.pt``,
-        ``ema_*.pt``, ``savedmodel*.pt``, ``emasavedmodel*.pt``).
+        ``ema_*.pt``, ``savedmodel*.pt``, ``emasavedmodel*.pt``), or a cDAL generator
+        (``*_mIoU_*_F1_*.pth``, ``netG_*.pth``, keys ``module.…``) or resume file
+        (``content.pth``, whose generator ``netG_dict`` is loaded).
     preset
         For official files (and safetensors files written by other tools): the model
         preset, e.g. ``"berdiff-lidc-128"``. Recognised from the keys and shapes when
