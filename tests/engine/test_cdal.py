@@ -240,3 +240,27 @@ def test_train_kind_cdal_lowers_the_loss_and_writes_a_loadable_model(tmp_path, c
     assert model.kind == "cdal" and model.net.config.image_size == 16
     res = model.sample_all(np.random.default_rng(1).random((16, 16)), n=2, seed=0)
     assert res.masks.shape == (2, 16, 16) and res.steps_done == 2
+
+
+def test_cdal_training_resumes_exactly(tmp_path):
+    from napari_berdiff.data.dataset import SegDataset, SegItem
+    from napari_berdiff.data.phantoms import make_phantom
+    from napari_berdiff.networks import network_description
+    from napari_berdiff.training import TrainConfig, default_diffusion, train
+
+    items = [SegItem(p.image.astype(np.float32), p.masks, f"c{s}", "000")
+             for s, p in ((s, make_phantom(s, 16)) for s in range(6))]
+    ds = SegDataset(items, {"description": "tiny phantoms"})
+    net = NCSNppConfig(image_size=16, nf=32, ch_mult=(1, 2), num_res_blocks=1,
+                       attn_resolutions=(), nz=4, z_emb_dim=16, n_mlp=1, cond_enc_layers=1,
+                       cond_enc_num_res_blocks=1)
+    cfg = TrainConfig(kind="cdal", network=network_description(net),
+                      diffusion=default_diffusion("cdal").to_dict(), steps=3, batch_size=2,
+                      lr=1e-3, betas=(0.5, 0.9), warmup=1, checkpoint_every=10, threads=1)
+    whole = train(cfg, ds, tmp_path / "a.safetensors", progress=False)
+    train(cfg, ds, tmp_path / "b.safetensors", progress=False, stop_after=1)
+    rest = train(cfg, ds, tmp_path / "b.safetensors", progress=False, resume=True)
+    assert rest.step == 3 and rest.losses == pytest.approx(whole.losses[1:], rel=1e-5)
+    a = load_model(tmp_path / "a.safetensors").net.state_dict()
+    b = load_model(tmp_path / "b.safetensors").net.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
