@@ -58,7 +58,7 @@ def test_bundled_list_offers_sampling_models_only(docked):
     combo = widget.model_panel.bundled
     offered = [combo.itemData(i) for i in range(combo.count()) if combo.itemData(i)]
     expected = [str(p) for p in list_bundled_models()
-                if describe(p, checksum=False)["kind"] in ("bernoulli", "gaussian")]
+                if describe(p, checksum=False)["kind"] in ("bernoulli", "gaussian", "cdal")]
     assert expected and offered == expected
     assert "unet-phantom-64" not in {Path(p).stem for p in offered}  # the segmentor baseline
 
