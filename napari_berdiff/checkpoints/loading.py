@@ -23,10 +23,20 @@ __all__ = ["load_model", "load_state_dict_file", "network_from_description", "fo
 
 
 def foreign_error(path: Path) -> CheckpointError:
+    from .info import shapes_as_sd
+    from .official import strip_prefixes
+    from .ours import tensor_shapes
+
+    try:  # what its tensors look like, from the header alone
+        hint = preset_hint(strip_prefixes(shapes_as_sd(tensor_shapes(
+            read_safetensors_header(path)))))
+    except CheckpointError:
+        hint = preset_hint()
     return CheckpointError(
         f"{path.name} is a safetensors file that was not written by napari-berdiff: its "
         f"metadata has no {METADATA_KEY!r} entry (expected a JSON description with format "
-        f"{FORMAT!r}). If it holds an official BerDiff/Wolleb state_dict, {preset_hint()}."
+        f"{FORMAT!r}). If it holds an official BerDiff/Wolleb/cDAL state_dict, pass its "
+        f"preset; {hint}."
     )
 
 

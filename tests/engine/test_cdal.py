@@ -264,3 +264,15 @@ def test_cdal_training_resumes_exactly(tmp_path):
     a = load_model(tmp_path / "a.safetensors").net.state_dict()
     b = load_model(tmp_path / "b.safetensors").net.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_foreign_safetensors_generator_is_named_for_what_it_looks_like(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "generator.safetensors"
+    save_file({k: v.contiguous() for k, v in _tiny_net().state_dict().items()}, str(path))
+    with pytest.raises(ValueError) as err:
+        load_model(path)
+    msg = str(err.value)
+    assert "not written by napari-berdiff" in msg and "NCSN++ generator" in msg
+    assert "nz=8" in msg
