@@ -29,7 +29,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from train_default import TEST_SEED0, TRAIN_SEED0, phantom_dataset  # noqa: E402
 
 from napari_berdiff.networks import network_description  # noqa: E402
-from napari_berdiff.training import TrainConfig, default_diffusion, default_network, train  # noqa: E402
+from napari_berdiff.training import (  # noqa: E402
+    TrainConfig,
+    default_diffusion,
+    default_network,
+    train,
+)
 
 NAME = "cdal-phantom-64"
 MODELS = ROOT / "models"
@@ -212,7 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         sc = heldout_scores(model, args.n_items, 16)
         secs = sample_time(_sized(model, 128), 128, 16)
         rows.append((name, model.diffusion.default_step_count, sc, secs))
-    print(f"| model | steps | GED² | HM-IoU | majority-vote Dice | 16 × 128² (s) |")
+    print("| model | steps | GED² | HM-IoU | majority-vote Dice | 16 × 128² (s) |")
     print("|---|---|---|---|---|---|")
     for name, steps, sc, secs in rows:
         print(f"| {name} | {steps} | {_mean_sem(sc['ged2'])} | {_mean_sem(sc['hm_iou'])} | "

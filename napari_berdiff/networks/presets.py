@@ -4,8 +4,8 @@
 models (BerDiff's LIDC model, Wolleb et al.'s BraTS model) so that their checkpoints load key
 for key; ``cdal-lung-256``, ``cdal-monu-256`` and ``cdal-hippo-32`` rebuild cDAL's generators
 (NCSN++ with adaptive group norm) from the official ``parameters_lung.json``,
-``parameters_monu.json`` and the hippocampus training script.  Their diffusion settings (schedule, T, prediction mode) live with the diffusion
-configuration, not here.
+``parameters_monu.json`` and the hippocampus training script. Their diffusion settings
+(schedule, T, prediction mode) live with the diffusion configuration, not here.
 """
 
 from __future__ import annotations

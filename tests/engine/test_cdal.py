@@ -19,7 +19,7 @@ from napari_berdiff.diffusion.cdal import cdal_betas
 from napari_berdiff.model import DiffusionModel
 from napari_berdiff.networks import NCSNppConfig, NCSNppGenerator, build_network
 
-from .ckpt_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+from .ckpt_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 REFERENCE = Path(__file__).parent / "reference"
 CDAL_PRESETS = ("cdal-lung-256", "cdal-monu-256", "cdal-hippo-32")
