@@ -145,6 +145,8 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
     from .training import TrainConfig, condition_once_network, default_diffusion, default_network
 
     kind = args.kind
+    if kind == "cdal":
+        return _cdal_train_config(args, image_size, channels)
     seg = default_network("deterministic", image_size, channels)
     condition_once = args.network == "condition-once" or (
         args.network == "auto" and kind in ("bernoulli", "gaussian") and args.attention is None)
@@ -190,13 +192,53 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
                         **({} if kind == "gaussian" else {"prediction": args.prediction}))
     return TrainConfig(
         kind=kind, network=network_description(net), diffusion=diff.to_dict(), steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
+        batch_size=args.batch_size, lr=args.lr if args.lr is not None else 1e-3,
+        warmup=args.warmup, ema_decay=args.ema_decay,
         grad_clip=args.grad_clip, augment=not args.no_augment, bce_weight=args.bce_weight,
         focal=args.focal, t_sampling=args.t_sampling, unroll_prob=args.unroll_prob,
         normalisation=args.normalisation,
         checkpoint_every=args.checkpoint_every, max_minutes=args.minutes, seed=args.seed,
         threads=args.threads, device=args.device,
         **(_refiner_settings(args, seg) if refiner else {}),
+    )
+
+
+def _cdal_train_config(args: argparse.Namespace, image_size: int, channels: int) -> Any:
+    """The recipe of ``--kind cdal``: the small NCSN++ generator and its discriminator."""
+    from .networks import network_description
+    from .training import TrainConfig, default_diffusion, default_network
+
+    refused = [flag for flag, value in (
+        ("--network", args.network != "auto"), ("--self-condition", args.self_condition),
+        ("--presence-head", args.presence_head), ("--readers", args.readers),
+        ("--norm-groups", args.norm_groups), ("--schedule", args.schedule),
+        ("--unroll-prob", args.unroll_prob)) if value]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} do(es) not apply to --kind cdal")
+    net = default_network("cdal", image_size, channels)
+    changes: dict[str, Any] = {}
+    if args.base_channels:
+        changes["nf"] = args.base_channels
+    if args.channel_mult:
+        changes["ch_mult"] = _ints(args.channel_mult, "--channel-mult")
+    if args.res_blocks:
+        changes["num_res_blocks"] = args.res_blocks
+    if args.attention is not None:  # feature-map sizes for this network, e.g. 16
+        changes["attn_resolutions"] = _ints(args.attention, "--attention")
+    net = net.replace(**changes) if changes else net
+    T = args.timesteps or default_diffusion("cdal").timesteps
+    if not 1 <= T <= 8:
+        raise ValueError(f"--timesteps for cdal is a short chain of 1..8 steps, got {T}")
+    diff = default_diffusion("cdal").replace(timesteps=T, default_steps=T)
+    return TrainConfig(
+        kind="cdal", network=network_description(net), diffusion=diff.to_dict(),
+        steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr if args.lr is not None else 5e-4, betas=(0.5, 0.9), warmup=args.warmup,
+        ema_decay=args.ema_decay, grad_clip=args.grad_clip, augment=not args.no_augment,
+        normalisation=args.normalisation, checkpoint_every=args.checkpoint_every,
+        max_minutes=args.minutes, seed=args.seed, threads=args.threads, device=args.device,
+        lr_d=args.lr_d, r1_gamma=args.r1_gamma, disc_channels=args.disc_channels,
+        attn_scale=args.attn_scale, adv_weight=args.adv_weight,
     )
 
 
@@ -399,10 +441,11 @@ def register(subparsers: Any) -> None:
                     "model (.safetensors), the training state (.state.pt, for --resume) and a "
                     "CSV log next to it. --kind refiner trains a HiDiff-style segmentor and "
                     "prior-conditioned refiner alternately and also writes "
-                    "<output>-segmentor.safetensors.")
+                    "<output>-segmentor.safetensors. --kind cdal trains cDAL's NCSN++ "
+                    "generator with its discriminator (R1, spatial attention, latent z).")
     p.add_argument("--data", required=True, help="data folder")
     p.add_argument("--kind", default="bernoulli",
-                   choices=["bernoulli", "gaussian", "deterministic", "refiner"])
+                   choices=["bernoulli", "gaussian", "deterministic", "refiner", "cdal"])
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--name", help="model name stored in the file (default: the file name)")
     p.add_argument("--resume", action="store_true", help="continue the run saved next to --output")
@@ -414,7 +457,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=12, help="per process under torchrun")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3; cdal: 5e-4)")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -462,6 +505,14 @@ def register(subparsers: Any) -> None:
                    help="refiner: trust of the softened degraded masks, low,high")
     p.add_argument("--degrade-strength", type=float, default=1.0,
                    help="refiner: how strongly annotator masks are degraded")
+    p.add_argument("--lr-d", type=float, default=1e-4, help="cdal: discriminator lr")
+    p.add_argument("--r1-gamma", type=float, default=1.0, help="cdal: R1 penalty weight")
+    p.add_argument("--disc-channels", type=int, default=16, help="cdal: discriminator width")
+    p.add_argument("--attn-scale", type=int, default=2,
+                   help="cdal: the discriminator feature map that gives the spatial attention")
+    p.add_argument("--adv-weight", type=float, default=0.0,
+                   help="cdal: weight of the generator's adversarial term (0: MSE only, as "
+                        "the released code)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none)")
     p.add_argument("--seed", type=int, default=0)

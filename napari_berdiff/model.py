@@ -22,7 +22,7 @@ from .diffusion.sampler import (
 )
 
 FORMAT = "napari-berdiff/1"
-KINDS = ("bernoulli", "gaussian", "refiner", "segmentor")
+KINDS = ("bernoulli", "gaussian", "refiner", "segmentor", "cdal")
 
 
 def normalise_image(image: np.ndarray, spec: dict[str, Any] | None) -> np.ndarray:
@@ -31,9 +31,17 @@ def normalise_image(image: np.ndarray, spec: dict[str, Any] | None) -> np.ndarra
     ``spec["mode"]`` is ``"minmax"`` (to [0, 1]; the default), ``"unit"`` (integer images
     divided by their type's maximum, as the official code reads 8-bit PNGs; float images
     already in [0, 1] kept; others min-max scaled), ``"fixed"`` (clip to ``[min, max]`` then
-    scale to [0, 1]), ``"zscore"`` or ``"none"``.
+    scale to [0, 1]), ``"zscore"``, ``"standardise"`` (``(x − mean)/std`` with fixed
+    per-channel ``mean`` and ``std`` lists, as cDAL's MoNuSeg model) or ``"none"``. An optional
+    ``spec["range"] = [lo, hi]`` maps the [0, 1] result of the first four modes onto
+    ``[lo, hi]`` (cDAL's images are in [-1, 1]).
     """
     spec = spec or {"mode": "minmax"}
+    lo_hi = spec.get("range")
+    if lo_hi is not None:
+        lo, hi = (float(v) for v in lo_hi)
+        inner = normalise_image(image, {k: v for k, v in spec.items() if k != "range"})
+        return (lo + (hi - lo) * inner).astype(np.float32)
     mode = spec.get("mode", "minmax")
     raw = np.asarray(image)
     img = raw.astype(np.float32)
@@ -59,6 +67,11 @@ def normalise_image(image: np.ndarray, spec: dict[str, Any] | None) -> np.ndarra
                 "fault, not the image; use an unmodified checkpoint"
             )
         return ((np.clip(img, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    if mode == "standardise":
+        shape = (-1,) + (1,) * (img.ndim - 1)
+        mean = np.asarray(spec["mean"], np.float32).reshape(shape)
+        std = np.asarray(spec["std"], np.float32).reshape(shape)
+        return ((img - mean) / std).astype(np.float32)
     if mode == "zscore":
         mu = img.mean(axis=axes, keepdims=True)
         sd = img.std(axis=axes, keepdims=True)

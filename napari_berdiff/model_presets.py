@@ -72,6 +72,57 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         },
         source="Wolleb et al. official code (savedmodel*.pt / emasavedmodel*.pt)",
     ),
+    # cDAL (github.com/Hejrati/cDAL): torch.save of the DDP-wrapped generator, keys
+    # 'module.…', file names carrying the validation mIoU and F1. The lung data stores the
+    # lungs as -1, so the kernel reads x̂0 < 0 as foreground.
+    "cdal-lung-256": ModelPreset(
+        name="cdal-lung-256",
+        network="cdal-lung-256",
+        kind="cdal",
+        diffusion=DiffusionConfig(kind="cdal", timesteps=2, schedule="vp", prediction="x0",
+                                  default_steps=2, inverted_masks=True),
+        data={
+            "image_size": 256,
+            "image_channels": 1,
+            "normalisation": {"mode": "unit", "range": [-1.0, 1.0]},
+            "mask_polarity": "inverted (lungs are -1 in the chain)",
+            "consensus": "majority vote of 30 samples",
+            "description": "chest X-ray lung fields, 256x256 (cDAL release, lung_fold*_mIoU_*.pth)",
+        },
+        source="cDAL official release (saved_models/lung_fold*_mIoU_*_F1_*.pth)",
+    ),
+    "cdal-monu-256": ModelPreset(
+        name="cdal-monu-256",
+        network="cdal-monu-256",
+        kind="cdal",
+        diffusion=DiffusionConfig(kind="cdal", timesteps=4, schedule="vp", prediction="x0",
+                                  default_steps=4),
+        data={
+            "image_size": 256,
+            "image_channels": 3,
+            "normalisation": {"mode": "standardise", "mean": [142.07, 98.48, 132.96],
+                              "std": [65.78, 57.05, 57.78]},
+            "consensus": "majority vote of 5 samples",
+            "description": "MoNuSeg H&E nuclei, 256x256 RGB patches (cDAL release, "
+                           "monu_mIoU_*.pth)",
+        },
+        source="cDAL official release (saved_models/monu_mIoU_*_F1_*.pth)",
+    ),
+    "cdal-hippo-32": ModelPreset(
+        name="cdal-hippo-32",
+        network="cdal-hippo-32",
+        kind="cdal",
+        diffusion=DiffusionConfig(kind="cdal", timesteps=4, schedule="vp", prediction="x0",
+                                  default_steps=4, inverted_masks=True),
+        data={
+            "image_size": 32,
+            "image_channels": 1,
+            "normalisation": {"mode": "minmax", "range": [-1.0, 1.0]},
+            "mask_polarity": "one-hot in [-1, 1]; foreground is 'not background' (channel 0 < 0)",
+            "description": "hippocampus MR slices, 32x32 (cDAL train_cDAL_hippo.py configuration)",
+        },
+        source="cDAL official code (train_cDAL_hippo.py; no hippocampus weights are released)",
+    ),
 }
 
 

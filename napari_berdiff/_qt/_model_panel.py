@@ -154,7 +154,8 @@ def summary_html(model: Any, label: str = "") -> str:
         f"{d.get('schedule', '')} · {d.get('prediction', '')} · "
         f"{d.get('default_steps', '?')} "
         + (f"{str(d.get('sampler', '')).upper()} " if s.get("kind") == "gaussian" else "")
-        + "steps by default"
+        + ("steps, all of its chain (a fresh latent z each step; consensus: majority vote)"
+           if s.get("kind") == "cdal" else "steps by default")
         + (f" · correlated draws (ρ = {d['draw_correlation']:g})"
            if d.get("draw_correlation") else "")
         + (f" · sharpened steps (temperature {d['temperature']:g})"
@@ -271,7 +272,7 @@ class ModelPanel(QGroupBox):
         """The bundled model files this panel offers: the sampling models (refiners and
         segmentors belong to the Mask refiner)."""
         return [p for p in _bundled_models()
-                if bundled_file_kind(p) in ("bernoulli", "gaussian")]
+                if bundled_file_kind(p) in ("bernoulli", "gaussian", "cdal")]
 
     def device_choice(self) -> str:
         choice = self.device.currentText() or "auto"

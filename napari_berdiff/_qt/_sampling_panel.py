@@ -244,8 +244,12 @@ class SamplingPanel(QGroupBox):
             self.sample_btn.setToolTip("")
             if self.status.text() == NO_MODEL_HINT:
                 self.status.setText("")
-        self.steps_spin.setRange(1, int(cfg.timesteps))
+        few_step = cfg.kind == "cdal"  # cDAL takes exactly its T steps
+        self.steps_spin.setRange(int(cfg.timesteps) if few_step else 1, int(cfg.timesteps))
         self.steps_spin.setValue(cfg.default_step_count)
+        self.steps_spin.setToolTip(
+            f"This cDAL model takes all of its {cfg.timesteps} steps" if few_step
+            else "Reverse steps visited (at most the model's chain length T)")
         self._bernoulli = cfg.kind == "bernoulli"
         self.temperature_spin.setMinimum(min(0.05, cfg.temperature))
         self.temperature_spin.setMaximum(max(1.0, cfg.temperature))

@@ -18,14 +18,14 @@ DEFAULT_MODEL = "berdiff-phantom-64"
 
 def _preset_description(preset: str) -> dict[str, Any]:
     from ..model_presets import get_model_preset
-    from ..networks import get_network_preset
+    from ..networks import get_network_preset, network_description
 
     mp = get_model_preset(preset)
     return {
         "kind": mp.kind,
         "name": mp.name,
         "preset": mp.name,
-        "network": {"type": "unet", **get_network_preset(mp.network).to_dict()},
+        "network": network_description(get_network_preset(mp.network)),
         "diffusion": mp.diffusion.to_dict(),
         "data": dict(mp.data),
         "training": {"source": mp.source},
@@ -84,7 +84,7 @@ def describe(
                 from .official import preset_hint
 
                 out["note"] = (f"no known preset fits this file's keys and shapes; "
-                               f"{preset_hint()}" if not found else
+                               f"{preset_hint(sd)}" if not found else
                                f"several presets fit: {', '.join(found)}")
         else:
             check_fits(preset_shapes(preset), sd, f"preset {preset!r}")

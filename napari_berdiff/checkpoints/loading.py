@@ -25,10 +25,20 @@ __all__ = ["load_model", "load_state_dict_file", "network_from_description", "fo
 
 
 def foreign_error(path: Path) -> CheckpointError:
+    from .info import shapes_as_sd
+    from .official import strip_prefixes
+    from .ours import tensor_shapes
+
+    try:  # what its tensors look like, from the header alone
+        hint = preset_hint(strip_prefixes(shapes_as_sd(tensor_shapes(
+            read_safetensors_header(path)))))
+    except CheckpointError:
+        hint = preset_hint()
     return CheckpointError(
         f"{path.name} is a safetensors file that was not written by napari-berdiff: its "
         f"metadata has no {METADATA_KEY!r} entry (expected a JSON description with format "
-        f"{FORMAT!r}). If it holds an official BerDiff/Wolleb state_dict, {preset_hint()}."
+        f"{FORMAT!r}). If it holds an official BerDiff/Wolleb/cDAL state_dict, pass its "
+        f"preset; {hint}."
     )
 
 
@@ -142,7 +152,7 @@ def _from_preset(sd: dict[str, torch.Tensor], preset: str, path: Path, device: A
     except CheckpointError as e:
         fits = [p for p in matching_presets(sd) if p != preset]
         extra = (f"\n  {path.name} fits preset {fits[0]!r}: use that one." if fits
-                 else f"\n  No known preset fits {path.name}; {preset_hint()}.")
+                 else f"\n  No known preset fits {path.name}; {preset_hint(sd)}.")
         raise CheckpointError(f"{path.name}: {e}{extra}") from None
     meta = {
         "kind": mp.kind,
@@ -163,7 +173,9 @@ def load_model(path: str | Path, preset: str | None = None, device: Any = "cpu")
     path
         A napari-berdiff ``.safetensors`` file, or an official BerDiff / Wolleb
         ``torch.save(state_dict)`` file (``BerDiff_epsilon.pt``, ``model*.pt``,
-        ``ema_*.pt``, ``savedmodel*.pt``, ``emasavedmodel*.pt``).
+        ``ema_*.pt``, ``savedmodel*.pt``, ``emasavedmodel*.pt``), or a cDAL generator
+        (``*_mIoU_*_F1_*.pth``, ``netG_*.pth``, keys ``module.…``) or resume file
+        (``content.pth``, whose generator ``netG_dict`` is loaded).
     preset
         For official files (and safetensors files written by other tools): the model
         preset, e.g. ``"berdiff-lidc-128"``. Recognised from the keys and shapes when

@@ -1,4 +1,4 @@
-"""Official BerDiff / Wolleb checkpoints: plain ``torch.save(state_dict)`` files.
+"""Official BerDiff / Wolleb / cDAL checkpoints: plain ``torch.save(state_dict)`` files.
 
 They are read with ``torch.load(..., weights_only=True)`` only, so a file holding anything
 other than tensors and plain containers is refused rather than executed. The network they
@@ -8,6 +8,7 @@ belong to is recognised from key names and shapes against the presets in
 
 from __future__ import annotations
 
+import argparse
 import functools
 import pickle
 import re
@@ -28,6 +29,7 @@ __all__ = [
     "matching_presets",
     "preset_hint",
     "check_fits",
+    "looks_like",
 ]
 
 #: Wrappers some training scripts put around the state_dict; unwrapped when found alone.
@@ -48,12 +50,18 @@ def _refuse_code(path: Path, message: str) -> CheckpointError:
     )
 
 
+#: Plain-data classes a checkpoint may hold besides tensors: cDAL's ``content.pth`` stores
+#: its training arguments as an ``argparse.Namespace`` (attributes only, no code on load).
+_DATA_CLASSES = (argparse.Namespace,)
+
+
 def _torch_load(path: Path, mmap: bool = False) -> Any:
     kind = sniff(path)
     try:
-        return torch.load(
-            path, map_location="cpu", weights_only=True, mmap=mmap and kind == TORCH_ZIP
-        )
+        with torch.serialization.safe_globals(list(_DATA_CLASSES)):
+            return torch.load(
+                path, map_location="cpu", weights_only=True, mmap=mmap and kind == TORCH_ZIP
+            )
     except pickle.UnpicklingError as e:
         msg = str(e)
         if _CODE_HINTS.search(msg):
@@ -78,6 +86,22 @@ def _optimiser_error(path: Path) -> CheckpointError:
         f"weights. Pick the model file saved next to it: {sib} or the EMA weights {ema} "
         "(the EMA file usually samples best)."
     )
+
+
+def _resume_generator(path: Path, content: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The generator of a cDAL / Denoising-Diffusion-GAN resume file (``content.pth``).
+
+    Such a file holds ``netG_dict`` (the generator), ``netD_dict`` (the discriminator), the
+    optimisers, schedulers and training arguments; only the generator samples.
+    """
+    gen = content["netG_dict"]
+    if not isinstance(gen, Mapping) or not gen:
+        raise CheckpointError(
+            f"{path.name} looks like a cDAL resume file (it has 'netG_dict') but its "
+            "'netG_dict' entry is not a state_dict; the generator weights should be there, "
+            "or in the netG_*.pth file saved next to it."
+        )
+    return gen
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,6 +133,8 @@ def read_torch_state_dict(path: str | Path, mmap: bool = False) -> dict[str, tor
     obj = _torch_load(p, mmap)
     if isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj:
         raise _optimiser_error(p)
+    if isinstance(obj, Mapping) and "netG_dict" in obj:
+        obj = _resume_generator(p, obj)
     if isinstance(obj, Mapping):
         inner = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
         if len(inner) == 1 and not any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -156,11 +182,51 @@ def matching_presets(state_dict: Mapping[str, Any]) -> list[str]:
     return [name for name in MODEL_PRESETS if preset_shapes(name) == shapes]
 
 
-def preset_hint() -> str:
+def _dim(shapes: Mapping[str, tuple[int, ...]], key: str, axis: int) -> int | None:
+    shape = shapes.get(key)
+    return int(shape[axis]) if shape is not None and len(shape) > axis else None
+
+
+def looks_like(state_dict: Mapping[str, Any]) -> tuple[str, str | None]:
+    """What a state_dict looks like, from its key names and a few shapes, and the family of
+    presets that takes such files (None when no preset family fits).
+
+    Returns ``(description, first preset of the family)``.
+    """
+    shapes = _shapes(state_dict)
+    keys = list(shapes)
+    if any(k.startswith("all_modules.") for k in keys) and any(
+            k.startswith("z_transform.") for k in keys):
+        nf, nz = _dim(shapes, "all_modules.0.weight", 1), _dim(shapes, "z_transform.1.weight", 1)
+        img = _dim(shapes, "all_modules.2.weight", 1)
+        return (f"a cDAL / Denoising-Diffusion-GAN NCSN++ generator (nf={nf}, nz={nz}, "
+                f"{img} image channel(s)) with a layout none of the cdal-* presets has",
+                "cdal-lung-256")
+    if any(k.startswith("t_embed.main.") for k in keys) and "start_conv.weight" in keys:
+        return ("a cDAL / Denoising-Diffusion-GAN discriminator, not a generator: load the "
+                "generator file (netG_*.pth, or the released *_mIoU_*_F1_*.pth) instead", None)
+    if any(k.startswith("input_blocks.") for k in keys) and "time_embed.0.weight" in shapes:
+        mc = _dim(shapes, "time_embed.0.weight", 1)
+        cin = _dim(shapes, "input_blocks.0.0.weight", 1)
+        return (f"a guided-diffusion UNet (BerDiff / Wolleb layout; model_channels={mc}, "
+                f"{cin} input channels) with a layout neither berdiff-lidc-128 nor "
+                "wolleb-brats-256 has", "berdiff-lidc-128")
+    return (f"not a network napari-berdiff knows (its first keys: {', '.join(keys[:3])})", None)
+
+
+def preset_hint(state_dict: Mapping[str, Any] | None = None) -> str:
+    """How to pass a preset; with a state_dict, first what the file looks like."""
     from ..model_presets import MODEL_PRESETS
 
-    first = next(iter(MODEL_PRESETS), "berdiff-lidc-128")
     names = ", ".join(MODEL_PRESETS)
+    if state_dict is not None:
+        what, family = looks_like(state_dict)
+        if family is None:
+            return f"it looks like {what}. Known presets: {names}"
+        return (f"it looks like {what}. Known presets: {names}; pass one with "
+                f"preset={family!r} in Python or --preset {family} on the command line "
+                "if it is a variant that should fit")
+    first = next(iter(MODEL_PRESETS), "berdiff-lidc-128")
     return (f"known presets: {names}. Pass one with preset={first!r} in Python or "
             f"--preset {first} on the command line")
 
@@ -184,7 +250,7 @@ def recognise_preset(state_dict: Mapping[str, Any], name: str = "this file") -> 
     n = sum(int(v.numel()) for v in state_dict.values())
     raise PresetRequired(
         f"{name} ({len(state_dict)} tensors, {n:,} parameters) matches no known preset; "
-        + preset_hint()
+        + preset_hint(state_dict)
     )
 
 

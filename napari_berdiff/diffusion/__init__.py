@@ -4,6 +4,7 @@ Torch only: nothing here imports Qt or napari.
 """
 
 from .bernoulli import BernoulliKernel
+from .cdal import CDALKernel
 from .config import DiffusionConfig
 from .device import available_devices, select_device
 from .gaussian import GaussianKernel
@@ -11,13 +12,16 @@ from .sampler import Frame, SampleResult, SampleStream, run_to_end, sample_strea
 from .schedules import Schedule, betas_for, timestep_subsequence
 
 
-def make_kernel(config: DiffusionConfig) -> BernoulliKernel | GaussianKernel:
+def make_kernel(config: DiffusionConfig) -> BernoulliKernel | GaussianKernel | CDALKernel:
     """The kernel for a :class:`DiffusionConfig`."""
+    if config.kind == "cdal":
+        return CDALKernel(config)
     return BernoulliKernel(config) if config.kind == "bernoulli" else GaussianKernel(config)
 
 
 __all__ = [
     "BernoulliKernel",
+    "CDALKernel",
     "DiffusionConfig",
     "Frame",
     "GaussianKernel",

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from .._config import ConfigMixin
 
-KINDS = ("bernoulli", "gaussian")
-SCHEDULES = ("cosine", "linear", "alpha_bar_linear")
+KINDS = ("bernoulli", "gaussian", "cdal")
+SCHEDULES = ("cosine", "linear", "alpha_bar_linear", "vp")
 
 
 @dataclass(frozen=True)
@@ -17,11 +17,13 @@ class DiffusionConfig(ConfigMixin):
     Parameters
     ----------
     kind
-        ``"bernoulli"`` (BerDiff / HiDiff) or ``"gaussian"`` (Wolleb et al.).
+        ``"bernoulli"`` (BerDiff / HiDiff), ``"gaussian"`` (Wolleb et al.) or ``"cdal"``
+        (cDAL: a T = 2..4 Gaussian chain on masks in [-1, 1], x0 prediction, a latent z).
     timesteps
         Length T of the training chain.
     schedule
-        ``"cosine"``, ``"linear"`` or ``"alpha_bar_linear"``.
+        ``"cosine"``, ``"linear"`` or ``"alpha_bar_linear"``; cDAL uses ``"vp"`` (the
+        variance-preserving SDE schedule of DESIGN §3.5, β_min = 0.1, β_max = 20).
     prediction
         What the network predicts: ``"eps"`` (flip probability for Bernoulli, noise for
         Gaussian) or ``"x0"`` (Bernoulli only).
@@ -46,6 +48,10 @@ class DiffusionConfig(ConfigMixin):
         uncertainty maps) and the final masks (``x̂0 > 0.5``) are not sharpened. It suits a
         reader-conditioned network, whose readers keep the samples diverse; for other
         networks it mainly makes the samples more alike.
+    inverted_masks
+        cDAL only: the chain stores foreground as −1 (the official lung data does; the
+        hippocampus' one-hot background channel reads the same way), so a sample's mask is
+        ``x̂0 < 0`` instead of ``x̂0 > 0``.
     """
 
     _what = "diffusion"
@@ -58,6 +64,7 @@ class DiffusionConfig(ConfigMixin):
     sampler: str = "ddim"
     draw_correlation: float = 0.0
     temperature: float = 1.0
+    inverted_masks: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -68,6 +75,15 @@ class DiffusionConfig(ConfigMixin):
             raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
         if self.prediction not in ("eps", "x0"):
             raise ValueError(f"prediction must be 'eps' or 'x0', got {self.prediction!r}")
+        if (self.kind == "cdal") != (self.schedule == "vp"):
+            raise ValueError("the 'vp' schedule and the cdal kind go together")
+        if self.kind == "cdal" and self.prediction != "x0":
+            raise ValueError("the cDAL kernel supports only prediction='x0'")
+        if self.kind != "cdal" and self.inverted_masks:
+            raise ValueError("inverted_masks applies to the cDAL kernel only")
+        if self.kind == "cdal" and self.default_steps not in (self.timesteps, str(self.timesteps)):
+            raise ValueError(f"a cDAL model takes all of its T={self.timesteps} steps; "
+                             f"default_steps must be {self.timesteps}")
         if self.kind == "gaussian" and self.prediction != "eps":
             raise ValueError("the Gaussian kernel supports only prediction='eps'")
         if self.kind == "bernoulli" and self.learn_sigma:

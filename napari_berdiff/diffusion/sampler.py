@@ -1,4 +1,4 @@
-"""The streaming sampler: one generator for both kernels, yielding a frame per step.
+"""The streaming sampler: one generator for every kernel, yielding a frame per step.
 
 The N samples run as one batch (chunked to stay within a memory budget). The random
 draws for a step are made for the whole batch at once on the CPU from one seeded
@@ -543,11 +543,17 @@ def sample_stream(
     if isinstance(spec, (int, np.integer)) and spec > T:
         raise ValueError(f"steps={spec} exceeds the model's chain length T={T}")
     visited = timestep_subsequence(spec, T)
+    check_visited = getattr(kernel, "check_visited", None)
+    if callable(check_visited):
+        check_visited(visited)
     full = prepare_image(image, image_channels)
     box = check_roi(roi, full.shape[1:])
     y0, x0, y1, x1 = box
     img = np.ascontiguousarray(full[:, y0:y1, x0:x1])
     h, w = img.shape[1:]
+    check_size = getattr(getattr(net, "config", None), "check_size", None)
+    if callable(check_size):  # networks that take one size only (cDAL's)
+        check_size(h, w)
     dev = select_device(device)
     prior_t = _prepare_prior(prior, kernel, full.shape[1:], box)
     constraint_t = _prepare_constraints(constraints, kernel, full.shape[1:], box)
@@ -610,7 +616,10 @@ def _stream(
         constraint_t = constraint_t.to(dev)
     channels_last = _uses_channels_last(net)
     gen = torch.Generator().manual_seed(seed)
-    shape = (n, 1, *img.shape[1:])
+    shape = (n, int(getattr(net, "mask_channels", 1)), *img.shape[1:])
+    # A latent-conditioned network (cDAL) takes a fresh z ~ N(0, I) per sample and step,
+    # drawn from the run's generator like every other draw, so the seed fixes it too.
+    latent_dim = int(getattr(net, "latent_dim", 0) or 0)
     sync = profile and dev.type in ("cuda", "mps")
 
     def _sync() -> None:
@@ -643,6 +652,7 @@ def _stream(
         if _is_cancelled(cancel):
             break
         s = order[k + 1] if k + 1 < len(order) else -1
+        z = torch.randn((n, latent_dim), generator=gen).to(dev) if latent_dim else None
         noise = kernel.noise(shape, gen).to(dev) if s >= 0 else None
         with torch.inference_mode():
             tb_all = torch.full((chunk,), t, dtype=torch.long, device=dev)
@@ -657,6 +667,8 @@ def _stream(
                 tic = time.perf_counter()
                 extra = () if x0_prev is None else (x0_prev[a : a + chunk],)
                 kw = {} if readers_t is None else {"reader": readers_t[a : a + chunk]}
+                if z is not None:
+                    kw["z"] = z[a : a + chunk]
                 rows = None if marked_rows is None else marked_rows[a // chunk]
                 out = _predict_marked(net, xin, tb, cond, extra, kw, rows)
                 _sync()

@@ -1,4 +1,5 @@
-"""Networks: the conditional UNet in the official BerDiff / Wolleb state-dict layout.
+"""Networks: the conditional UNet in the official BerDiff / Wolleb state-dict layout, and
+cDAL's NCSN++ generator in its official layout.
 
 Torch only — nothing here imports Qt or napari.
 """
@@ -23,6 +24,7 @@ from .presets import (
     tiny_config,
 )
 from .condition_once import CondOnceConfig, ConditionOnceNet
+from .ncsnpp import NCSNppConfig, NCSNppGenerator
 from .registry import (
     NETWORK_TYPES,
     network_description,
@@ -38,6 +40,8 @@ __all__ = [
     "ConditionalUNet",
     "Downsample",
     "GroupNorm32",
+    "NCSNppConfig",
+    "NCSNppGenerator",
     "NETWORK_PRESETS",
     "NETWORK_TYPES",
     "ResBlock",

@@ -2,14 +2,17 @@
 
 ``berdiff-lidc-128`` and ``wolleb-brats-256`` rebuild the networks of the released official
 models (BerDiff's LIDC model, Wolleb et al.'s BraTS model) so that their checkpoints load key
-for key.  Their diffusion settings (schedule, T, prediction mode) live with the diffusion
-configuration, not here.
+for key; ``cdal-lung-256``, ``cdal-monu-256`` and ``cdal-hippo-32`` rebuild cDAL's generators
+(NCSN++ with adaptive group norm) from the official ``parameters_lung.json``,
+``parameters_monu.json`` and the hippocampus training script. Their diffusion settings
+(schedule, T, prediction mode) live with the diffusion configuration, not here.
 """
 
 from __future__ import annotations
 
 from typing import Any, Union
 
+from .ncsnpp import NCSNppConfig, NCSNppGenerator
 from .unet import ConditionalUNet, UNetConfig
 
 __all__ = [
@@ -39,7 +42,7 @@ def official_attention_ds(
     return tuple(image_size // int(r) for r in items)
 
 
-NETWORK_PRESETS: dict[str, UNetConfig] = {
+NETWORK_PRESETS: dict[str, UNetConfig | NCSNppConfig] = {
     # BerDiff (Chen et al., MICCAI 2023), released LIDC model "BerDiff_epsilon.pt":
     # image_size 128, num_channels 128, num_res_blocks 2, num_heads 1,
     # attention_resolutions "16" (→ ds 8), use_scale_shift_norm False, 1 image channel,
@@ -86,6 +89,33 @@ NETWORK_PRESETS: dict[str, UNetConfig] = {
         concat_order="image_first",
         output_activation="none",
     ),
+    # cDAL (Hejrati et al.), chest X-ray lungs, parameters_lung.json: num_channels_dae 32,
+    # ch_mult (1,1,2,2,4,4), num_res_blocks 1, attn_resolutions (16,), cond_enc_layers 3 x
+    # cond_enc_num_res_blocks 2, nz 100, z_emb_dim 256, n_mlp 3, 256 px, grey image.
+    # Accepts 256x256 only: 456 tensors, 8,843,777 parameters.
+    "cdal-lung-256": NCSNppConfig(
+        image_size=256, image_channels=1, mask_channels=1, nf=32, ch_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=1, attn_resolutions=(16,), nz=100, z_emb_dim=256, n_mlp=3,
+        cond_enc_layers=3, cond_enc_num_res_blocks=2,
+    ),
+    # cDAL, MoNuSeg nuclei, parameters_monu.json: num_channels_dae 64, ch_mult
+    # (1,1,1,2,2,4,4), num_res_blocks 2, attn_resolutions (16, 8), cond_enc_layers 5 x 1,
+    # nz 100, z_emb_dim 256, RGB image (3 channels). Accepts 256x256 only (the official
+    # evaluation tiles 512x512 images into four 256x256 patches).
+    "cdal-monu-256": NCSNppConfig(
+        image_size=256, image_channels=3, mask_channels=1, nf=64,
+        ch_mult=(1, 1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16, 8), nz=100,
+        z_emb_dim=256, n_mlp=3, cond_enc_layers=5, cond_enc_num_res_blocks=1,
+    ),
+    # cDAL, hippocampus (Medical Segmentation Decathlon), train_cDAL_hippo.py defaults:
+    # num_channels 3 (one-hot background / anterior / posterior), num_channels_dae 32,
+    # ch_mult (1,2,2,2), num_res_blocks 1, attn_resolutions (16,), nz 50, z_emb_dim 128,
+    # grey image. Accepts 32x32 only. (sampling_hippo.py's defaults differ: num_res_blocks 2.)
+    "cdal-hippo-32": NCSNppConfig(
+        image_size=32, image_channels=1, mask_channels=3, nf=32, ch_mult=(1, 2, 2, 2),
+        num_res_blocks=1, attn_resolutions=(16,), nz=50, z_emb_dim=128, n_mlp=3,
+        cond_enc_layers=3, cond_enc_num_res_blocks=2,
+    ),
 }
 
 
@@ -112,8 +142,8 @@ def tiny_config(**overrides: Any) -> UNetConfig:
     return UNetConfig(**base)
 
 
-def get_network_preset(name: str) -> UNetConfig:
-    """The :class:`UNetConfig` registered under ``name``."""
+def get_network_preset(name: str) -> UNetConfig | NCSNppConfig:
+    """The network configuration registered under ``name``."""
     try:
         return NETWORK_PRESETS[name]
     except (KeyError, TypeError):
@@ -121,10 +151,16 @@ def get_network_preset(name: str) -> UNetConfig:
         raise ValueError(f"unknown network preset {name!r}; known presets: {known}") from None
 
 
-def build_network(config_or_preset: Union[UNetConfig, str, dict]) -> ConditionalUNet:
-    """Build a :class:`ConditionalUNet` from a config, a config dict or a preset name."""
+def build_network(
+    config_or_preset: Union[UNetConfig, NCSNppConfig, str, dict],
+) -> ConditionalUNet | NCSNppGenerator:
+    """Build a network from a config, a UNet config dict or a preset name."""
+    if isinstance(config_or_preset, NCSNppConfig):
+        return NCSNppGenerator(config_or_preset)
     if isinstance(config_or_preset, str):
         config = get_network_preset(config_or_preset)
+        if isinstance(config, NCSNppConfig):
+            return NCSNppGenerator(config)
     elif isinstance(config_or_preset, dict):
         config = UNetConfig.from_dict(config_or_preset)
     elif isinstance(config_or_preset, UNetConfig):

@@ -10,11 +10,13 @@ from typing import Any
 from torch import nn
 
 from .condition_once import CondOnceConfig, ConditionOnceNet
+from .ncsnpp import NCSNppConfig, NCSNppGenerator
 from .unet import ConditionalUNet, UNetConfig
 
 NETWORK_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "unet": (UNetConfig, ConditionalUNet),
     "condition_once": (CondOnceConfig, ConditionOnceNet),
+    "ncsnpp_adagn": (NCSNppConfig, NCSNppGenerator),
 }
 
 

@@ -9,25 +9,39 @@ from typing import Any
 from ..diffusion import DiffusionConfig
 import torch
 
-from ..networks import CondOnceConfig, UNetConfig
+from ..networks import CondOnceConfig, NCSNppConfig, UNetConfig
 from ..networks.registry import (
     network_config_from_metadata,
     network_description,
     network_from_metadata,
 )
 
-TRAIN_KINDS = ("bernoulli", "gaussian", "deterministic", "refiner")
+TRAIN_KINDS = ("bernoulli", "gaussian", "deterministic", "refiner", "cdal")
 T_SAMPLINGS = ("uniform", "visited")
 
 
+def cdal_network(image_size: int = 64, image_channels: int = 1) -> NCSNppConfig:
+    """A small cDAL generator for CPU training: nf 32, channel_mult (1, 2, 2), one residual
+    block per level, attention at a quarter of the image size, an encoder of 2 blocks, nz 50,
+    a 128-wide style with 2 hidden layers."""
+    return NCSNppConfig(
+        image_size=image_size, image_channels=image_channels, mask_channels=1, nf=32,
+        ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(image_size // 4,), nz=50,
+        z_emb_dim=128, n_mlp=2, cond_enc_layers=1, cond_enc_num_res_blocks=2,
+    )
+
+
 def default_network(kind: str = "bernoulli", image_size: int = 64,
-                    image_channels: int = 1) -> UNetConfig:
+                    image_channels: int = 1) -> UNetConfig | NCSNppConfig:
     """The small UNet of the bundled models (base 16, channel_mult (1,2,2,4), 2 res blocks,
-    attention at downsample 4 and in the middle, GroupNorm with 8 groups).
+    attention at downsample 4 and in the middle, GroupNorm with 8 groups); for ``cdal``,
+    :func:`cdal_network`.
 
     ``image_channels`` counts the image's channels; a refiner's network takes one more, the
     prior map p.
     """
+    if kind == "cdal":
+        return cdal_network(image_size, image_channels)
     if kind == "refiner":
         image_channels += 1
     return UNetConfig(
@@ -62,6 +76,9 @@ def default_diffusion(kind: str = "bernoulli") -> DiffusionConfig:
     if kind == "refiner":
         return DiffusionConfig(kind="bernoulli", timesteps=10, schedule="alpha_bar_linear",
                                prediction="x0", default_steps=10)
+    if kind == "cdal":
+        return DiffusionConfig(kind="cdal", timesteps=2, schedule="vp", prediction="x0",
+                               default_steps=2)
     if kind == "gaussian":
         return DiffusionConfig(kind="gaussian", timesteps=1000, schedule="linear",
                                prediction="eps", default_steps=10, sampler="ddpm")
@@ -149,6 +166,12 @@ class TrainConfig:
         Refiner only: the trust of those softened masks is drawn uniformly in this range.
     degrade_strength
         Refiner only: ``strength`` of :func:`~napari_berdiff.priors.degrade_mask`.
+    lr_d, r1_gamma, disc_channels, attn_scale, adv_weight
+        cDAL only: the discriminator's learning rate (Adam with ``betas``; the generator
+        uses ``lr``), the R1 penalty weight γ (``γ/2·‖∇_{x_t} D‖²`` on real pairs), the
+        discriminator's base width, which of its feature maps gives the spatial attention,
+        and the weight of the generator's non-saturating adversarial term (0: the released
+        loss, MSE on x̂0 alone).
     """
 
     kind: str = "bernoulli"
@@ -184,6 +207,11 @@ class TrainConfig:
     prior_mix: float = 0.5
     trust_range: tuple[float, float] = (0.3, 0.95)
     degrade_strength: float = 1.0
+    lr_d: float = 1e-4
+    r1_gamma: float = 1.0
+    disc_channels: int = 16
+    attn_scale: int = 2
+    adv_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in TRAIN_KINDS:
@@ -213,9 +241,12 @@ class TrainConfig:
         diff = self.diffusion_config()
         if self.kind == "refiner":
             self._check_refiner(net, diff)
-        if self.kind in ("bernoulli", "gaussian") and diff.kind != self.kind:
+        if self.kind in ("bernoulli", "gaussian", "cdal") and diff.kind != self.kind:
             raise ValueError(f"kind {self.kind!r} needs a {self.kind} diffusion config, "
                              f"got {diff.kind!r}")
+        if self.kind == "cdal" or isinstance(net, NCSNppConfig):
+            self._check_cdal(net)
+            return
         want_act = "none" if self.kind == "gaussian" else "sigmoid"
         if net.output_activation != want_act:
             raise ValueError(f"a {self.kind} model needs output_activation={want_act!r}")
@@ -244,6 +275,17 @@ class TrainConfig:
         if getattr(net, "self_condition", False) and self.kind != "bernoulli":
             raise ValueError("self-conditioning (network self_condition=True) is implemented "
                              f"for kind 'bernoulli' only, not {self.kind!r}")
+
+    def _check_cdal(self, net: Any) -> None:
+        if self.kind != "cdal" or not isinstance(net, NCSNppConfig):
+            raise ValueError("kind 'cdal' and the NCSN++ generator (network type "
+                             "'ncsnpp_adagn') go together")
+        if net.mask_channels != 1:
+            raise ValueError("the cDAL trainer handles single-channel binary masks")
+        if self.lr_d <= 0 or self.r1_gamma < 0 or self.adv_weight < 0:
+            raise ValueError("lr_d must be > 0, r1_gamma and adv_weight >= 0")
+        if self.disc_channels < 1 or self.attn_scale < 0:
+            raise ValueError("disc_channels must be >= 1 and attn_scale >= 0")
 
     def _check_refiner(self, net: Any, diff: DiffusionConfig) -> None:
         if diff.kind != "bernoulli":

@@ -298,9 +298,16 @@ def train(
         Stop (with a checkpoint) after this step, as if interrupted (tests, budgets).
 
     A recipe of kind ``refiner`` is trained by
-    :func:`napari_berdiff.training.refiner.train_refiner` (two files).
+    :func:`napari_berdiff.training.refiner.train_refiner` (two files), one of kind ``cdal``
+    by :func:`napari_berdiff.training.cdal.train_cdal` (generator and discriminator).
     """
-    if config.kind == "refiner" or (resume and _stored_kind(out) == "refiner"):
+    stored = _stored_kind(out) if resume else None
+    if config.kind == "cdal" or stored == "cdal":
+        from .cdal import train_cdal
+
+        return train_cdal(config, dataset, out, resume=resume, progress=progress, name=name,
+                          extra_meta=extra_meta, stop_after=stop_after)
+    if config.kind == "refiner" or stored == "refiner":
         from .refiner import train_refiner
 
         return train_refiner(config, dataset, out, resume=resume, progress=progress, name=name,

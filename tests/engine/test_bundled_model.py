@@ -11,6 +11,7 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 MODEL = MODELS / "berdiff-phantom-64.safetensors"
 GAUSSIAN = MODELS / "gaussian-phantom-64.safetensors"
 BASELINE = MODELS / "unet-phantom-64.safetensors"
+CDAL = MODELS / "cdal-phantom-64.safetensors"
 
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="the bundled model is not in models/")
 
@@ -35,6 +36,10 @@ THRESHOLD = 0.6
 # leaves room for that spread and for platforms whose floating point moves a Gaussian chain.
 GAUSSIAN_THRESHOLD = 0.4
 
+# The cDAL model (2 steps, a fresh z per step), same phantom: 0.890, 0.887, 0.888 with seeds
+# 0, 1, 2 (14-15 distinct samples of 16). 0.6 is 7x the chance level.
+CDAL_THRESHOLD = 0.6
+
 
 def _check_far_above_chance(path: Path, kind: str, threshold: float) -> None:
     from napari_berdiff.checkpoints import load_model
@@ -43,7 +48,8 @@ def _check_far_above_chance(path: Path, kind: str, threshold: float) -> None:
 
     model = load_model(path)
     assert model.kind == kind
-    assert model.metadata["network"]["type"] == "condition_once"
+    assert model.metadata["network"]["type"] == ("ncsnpp_adagn" if kind == "cdal"
+                                                 else "condition_once")
     assert model.metadata["data"]["image_size"] == 64
     assert model.metadata["training"]["steps_done"] > 0
     p = make_phantom(SEED, size=64)
@@ -81,6 +87,14 @@ def test_bundled_gaussian_model_segments_far_above_chance():
 
     assert load_model(GAUSSIAN).diffusion.sampler == "ddpm"  # chosen on validation phantoms
     _check_far_above_chance(GAUSSIAN, "gaussian", GAUSSIAN_THRESHOLD)
+
+
+@pytest.mark.skipif(not CDAL.exists(), reason="the cDAL model is not in models/")
+def test_bundled_cdal_model_segments_far_above_chance():
+    from napari_berdiff.checkpoints import load_model
+
+    assert load_model(CDAL).diffusion.default_step_count == 2  # all of its chain
+    _check_far_above_chance(CDAL, "cdal", CDAL_THRESHOLD)
 
 
 @pytest.mark.skipif(not BASELINE.exists(), reason="the bundled baseline is not in models/")

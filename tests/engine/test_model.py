@@ -29,7 +29,8 @@ def test_presets_build_the_official_networks():
     assert m.kind == "bernoulli" and m.diffusion.schedule == "cosine"
     assert m.diffusion.default_steps == "ddimuni10" and m.diffusion.prediction == "eps"
     assert m.data["normalisation"] == {"mode": "unit"}
-    assert set(MODEL_PRESETS) == {"berdiff-lidc-128", "wolleb-brats-256"}
+    assert set(MODEL_PRESETS) == {"berdiff-lidc-128", "wolleb-brats-256", "cdal-lung-256",
+                                  "cdal-monu-256", "cdal-hippo-32"}
 
 
 def test_unknown_preset_is_named():

@@ -58,7 +58,7 @@ def test_bundled_list_offers_sampling_models_only(docked):
     combo = widget.model_panel.bundled
     offered = [combo.itemData(i) for i in range(combo.count()) if combo.itemData(i)]
     expected = [str(p) for p in list_bundled_models()
-                if describe(p, checksum=False)["kind"] in ("bernoulli", "gaussian")]
+                if describe(p, checksum=False)["kind"] in ("bernoulli", "gaussian", "cdal")]
     assert expected and offered == expected
     assert "unet-phantom-64" not in {Path(p).stem for p in offered}  # the segmentor baseline
 
@@ -769,4 +769,44 @@ def test_a_layer_scale_resamples_to_the_models_spacing_and_back(docked, qtbot):
     model.sample = model_sample
     ref = sample_at_spacing(model, image, (0.5, 0.5), n=3, steps=3, seed=5)
     np.testing.assert_array_equal(samples.data, ref.masks)
-    np.testing.assert_allclose(_layer(viewer, "x̂0 probability").data, ref.probs, atol=1e-6)
+    np.testing.assert_allclose(_layer(viewer, PROBS).data, ref.probs, atol=1e-6)
+
+
+def test_a_cdal_run_streams_its_few_steps_and_offers_the_majority_vote(docked, qtbot):
+    """A cDAL model (T = 3): the steps box is fixed at 3 and the summary says so; the run
+    streams its 3 frames, fills the heatmaps with what the engine gives for the same seed,
+    and the majority vote is the consensus offered."""
+    import torch
+
+    from napari_berdiff._qt._model_panel import summary_html
+    from napari_berdiff.diffusion import DiffusionConfig
+    from napari_berdiff.model import DiffusionModel
+    from napari_berdiff.networks import NCSNppConfig, NCSNppGenerator
+
+    viewer, widget = docked
+    image = blob(seed=4)
+    viewer.add_image(image, name="img")
+    torch.manual_seed(0)
+    net = NCSNppGenerator(NCSNppConfig(image_size=32, nf=32, ch_mult=(1, 2), num_res_blocks=1,
+                                       attn_resolutions=(16,), nz=8, z_emb_dim=16, n_mlp=1,
+                                       cond_enc_layers=1, cond_enc_num_res_blocks=1))
+    with torch.no_grad():  # a random network whose x̂0 is not saturated by tanh
+        net.conv_out.weight.mul_(0.1)
+    diffusion = DiffusionConfig(kind="cdal", timesteps=3, schedule="vp", prediction="x0",
+                                default_steps=3)
+    model = DiffusionModel(net, diffusion, {"kind": "cdal", "name": "tiny-cdal"})
+    widget.set_model(model, "tiny-cdal")
+    steps = widget.sampling.steps_spin
+    assert (steps.minimum(), steps.maximum(), steps.value()) == (3, 3, 3)
+    assert "all of its chain" in summary_html(model) and "majority vote" in summary_html(model)
+    _settings(widget, n=4, seed=3)
+    frames = []
+    widget.frame_pushed.connect(lambda u: frames.append(u.step))
+    outcome = run_and_wait(qtbot, widget)
+    assert not outcome.cancelled and outcome.steps_done == 3
+    assert 2 <= len(frames) <= 3 and frames[-1] == 2
+    ref = model.sample_all(image, n=4, seed=3)
+    np.testing.assert_array_equal(_layer(viewer, SAMPLES).data, ref.masks)
+    np.testing.assert_allclose(_layer(viewer, "frequency").data, ref.maps["frequency"], atol=1e-6)
+    assert _layer(viewer, "entropy").data.max() > 0
+    assert widget.results.consensus_threshold() is None  # the majority vote
