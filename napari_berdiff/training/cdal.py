@@ -35,7 +35,7 @@ from ..networks.cdal_discriminator import CDALDiscriminator
 from .config import TrainConfig
 from .ema import EMA
 from .loop import (RunLog, clip_gradients, draw_batch, log_path_for, lr_at, resume_config,
-                   save_state, state_path_for, training_arrays)
+                   restore_state, save_state, state_path_for, training_arrays)
 
 __all__ = ["train_cdal", "build_discriminator"]
 
@@ -96,15 +96,8 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, elapsed_before = 0, 0.0
     if saved is not None:
-        net_g.load_state_dict(saved["net"])
-        net_d.load_state_dict(saved["disc"])
-        ema.load_state_dict(saved["ema"])
-        opt_g.load_state_dict(saved["opt"])
-        opt_d.load_state_dict(saved["opt_d"])
-        gen.set_state(saved["gen"])
-        torch.set_rng_state(saved["torch_rng"])
-        step = int(saved["step"])
-        elapsed_before = float(saved["elapsed_s"])
+        step, elapsed_before = restore_state(saved, gen, net=net_g, disc=net_d, ema=ema,
+                                             opt=opt_g, opt_d=opt_d)
 
     log = RunLog(log_file, LOG_FIELDS, total=cfg.steps, step=step, resumed=saved is not None,
                  desc="train cdal", progress=progress, elapsed_before=elapsed_before)

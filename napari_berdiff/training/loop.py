@@ -186,6 +186,17 @@ def clip_gradients(net: torch.nn.Module, max_norm: float) -> float:
                                 if p.grad is not None)))
 
 
+def restore_state(saved: dict[str, Any], gen: torch.Generator, **parts: Any
+                  ) -> tuple[int, float]:
+    """Load a saved training state into ``parts`` (each a module or optimiser, keyed by its
+    entry in ``saved``), the batch generator and torch's RNG; returns ``(step, elapsed_s)``."""
+    for key, part in parts.items():
+        part.load_state_dict(saved[key])
+    gen.set_state(saved["gen"])
+    torch.set_rng_state(saved["torch_rng"])
+    return int(saved["step"]), float(saved["elapsed_s"])
+
+
 def save_state(state_file: Path, state: dict[str, Any]) -> None:
     """Write a training state atomically (temporary file, fsync, then rename)."""
     tmp = temporary_path(state_file)

@@ -47,7 +47,8 @@ from ..priors import degrade_mask, mask_to_prior
 from .config import TrainConfig
 from .ema import EMA
 from .loop import (RunFiles, RunLog, augment_batch, clip_gradients, draw_batch, log_path_for,
-                   resume_config, save_state, set_lr, state_path_for, training_arrays)
+                   restore_state, resume_config, save_state, set_lr, state_path_for,
+                   training_arrays)
 from .trainer import TrainResult, export_model, segmentor_loss_parts, segmentor_predict
 
 __all__ = ["train_refiner", "segmentor_file_for", "draw_priors", "REFINER_LOG_FIELDS",
@@ -179,15 +180,8 @@ def train_refiner(
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, elapsed_before = 0, 0.0
     if saved is not None:
-        net.load_state_dict(saved["net"])
-        ema.load_state_dict(saved["ema"])
-        opts[0].load_state_dict(saved["opt"])
-        seg.load_state_dict(saved["seg"])
-        seg_ema.load_state_dict(saved["seg_ema"])
-        opts[1].load_state_dict(saved["seg_opt"])
-        gen.set_state(saved["gen"])
-        torch.set_rng_state(saved["torch_rng"])
-        step, elapsed_before = int(saved["step"]), float(saved["elapsed_s"])
+        step, elapsed_before = restore_state(saved, gen, net=net, ema=ema, opt=opts[0],
+                                             seg=seg, seg_ema=seg_ema, seg_opt=opts[1])
 
     kernel = make_kernel(cfg.diffusion_config())
     assert isinstance(kernel, BernoulliKernel)

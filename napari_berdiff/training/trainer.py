@@ -44,7 +44,8 @@ from .config import TrainConfig
 from .ema import EMA
 from ..outfolder import replace_from_temporary, temporary_path
 from .loop import (RunFiles, RunLog, clip_gradients, draw_batch, load_state, log_path_for,
-                   resume_config, save_state, set_lr, state_path_for, training_arrays)
+                   restore_state, resume_config, save_state, set_lr, state_path_for,
+                   training_arrays)
 
 __all__ = ["train", "TrainResult", "state_path_for", "log_path_for", "export_model",
            "segmentor_predict", "soft_dice_loss", "segmentor_loss_parts", "load_state"]
@@ -345,13 +346,7 @@ def train(
     step = 0
     elapsed_before = 0.0
     if saved is not None:
-        net.load_state_dict(saved["net"])
-        ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["opt"])
-        gen.set_state(saved["gen"])
-        torch.set_rng_state(saved["torch_rng"])
-        step = int(saved["step"])
-        elapsed_before = float(saved["elapsed_s"])
+        step, elapsed_before = restore_state(saved, gen, net=net, ema=ema, opt=opt)
 
     model: torch.nn.Module = net
     if world > 1:
