@@ -122,12 +122,39 @@ class CondOnceSection(_Section):
     output_activation: Optional[Activation] = None
 
 
+class NCSNppSection(_Section):
+    """``network`` for ``type: "ncsnpp_adagn"`` (:class:`~napari_berdiff.networks.NCSNppConfig`,
+    the cDAL generator)."""
+
+    type: Literal["ncsnpp_adagn"]
+    image_size: Optional[ImageSize] = None
+    image_channels: Optional[Channels] = None
+    mask_channels: Optional[Channels] = None
+    nf: Optional[Width] = None
+    ch_mult: Optional[Mult] = None
+    num_res_blocks: Optional[Blocks] = None
+    attn_resolutions: Optional[Annotated[
+        list[Annotated[int, Field(ge=1, le=_L["image_size"])]],
+        Field(max_length=_L["levels"])]] = None
+    nz: Optional[Width] = None
+    z_emb_dim: Optional[Width] = None
+    n_mlp: Optional[Blocks] = None
+    cond_enc_layers: Optional[Blocks] = None
+    cond_enc_num_res_blocks: Optional[Blocks] = None
+    fir_kernel: Optional[Annotated[list[Annotated[int, Field(ge=0, le=64)]],
+                                   Field(min_length=1, max_length=8)]] = None
+    skip_rescale: Optional[bool] = None
+    centered: Optional[bool] = None
+    use_tanh: Optional[bool] = None
+    dropout: Optional[Unit] = None
+
+
 class DiffusionSection(_Section):
     """``diffusion`` (:class:`~napari_berdiff.diffusion.DiffusionConfig`)."""
 
-    kind: Optional[Literal["bernoulli", "gaussian"]] = None
+    kind: Optional[Literal["bernoulli", "gaussian", "cdal"]] = None
     timesteps: Optional[Annotated[int, Field(ge=1, le=_L["timesteps"])]] = None
-    schedule: Optional[Literal["cosine", "linear", "alpha_bar_linear"]] = None
+    schedule: Optional[Literal["cosine", "linear", "alpha_bar_linear", "vp"]] = None
     prediction: Optional[Literal["eps", "x0"]] = None
     learn_sigma: Optional[bool] = None
     default_steps: Optional[Union[Annotated[int, Field(ge=1, le=_L["timesteps"])],
@@ -137,6 +164,7 @@ class DiffusionSection(_Section):
                                                       allow_inf_nan=False)]] = None
     temperature: Optional[Annotated[float, Field(gt=0.0, le=_L["temperature"],
                                                  allow_inf_nan=False)]] = None
+    inverted_masks: Optional[bool] = None
 
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -145,12 +173,19 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 class NormalisationSection(_Section):
     """``data.normalisation``: how images are scaled before the network sees them."""
 
-    mode: Literal["minmax", "unit", "fixed", "zscore", "none"] = "minmax"
+    mode: Literal["minmax", "unit", "fixed", "zscore", "standardise", "none"] = "minmax"
     min: Optional[Finite] = None
     max: Optional[Finite] = None
+    mean: Optional[Annotated[list[Finite], Field(min_length=1, max_length=_L["channels"])]] = None
+    std: Optional[Annotated[list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]],
+                            Field(min_length=1, max_length=_L["channels"])]] = None
+    range: Optional[Annotated[list[Finite], Field(min_length=2, max_length=2)]] = None
 
     @model_validator(mode="after")
     def _fixed_range(self) -> "NormalisationSection":
+        if self.mode == "standardise" and (self.mean is None or self.std is None
+                                           or len(self.mean) != len(self.std)):
+            raise ValueError("mode 'standardise' needs mean and std lists of one length")
         if self.mode == "fixed":
             if self.min is None or self.max is None:
                 raise ValueError("mode 'fixed' needs both min and max")
@@ -180,11 +215,12 @@ class Description(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
     format: Literal["napari-berdiff/1"]
-    kind: Optional[Literal["bernoulli", "gaussian", "refiner", "segmentor"]] = None
+    kind: Optional[Literal["bernoulli", "gaussian", "cdal", "refiner", "segmentor"]] = None
     name: Optional[Text] = None
     preset: Optional[Text] = None
     source_file: Optional[Text] = None
-    network: Annotated[Union[UNetSection, CondOnceSection], Field(discriminator="type")]
+    network: Annotated[Union[UNetSection, CondOnceSection, NCSNppSection],
+                       Field(discriminator="type")]
     diffusion: DiffusionSection
     data: Optional[DataSection] = None
     training: Optional[dict[str, Any]] = None
@@ -193,7 +229,7 @@ class Description(BaseModel):
     @model_validator(mode="after")
     def _kinds_agree(self) -> "Description":
         dk = self.diffusion.kind
-        if self.kind in ("bernoulli", "gaussian") and dk is not None and dk != self.kind:
+        if self.kind in ("bernoulli", "gaussian", "cdal") and dk is not None and dk != self.kind:
             raise ValueError(f"kind {self.kind!r} contradicts diffusion.kind {dk!r}")
         return self
 
@@ -204,7 +240,8 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(document)"
 
 
-_UNION_TAGS = {"unet", "condition_once", "int", "str", "constrained-int", "constrained-str"}
+_UNION_TAGS = {"unet", "condition_once", "ncsnpp_adagn", "int", "str", "constrained-int",
+               "constrained-str"}
 
 
 def _short(value: Any) -> str:

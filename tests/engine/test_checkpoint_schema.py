@@ -128,8 +128,11 @@ def test_a_hostile_document_is_refused_end_to_end_without_a_large_allocation(goo
 
 def test_the_schema_knows_exactly_the_config_fields():
     """The schema and the config dataclasses must not drift apart."""
+    from napari_berdiff.networks import NCSNppConfig
+
     for section, config in ((schema.UNetSection, UNetConfig),
                             (schema.CondOnceSection, CondOnceConfig),
+                            (schema.NCSNppSection, NCSNppConfig),
                             (schema.DiffusionSection, DiffusionConfig)):
         fields = set(section.model_fields) - {"type"}
         assert fields == {f.name for f in dataclasses.fields(config)}, section.__name__
