@@ -25,6 +25,7 @@ META_KEY = "napari_berdiff"
 SAMPLES = "BerDiff samples"
 REFINED_SAMPLES = "Refined samples"
 GAUSSIAN_SAMPLES = "Wolleb samples"
+CDAL_SAMPLES = "cDAL samples"
 #: the mean over the samples of the model's predicted foreground probability
 PROBS = "mean probability"
 #: colour-blind-safe (Okabe–Ito) outline colours: the samples, then reference annotators

@@ -21,6 +21,7 @@ from . import _notify
 from ._accept import check_target, new_target_data, reference_stack, sample_metrics, write_mask
 from ._inputs import InputProblem, PreparedInput, prepare_input
 from ._layers import (
+    CDAL_SAMPLES,
     GAUSSIAN_SAMPLES,
     OUTLINE_OPACITY,
     SAMPLES,
@@ -203,7 +204,7 @@ class DiffusionSegmentationWidget(QWidget):
     def samples_layer_name(self) -> str:
         """The samples layer's name, after the kind of run that makes it."""
         kind = getattr(getattr(self.model, "diffusion", None), "kind", "bernoulli")
-        return SAMPLES if kind == "bernoulli" else GAUSSIAN_SAMPLES
+        return {"gaussian": GAUSSIAN_SAMPLES, "cdal": CDAL_SAMPLES}.get(kind, SAMPLES)
 
     def _model_changed(self, model: Any) -> None:
         if model is not None:

@@ -806,7 +806,7 @@ def test_a_cdal_run_streams_its_few_steps_and_offers_the_majority_vote(docked, q
     assert not outcome.cancelled and outcome.steps_done == 3
     assert 2 <= len(frames) <= 3 and frames[-1] == 2
     ref = model.sample_all(image, n=4, seed=3)
-    np.testing.assert_array_equal(_layer(viewer, SAMPLES).data, ref.masks)
+    np.testing.assert_array_equal(_layer(viewer, "cDAL samples").data, ref.masks)
     np.testing.assert_allclose(_layer(viewer, "frequency").data, ref.maps["frequency"], atol=1e-6)
     assert _layer(viewer, "entropy").data.max() > 0
     assert widget.results.consensus_threshold() is None  # the majority vote
