@@ -34,7 +34,7 @@ from ..diffusion.device import select_device
 from ..networks.cdal_discriminator import CDALDiscriminator
 from .config import TrainConfig
 from .ema import EMA
-from .loop import (RunLog, clip_gradients, draw_batch, log_path_for, lr_at, resume_config,
+from .loop import (RunLog, begin_run, clip_gradients, draw_batch, log_path_for, lr_at,
                    restore_state, save_state, state_path_for, training_arrays)
 
 __all__ = ["train_cdal", "build_discriminator"]
@@ -72,12 +72,7 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
     state_file, log_file = state_path_for(out), log_path_for(out)
     if not out.parent.exists():
         raise ValueError(f"the output folder {out.parent} does not exist")
-    saved = None
-    if resume:
-        config, saved = resume_config(config, state_file)
-    cfg = config
-    if cfg.threads > 0:
-        torch.set_num_threads(int(cfg.threads))
+    cfg, saved = begin_run(config, state_file, resume)
     dev = select_device(cfg.device)
     net_cfg = cfg.network_config()
     data = training_arrays(cfg, dataset, net_cfg.image_channels, 2 ** (len(net_cfg.ch_mult) - 1))
@@ -181,8 +176,5 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
             stopped_by_time = stop == "time"
             break
 
-    elapsed = log.elapsed
-    log.close()
-    return TrainResult(step=step, elapsed_s=elapsed, losses=log.losses, out=out,
-                       state=state_file, log=log_file, stopped_by_time=stopped_by_time,
-                       extra={"steps_this_session": step - start_step, "rank": 0, "world": 1})
+    return TrainResult.finished(log, step, start_step, out, state_file, log_file,
+                                stopped_by_time, rank=0, world=1)

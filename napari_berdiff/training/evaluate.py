@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..data.dataset import SegDataset
 from ..uncertainty import ged2, hm_iou, soft_dice

@@ -186,6 +186,18 @@ def clip_gradients(net: torch.nn.Module, max_norm: float) -> float:
                                 if p.grad is not None)))
 
 
+def begin_run(config: TrainConfig, state_file: Path, resume: bool
+              ) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The run's config (the stored recipe when resuming) and its saved state (None for a
+    new run); sets torch's threads when the config names a count."""
+    saved = None
+    if resume:
+        config, saved = resume_config(config, state_file)
+    if config.threads > 0:
+        torch.set_num_threads(int(config.threads))
+    return config, saved
+
+
 def restore_state(saved: dict[str, Any], gen: torch.Generator, **parts: Any
                   ) -> tuple[int, float]:
     """Load a saved training state into ``parts`` (each a module or optimiser, keyed by its

@@ -46,8 +46,8 @@ from ..diffusion.device import select_device
 from ..priors import degrade_mask, mask_to_prior
 from .config import TrainConfig
 from .ema import EMA
-from .loop import (RunFiles, RunLog, augment_batch, clip_gradients, draw_batch, log_path_for,
-                   restore_state, resume_config, save_state, set_lr, state_path_for,
+from .loop import (RunFiles, RunLog, augment_batch, begin_run, clip_gradients, draw_batch,
+                   log_path_for, restore_state, save_state, set_lr, state_path_for,
                    training_arrays)
 from .trainer import TrainResult, export_model, segmentor_loss_parts, segmentor_predict
 
@@ -152,14 +152,9 @@ def train_refiner(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("refiner training runs in one process; DDP is not supported for it")
     files = RunFiles([out, state_file, log_file, seg_file])
-    saved = None
-    if resume:
-        config, saved = resume_config(config, state_file)
-    cfg = config
+    cfg, saved = begin_run(config, state_file, resume)
     if cfg.kind != "refiner":
         raise ValueError(f"train_refiner needs kind='refiner', got {cfg.kind!r}")
-    if cfg.threads > 0:
-        torch.set_num_threads(int(cfg.threads))
     dev = select_device(cfg.device)
 
     seg_cfg = cfg.segmentor_config()
@@ -265,9 +260,5 @@ def train_refiner(
             stopped_by_time = stop == "time"
             break
 
-    elapsed = log.elapsed
-    log.close()
-    return TrainResult(step=step, elapsed_s=elapsed, losses=log.losses, out=out,
-                       state=state_file, log=log_file, stopped_by_time=stopped_by_time,
-                       extra={"steps_this_session": step - start_step, "rank": 0, "world": 1,
-                              "segmentor": seg_file})
+    return TrainResult.finished(log, step, start_step, out, state_file, log_file,
+                                stopped_by_time, rank=0, world=1, segmentor=seg_file)

@@ -43,8 +43,8 @@ from ..diffusion.device import select_device
 from .config import TrainConfig
 from .ema import EMA
 from ..outfolder import replace_from_temporary, temporary_path
-from .loop import (RunFiles, RunLog, clip_gradients, draw_batch, load_state, log_path_for,
-                   restore_state, resume_config, save_state, set_lr, state_path_for,
+from .loop import (RunFiles, RunLog, begin_run, clip_gradients, draw_batch, load_state,
+                   log_path_for, restore_state, save_state, set_lr, state_path_for,
                    training_arrays)
 
 __all__ = ["train", "TrainResult", "state_path_for", "log_path_for", "export_model",
@@ -65,6 +65,16 @@ class TrainResult:
     log: Path
     stopped_by_time: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def finished(cls, log: Any, step: int, start_step: int, out: Path, state: Path,
+                 log_file: Path, stopped_by_time: bool, **extra: Any) -> "TrainResult":
+        """Close the run's log and say what the run did (``extra``: rank, world, …)."""
+        elapsed = log.elapsed
+        log.close()
+        return cls(step=step, elapsed_s=elapsed, losses=log.losses, out=out, state=state,
+                   log=log_file, stopped_by_time=stopped_by_time,
+                   extra={"steps_this_session": step - start_step, **extra})
 
     @property
     def steps_per_s(self) -> float:
@@ -322,12 +332,7 @@ def train(
         raise ValueError("the training data set is empty")
     files = RunFiles([out, state_file, log_file], enabled=int(os.environ.get("RANK", "0")) == 0)
 
-    saved = None
-    if resume:
-        config, saved = resume_config(config, state_file)
-    cfg = config
-    if cfg.threads > 0:
-        torch.set_num_threads(int(cfg.threads))
+    cfg, saved = begin_run(config, state_file, resume)
     rank, world, created_pg = _dist_info()
     dev = select_device(cfg.device)
     if world > 1 and dev.type == "cuda":
@@ -484,15 +489,12 @@ def train(
             stopped_by_time = stop == "time"
             break
 
-    elapsed = log.elapsed
-    log.close()
+    result = TrainResult.finished(log, step, start_step, out, state_file, log_file,
+                                  stopped_by_time, rank=rank, world=world)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         if created_pg:
             dist.destroy_process_group()
-    return TrainResult(step=step, elapsed_s=elapsed, losses=log.losses, out=out,
-                       state=state_file, log=log_file, stopped_by_time=stopped_by_time,
-                       extra={"steps_this_session": step - start_step, "rank": rank,
-                              "world": world})
+    return result
