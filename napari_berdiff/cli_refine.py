@@ -103,7 +103,7 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
     from .priors import validate_prior
     from .distribution import model_spacing
     from .refine import constraint_map, enforce_constraints, prior_map, refine
-    from .spacing import map_back, to_model_spacing, zoom_factor
+    from .spacing import constraints_to_model_grid, map_back, to_model_spacing, zoom_factor
     from .threads import use_threads
     from .uncertainty import dice
 
@@ -140,9 +140,8 @@ def _refine_into(args: argparse.Namespace, out: Path) -> str:
     # at the model's spacing when the image's is known: the image and the prior map p
     small, small_p, how = to_model_spacing(refiner, image, spacing, roi, p)
     if how is not None and constraints is not None:  # the constraints on the model's grid
-        keep, never = (to_model_spacing(refiner, image, spacing, roi,
-                                        (constraints == v).astype(np.float32))[1] > 0.5
-                       for v in (1, 0))
+        on_grid = constraints_to_model_grid(constraints, how, small.shape[1:])
+        keep, never = (None, None) if on_grid is None else (on_grid == 1, on_grid == 0)
     spacing_note(refiner, spacing, how)
     notice = warn_if_unlike_training(refiner, small, None if how else roi,
                                      None if how else spacing)

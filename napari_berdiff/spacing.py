@@ -104,11 +104,28 @@ def to_model_spacing(model: Any, image: np.ndarray, image_spacing: Any, roi: Any
         return image, prior, None
     crop, box = _crop(image, roi)
     small = resample_image(_as_float(model, crop), zoom)
+    how = Resampling(zoom, box, crop.shape[1:])
     if prior is not None:
-        y0, x0, y1, x1 = box
-        pr = np.asarray(prior, dtype=np.float32)[y0:y1, x0:x1]
-        prior = resample_back(pr[None], small.shape[1:])[0].clip(0, 1)
-    return small, prior, Resampling(zoom, box, crop.shape[1:])
+        prior = to_model_grid(prior, how, small.shape[1:]).clip(0, 1)
+    return small, prior, how
+
+
+def to_model_grid(values: np.ndarray, how: Resampling, shape: tuple[int, int]) -> np.ndarray:
+    """An (H, W) map of the image (a prior, a constraint indicator) cut to the resampled
+    region and resampled (linearly) onto the model's ``shape``."""
+    y0, x0, y1, x1 = how.box
+    part = np.asarray(values, dtype=np.float32)[y0:y1, x0:x1]
+    return resample_back(part[None], shape)[0]
+
+
+def constraints_to_model_grid(constraints: np.ndarray, how: Resampling,
+                              shape: tuple[int, int]) -> np.ndarray | None:
+    """A constraint map (−1 free, 0 never, 1 keep) of the image on the model's grid: a pixel
+    is kept (or never) where more than half of it was."""
+    from .refine import constraint_map
+
+    keep, never = (to_model_grid(constraints == v, how, shape) > 0.5 for v in (1, 0))
+    return constraint_map(shape, keep, never)
 
 
 def map_back(result: Any, how: Resampling | None) -> Any:

@@ -130,21 +130,15 @@ def _fill(upd: Update, frame: Any, how: Any = None, fixed: np.ndarray | None = N
     return upd
 
 
-def _constrain(extra: dict[str, Any], job: Job, full: np.ndarray | None,
-               fixed: np.ndarray) -> None:
+def _constrain(extra: dict[str, Any], fixed: np.ndarray, how: Any,
+               shape: tuple[int, int]) -> None:
     """Add the hard constraints ``fixed`` (on the crop's grid) to the sampling keywords, on
-    the model's grid when the crop is resampled (``full``: the crop before resampling), and
-    clamp the prior map there too."""
-    from ..refine import constrain_prior, constraint_map
+    the model's grid (``shape``) when the crop is resampled (``how``), and clamp the prior map
+    there too."""
+    from ..refine import constrain_prior
+    from ..spacing import constraints_to_model_grid
 
-    c = fixed
-    if full is not None:
-        from ..spacing import to_model_spacing
-
-        keep, never = (to_model_spacing(job.model, full, job.spacing, None,
-                                        (fixed == v).astype(np.float32))[1] > 0.5
-                       for v in (1, 0))
-        c = constraint_map(keep.shape, keep, never)
+    c = fixed if how is None else constraints_to_model_grid(fixed, how, shape)
     if c is None:
         return
     extra["constraints"] = c
@@ -181,16 +175,16 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
                 extra["units"] = job.units
             fixed = None if job.constraints is None else job.constraints[pos]
             try:
-                how, full = None, crop
+                how = None
                 if job.spacing is not None:
                     from ..spacing import to_model_spacing
 
-                    crop, prior, how = to_model_spacing(job.model, full, job.spacing, None,
+                    crop, prior, how = to_model_spacing(job.model, crop, job.spacing, None,
                                                         extra.get("prior"))
                     if prior is not None:
                         extra["prior"] = prior
                 if fixed is not None:
-                    _constrain(extra, job, full if how is not None else None, fixed)
+                    _constrain(extra, fixed, how, tuple(np.shape(crop)[-2:]))
                 stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
                                           cancel=job.cancel, **extra)
             except Exception as exc:  # noqa: BLE001 - reported to the user
