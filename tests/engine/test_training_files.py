@@ -5,7 +5,7 @@ that contradict the stored recipe (issue 21, item 4)."""
 from __future__ import annotations
 
 import csv
-import os
+import functools
 import random
 import signal
 import time
@@ -17,7 +17,7 @@ import pytest
 from napari_berdiff.training import log_path_for, state_path_for, train
 from napari_berdiff.training.loop import RunFiles, load_state
 
-from .crashes import KILLED, run_killed_at
+from .crashes import KILLED, run_killed_at, start_child
 from .test_training import _config, _dataset
 
 
@@ -78,11 +78,11 @@ def test_force_keeps_the_old_run_until_the_new_one_has_checkpointed(tmp_path, da
     # A new run over it (first checkpoint at step 2), killed before a write operation
     # chosen at random: the old run comes back whole, or the new one is there, in step.
     fresh = _config(steps=4, checkpoint_every=5, seed=9)
-    new_run = lambda: train(fresh, data, out, progress=False, stop_after=2)  # noqa: E731
+    new_run = functools.partial(train, fresh, data, out, progress=False, stop_after=2)
     n_ops = run_killed_at(None, new_run)
     assert 8 < n_ops < 199 and _check_in_step(out) == 2
     _restore(out, old)
-    points = sorted(set(random.Random().sample(range(n_ops), 3)) | {0, n_ops - 1})
+    points = sorted(set(random.Random(n_ops).sample(range(n_ops), 3)) | {0, n_ops - 1})
     for k in points:
         assert run_killed_at(k, new_run) == KILLED
         RunFiles(_files(out))  # what the next run does first: put the old run back
@@ -102,23 +102,19 @@ def test_a_training_run_killed_at_random_moments_keeps_log_and_state_in_step(tmp
     every step of the state; resuming leaves no temporary file and a log of steps 1..N."""
     out = tmp_path / "m.safetensors"
     cfg = _config(steps=100_000, checkpoint_every=2)
-    rng = random.Random()
+    rng = random.Random(6)  # reproducible delays
     kills = 0
     for attempt in range(6):
         resume = state_path_for(out).exists()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                train(cfg, data, out, progress=False, resume=resume)
-            finally:
-                os._exit(3)
+        proc = start_child(functools.partial(train, cfg, data, out, progress=False,
+                                             resume=resume))
         deadline = time.monotonic() + 120
         while attempt == 0 and not state_path_for(out).exists() and time.monotonic() < deadline:
             time.sleep(0.01)  # the first run: kill it after its first checkpoint
         time.sleep(rng.uniform(0.0, 0.4))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        kills += os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+        proc.kill()
+        proc.join()
+        kills += proc.exitcode == -signal.SIGKILL
         if state_path_for(out).exists():
             _check_in_step(out)
     assert kills == 6
