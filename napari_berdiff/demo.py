@@ -1,4 +1,8 @@
-"""The demo: napari with the phantom sample, the bundled model loaded and the widget docked.
+"""The demo: napari with a sample image, the bundled default model loaded and the widget docked.
+
+The sample follows the model: a lung-nodule model (trained on the semi-real LIDC) opens a
+test-split nodule, CT rendered around its four readers' real contours, which become the
+reference layer; a phantom model opens a phantom with its simulated annotators.
 
     python -m napari_berdiff.demo                      # interactive: press Sample
     python -m napari_berdiff.demo --screenshot out.png  # one full run, a screenshot, exit 0
@@ -64,6 +68,21 @@ def add_phantom(viewer: Any, size: int = 128, seed: int = 3) -> list[Any]:
             for data, kwargs, kind in phantom_sample(seed=seed, size=size)]
 
 
+def add_lidc_nodule(viewer: Any) -> list[Any]:
+    """Add the semi-real LIDC nodule (rendered CT + the readers' real contours)."""
+    from ._qt._sample_data import lidc_nodule_sample
+
+    return [getattr(viewer, f"add_{kind}")(data, **kwargs)
+            for data, kwargs, kind in lidc_nodule_sample()]
+
+
+def is_lidc_model(model: Any) -> bool:
+    """Whether a model was trained on the (semi-real) LIDC crops."""
+    data = getattr(model, "data", None) or {}
+    text = f"{data.get('description', '')} {(data.get('dataset') or {}).get('layout', '')}"
+    return "LIDC" in text.upper()
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m napari_berdiff.demo",
@@ -76,6 +95,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=None, help="number of samples (N)")
     ap.add_argument("--steps", type=int, default=None, help="reverse steps")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--sample", choices=["auto", "lidc", "phantom"], default="auto",
+                    help="the image to open: the semi-real LIDC nodule, a phantom, or (auto) "
+                         "the one the model was trained on")
     ap.add_argument("--phantom", type=int, default=3, help="phantom case (its seed)")
     ap.add_argument("--timeout", type=float, default=900.0,
                     help="with --screenshot: give up (exit 3) after this many seconds")
@@ -99,12 +121,17 @@ def setup_viewer(args: argparse.Namespace) -> tuple[Any, Any]:
             "works, but its samples are random shapes, not segmentations."
         )
         print(f"napari-berdiff demo: {why}; using an untrained demo model.", file=sys.stderr)
-    # The phantom at the model's training size, so the lesion has the scale it learnt.
-    size = (getattr(model, "data", None) or {}).get("image_size") or 128
-    layers = add_phantom(viewer, size=int(size), seed=args.phantom)
+    sample = args.sample
+    if sample == "auto":
+        sample = "lidc" if is_lidc_model(model) else "phantom"
+    if sample == "lidc":
+        layers = add_lidc_nodule(viewer)
+    else:  # the phantom at the model's training size, so the lesion has the scale it learnt
+        size = (getattr(model, "data", None) or {}).get("image_size") or 128
+        layers = add_phantom(viewer, size=int(size), seed=args.phantom)
     widget.set_model(model, label)
-    image = next((lay for lay in layers if lay.name == "phantom"), None)
-    ref = next((lay for lay in layers if lay.name == "annotators"), None)
+    image = next((lay for lay in layers if lay._type_string == "image"), None)
+    ref = next((lay for lay in layers if lay._type_string == "labels"), None)
     if image is not None:
         widget.sampling.image_combo.set_layer(image)
         viewer.layers.selection.active = image

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["LIDC_NPZ", "LIDC_SPACING_MM", "LIDC_CROP", "FEATURES", "SPLIT_FRACTIONS",
-           "ReaderSlice", "LidcReaders", "load_lidc_readers", "patient_split"]
+           "ReaderSlice", "LidcReaders", "load_lidc_readers", "patient_split", "demo_slice"]
 
 LIDC_NPZ = Path(__file__).with_name("lidc_readers.npz")
 #: In-plane pixel spacing of the crops, in mm.
@@ -202,3 +202,33 @@ def _load(path: str) -> LidcReaders:
 def load_lidc_readers(path: str | Path | None = None) -> LidcReaders:
     """Load the shipped copy (or another file written by the builder). numpy only."""
     return _load(str(Path(path) if path is not None else LIDC_NPZ))
+
+
+def _pairwise_iou(masks: np.ndarray) -> float:
+    """Mean IoU over the pairs of (K, H, W) binary masks."""
+    ious = []
+    for a in range(len(masks)):
+        for b in range(a + 1, len(masks)):
+            inter = np.logical_and(masks[a], masks[b]).sum()
+            union = np.logical_or(masks[a], masks[b]).sum()
+            ious.append(inter / union if union else 1.0)
+    return float(np.mean(ious)) if ious else 1.0
+
+
+def demo_slice(split: str = "test", area_px: tuple[int, int] = (120, 1000),
+               iou_range: tuple[float, float] = (0.5, 0.75),
+               readers: LidcReaders | None = None) -> ReaderSlice:
+    """The demo's nodule: the middle slice of the first nodule of ``split`` (in the copy's
+    order) that all four readers marked on that slice, each with an area within ``area_px``
+    pixels at 0.5 mm (about 6 to 18 mm across), and whose readers visibly disagree (mean pairwise IoU within
+    ``iou_range``). Chosen by this rule from the readers' masks alone, never by any model's
+    score."""
+    readers = readers or load_lidc_readers()
+    lo, hi = iou_range
+    for nod in readers.nodules(split):
+        items = list(readers.nodule_slices(nod))
+        item = items[len(items) // 2]
+        areas = item.masks.reshape(len(item.masks), -1).sum(axis=1)
+        if ((areas >= area_px[0]) & (areas <= area_px[1])).all() and lo <= _pairwise_iou(item.masks > 0) <= hi:
+            return item
+    raise ValueError(f"no nodule of the {split} split fits the demo's rule")

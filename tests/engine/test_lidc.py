@@ -175,3 +175,30 @@ def test_the_chest_wall_never_covers_a_readers_mask(lidc):
         union = lidc.nodule_masks(nod).any(axis=(0, 1))
         assert inside[union].max() < 0.5
     assert walls >= 5
+
+
+def test_the_demo_nodule_follows_its_rule_and_is_a_test_patients(lidc):
+    from napari_berdiff.data.lidc import _pairwise_iou, demo_slice
+
+    item = demo_slice(readers=lidc)
+    assert patient_split(item.patient) == "test"
+    areas = item.masks.reshape(len(item.masks), -1).sum(axis=1)
+    assert len(areas) == 4 and ((areas >= 120) & (areas <= 1000)).all()
+    assert 0.5 <= _pairwise_iou(item.masks > 0) <= 0.75
+    # the first such nodule in the copy's order: no earlier test nodule's middle slice fits
+    again = demo_slice(readers=lidc)
+    assert (again.patient, again.nodule, again.slice_index) == \
+        (item.patient, item.nodule, item.slice_index)
+    with pytest.raises(ValueError, match="fits the demo's rule"):
+        demo_slice(readers=lidc, iou_range=(2.0, 3.0))
+
+
+def test_pairwise_iou_against_brute_force():
+    from napari_berdiff.data.lidc import _pairwise_iou
+
+    rng = np.random.default_rng(1)
+    m = rng.random((3, 8, 8)) < 0.4
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    brute = np.mean([(m[a] & m[b]).sum() / (m[a] | m[b]).sum() for a, b in pairs])
+    assert _pairwise_iou(m) == pytest.approx(brute)
+    assert _pairwise_iou(np.zeros((2, 4, 4), bool)) == 1.0  # two empty masks agree
