@@ -286,8 +286,10 @@ class MemoryPlan:
     1, before the steps); ``state``: the per-sample tensors of all ``n`` samples;
     ``network``: one chunk's denoiser activations. The encoder's and the steps' activations
     are not alive together, so the peak is ``image + state + max(encoder, network)``, plus
-    :data:`OVERHEAD_BYTES`. All in
-    bytes; ``budget`` is the budget asked for (None: none but the machine's).
+    :data:`OVERHEAD_BYTES` and, for several images in one batch (``images``), their kept
+    conditions (``conditions``; the network's share then includes each row's copy of its
+    image's condition). All in bytes; ``budget`` is the budget asked for (None: none but
+    the machine's).
     """
 
     n: int
@@ -299,16 +301,21 @@ class MemoryPlan:
     network: int
     budget: int | None
     available: int
+    images: int = 1
+    conditions: int = 0
 
     @property
     def total(self) -> int:
-        return OVERHEAD_BYTES + self.image + self.state + max(self.encoder, self.network)
+        return (OVERHEAD_BYTES + self.image + self.conditions + self.state
+                + max(self.encoder, self.network))
 
     def describe(self) -> str:
         """``"about 1.20 GiB (image …, encoder …, N samples' state …, network …)"``."""
         def g(b: int) -> str:
             return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.0f} MiB"
-        return (f"about {g(self.total)} (image {g(self.image)}, image encoder "
+        images = (f"{self.images} images {g(self.image)}, their conditions "
+                  f"{g(self.conditions)}" if self.images > 1 else f"image {g(self.image)}")
+        return (f"about {g(self.total)} ({images}, image encoder "
                 f"{g(self.encoder)}, {self.n} samples' state {g(self.state)}, network "
                 f"{g(self.network)} for {self.chunk} sample(s) at a time)")
 
@@ -335,7 +342,7 @@ def estimate_encoder_bytes(net: Any, channels: int, h: int, w: int) -> int:
 
 def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int | None,
                 memory_budget_mb: float | None, device: torch.device | None = None,
-                available: int | None = None) -> MemoryPlan:
+                available: int | None = None, images: int = 1) -> MemoryPlan:
     """Estimate every stage's peak memory for ``n`` samples of an (h, w) region and choose
     the chunk (samples per network call) that keeps the total within the budget.
 
@@ -343,6 +350,11 @@ def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int 
     copies, the image encoder, the state of all ``n`` samples and one chunk's activations.
     It is never more than :data:`MACHINE_SHARE` of the memory free on the device, so no
     budget (None included) lets a run plan beyond what the machine holds.
+
+    ``images`` > 1 plans a batch of several images (a volume's slices, ``n`` samples in
+    all, see :func:`stream_images`): each image's copies and condition are kept, and each
+    row of a chunk carries a copy of its image's condition (both bounded by the encoder's
+    estimate).
 
     Raises
     ------
@@ -354,23 +366,27 @@ def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int 
     hp, wp = h + (-h) % m, w + (-w) % m
     pix = hp * wp
     floats = STATE_FLOATS_PER_PIXEL + (1 if getattr(net, "self_conditioned", False) else 0)
-    image = IMAGE_COPIES * 4 * max(channels, 1) * pix
+    images = max(1, int(images))
+    image = images * IMAGE_COPIES * 4 * max(channels, 1) * pix
     encoder = estimate_encoder_bytes(net, channels, hp, wp)
+    conditions = images * encoder if images > 1 else 0
     state = floats * 4 * n * pix
     per = estimate_bytes_per_sample(net, hp, wp) or 0
+    if per and images > 1:
+        per += encoder
     free = available_memory(device) if available is None else int(available)
     machine = int(MACHINE_SHARE * free)
     limit = machine if memory_budget_mb is None else min(int(memory_budget_mb * 2**20), machine)
     chunk = n if max_batch is None else max(1, min(n, int(max_batch)))
-    fixed = OVERHEAD_BYTES + image + state
+    fixed = OVERHEAD_BYTES + image + conditions + state
     if per and memory_budget_mb:
         chunk = max(1, min(chunk, (limit - fixed) // per if limit > fixed else 1))
     plan = MemoryPlan(n, (h, w), int(chunk), image, encoder, state, int(chunk * per),
                       None if memory_budget_mb is None else int(memory_budget_mb * 2**20),
-                      free)
+                      free, images, conditions)
     if plan.total > limit:
         per_sample = floats * 4 * pix
-        room = limit - OVERHEAD_BYTES - image - max(encoder, per)
+        room = limit - OVERHEAD_BYTES - image - conditions - max(encoder, per)
         fits = int(room // per_sample) if room > 0 else 0
         which = ("the memory budget" if memory_budget_mb is not None
                  and limit < machine else "what this machine has free")
@@ -531,13 +547,26 @@ def sample_stream(
         ``ValueError`` here, before any work starts.
     """
     t_start = time.perf_counter()
+    n, visited = check_run(net, kernel, n, steps)
+    seed = check_seed(seed)
+    img, box, prior_t, constraint_t = check_image(net, kernel, image, roi, prior, constraints,
+                                                  image_channels)
+    h, w = img.shape[1:]
+    dev = select_device(device)
+    chunk = plan_memory(net, n, img.shape[0], h, w, max_batch, memory_budget_mb, dev).chunk
+    return SampleStream(_stream(net, kernel, img, n, visited, int(seed), prior_t, box, dev,
+                                chunk, cancel, profile, t_start, constraint_t))
+
+
+def check_run(net: Any, kernel: Kernel, n: Any, steps: int | str | None
+              ) -> tuple[int, list[int]]:
+    """The sample count as an int and the visited timesteps, checked against the network
+    and the kernel (``ValueError`` otherwise)."""
     if getattr(net, "has_presence_head", False) and not isinstance(kernel, BernoulliKernel):
         raise ValueError("a network with a presence head samples with the Bernoulli kernel "
                          "only; check the checkpoint's diffusion kind")
     if int(n) != n or n < 1:
         raise ValueError(f"the number of samples must be a whole number >= 1, got {n!r}")
-    n = int(n)
-    seed = check_seed(seed)
     T = kernel.config.timesteps
     spec = kernel.config.default_steps if steps is None else steps
     if isinstance(spec, (int, np.integer)) and spec > T:
@@ -546,21 +575,26 @@ def sample_stream(
     check_visited = getattr(kernel, "check_visited", None)
     if callable(check_visited):
         check_visited(visited)
+    return int(n), visited
+
+
+def check_image(
+    net: Any, kernel: Kernel, image: np.ndarray | torch.Tensor, roi: Roi | None,
+    prior: np.ndarray | float | None, constraints: np.ndarray | None,
+    image_channels: int | None,
+) -> tuple[np.ndarray, Roi, torch.Tensor | float, torch.Tensor | None]:
+    """One image validated and cropped to its region: ``(crop (C, h, w), box, prior,
+    constraint map)`` as the sampler takes them (``ValueError`` for bad arguments)."""
     full = prepare_image(image, image_channels)
     box = check_roi(roi, full.shape[1:])
     y0, x0, y1, x1 = box
     img = np.ascontiguousarray(full[:, y0:y1, x0:x1])
-    h, w = img.shape[1:]
     check_size = getattr(getattr(net, "config", None), "check_size", None)
     if callable(check_size):  # networks that take one size only (cDAL's)
-        check_size(h, w)
-    dev = select_device(device)
+        check_size(*img.shape[1:])
     prior_t = _prepare_prior(prior, kernel, full.shape[1:], box)
     constraint_t = _prepare_constraints(constraints, kernel, full.shape[1:], box)
-
-    chunk = plan_memory(net, n, img.shape[0], h, w, max_batch, memory_budget_mb, dev).chunk
-    return SampleStream(_stream(net, kernel, img, n, visited, int(seed), prior_t, box, dev,
-                                chunk, cancel, profile, t_start, constraint_t))
+    return img, box, prior_t, constraint_t
 
 
 def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch.device
