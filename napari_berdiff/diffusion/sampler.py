@@ -612,6 +612,17 @@ def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch
     return p, keep.to(dev)
 
 
+def _cond_rows(cond: Any, rows: torch.Tensor, batch: int) -> Any:
+    """The condition of the chunk's ``rows``: a batch-1 condition as it is (it broadcasts),
+    a per-row one (several images in one batch) indexed (tensors, or lists/tuples of
+    them)."""
+    if isinstance(cond, torch.Tensor):
+        return cond[rows] if cond.shape[0] == batch and batch > 1 else cond
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_cond_rows(c, rows, batch) for c in cond)
+    return cond
+
+
 def _predict_marked(net: Any, x: torch.Tensor, t: torch.Tensor, cond: Any,
                     extra: tuple[torch.Tensor, ...], kw: dict[str, torch.Tensor],
                     rows: torch.Tensor | None) -> torch.Tensor:
@@ -622,7 +633,8 @@ def _predict_marked(net: Any, x: torch.Tensor, t: torch.Tensor, cond: Any,
         return net.predict(x, t, cond, *extra, **kw)
     out = torch.zeros_like(x)
     if rows.numel():
-        part = net.predict(x[rows], t[rows], cond, *(e[rows] for e in extra),
+        part = net.predict(x[rows], t[rows], _cond_rows(cond, rows, x.shape[0]),
+                           *(e[rows] for e in extra),
                            **{k: v[rows] for k, v in kw.items()})
         out[rows] = part.to(out.dtype)
     return out

@@ -14,7 +14,7 @@ from napari_berdiff.diffusion import (BernoulliKernel, DiffusionConfig, run_to_e
                                       sample_stream, timestep_subsequence)
 from napari_berdiff.diffusion.sampler import (MemoryBudgetError, SliceInput, plan_memory,
                                               stream_images)
-from napari_berdiff.diffusion.volume import batch_sizes, plan_slices, sample_slices
+from napari_berdiff.diffusion.volume import batch_sizes, plan_slices
 
 from .ckpt_helpers import one_torch_thread, tiny_model  # noqa: F401 - the fixture
 from .toys import TinyConvNet
@@ -99,18 +99,25 @@ def test_chunks_that_straddle_slices_keep_each_slice_its_samples():
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="the bundled model is not in models/")
-def test_bundled_reader_conditioned_model_batches_exactly():
+def test_bundled_model_batches_exactly_with_readers_and_unmarked_samples():
+    """The default network: a list condition, readers, and a presence head whose unmarked
+    samples skip the network (the rows a batched call keeps must take their own slice's
+    condition)."""
     model = load_model(BUNDLED)
-    vol = _volume(3, size=32, seed=2)
-    stream = model.sample_slices(list(vol), n=4, steps=2, seeds=[1, 2, 3],
-                                 first_alone=False)
-    run_to_end_slices = list(stream)
-    assert len(run_to_end_slices) == 6
+    counting = CountingNet(model.net)
+    model.net = counting
+    noise = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
+    vol = [_volume(1, size=32, seed=2)[0], *noise]  # the noise: presence about 0.65
+    stream = model.sample_slices(vol, n=4, steps=2, seeds=[1, 2, 3], first_alone=False)
+    assert len(list(stream)) == 6
+    assert counting.batches[0] < 12  # some samples were drawn unmarked
+    model.net = counting.net
     for z in range(3):
         alone = run_to_end(model.sample(vol[z], 4, 2, z + 1))
         np.testing.assert_array_equal(stream.results[z].masks, alone.masks)
         np.testing.assert_allclose(stream.results[z].probs, alone.probs, atol=1e-6)
         np.testing.assert_array_equal(stream.results[z].readers, alone.readers)
+        assert stream.results[z].presence == alone.presence < 1
 
 
 def test_cancel_stops_within_a_batch_and_between_batches():
