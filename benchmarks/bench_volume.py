@@ -3,12 +3,13 @@
 For the bundled default model: the wall time of sampling ``--n`` samples of each slice of
 a ``--slices``-slice volume of ``--size``² phantoms at the model's default steps, run slice
 by slice (one :meth:`sample` per slice, as the widget did) and batched
-(:meth:`sample_slices`, up to ``--max-slices`` slices per network call, the first slice
-alone), alternating within one run; the ratio; the time from the start to the first
-slice's first frame in units of one single-slice step; and the largest difference between
-the two modes' outputs (they should be the same samples).
+(:meth:`sample_slices`: up to ``--max-slices`` slices and ``--max-rows`` samples per
+network call, the first slice alone), alternating within one run; the ratio; the time from
+the start to the first slice's first frame in units of one single-slice step; and the
+largest difference between the two modes' outputs (they should be the same samples).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_volume.py --threads 1 --repeats 1
+    OMP_NUM_THREADS=1 python benchmarks/bench_volume.py --threads 1 --max-rows none
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def _slice_by_slice(model, vol, n, seed) -> dict:
             "step_s": median(later), "probs": probs}
 
 
-def _batched(model, vol, n, seed, max_slices) -> dict:
+def _batched(model, vol, n, seed, max_slices, max_rows) -> dict:
     tic = time.perf_counter()
     stream = model.sample_slices(vol, n, None, [seed + z for z in range(len(vol))],
-                                 max_slices=max_slices)
+                                 max_slices=max_slices, max_rows=max_rows)
     first = None
     for _sf in stream:
         if first is None:
@@ -67,7 +68,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-slices", type=int, default=DEFAULT_MAX_SLICES)
+    ap.add_argument("--max-rows", default="auto",
+                    help="rows per network call batching stops at: auto (the device's "
+                         "default), none, or a number")
     args = ap.parse_args()
+    choice = args.max_rows.lower()
+    max_rows = {"auto": "auto", "none": None}[choice] if choice in ("auto", "none") \
+        else int(choice)
     import torch
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -81,7 +88,8 @@ def main() -> None:
         pair = {}
         for mode in (("slice", "batched") if r % 2 == 0 else ("batched", "slice")):
             pair[mode] = (_slice_by_slice(model, vol, args.n, 100 * r) if mode == "slice"
-                          else _batched(model, vol, args.n, 100 * r, args.max_slices))
+                          else _batched(model, vol, args.n, 100 * r, args.max_slices,
+                                        max_rows))
         s, b = pair["slice"], pair["batched"]
         diff = max(float(np.abs(p - q).max()) for p, q in zip(s["probs"], b["probs"]))
         masks_equal = all(np.array_equal(p > 0.5, q > 0.5)

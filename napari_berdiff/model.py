@@ -310,6 +310,7 @@ class DiffusionModel:
         max_batch: int | None = None,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         max_slices: int = DEFAULT_MAX_SLICES,
+        max_rows: int | str | None = "auto",
         first_alone: bool = True,
         normalise: bool = True,
         draw_correlation: float | None = None,
@@ -334,7 +335,7 @@ class DiffusionModel:
         return sample_slices(
             self.net, kernel, conds, seeds=list(seeds), n=n, steps=steps, priors=starts,
             roi=roi, constraints=constraints, device=self.device, max_batch=max_batch,
-            memory_budget_mb=memory_budget_mb, max_slices=max_slices,
+            memory_budget_mb=memory_budget_mb, max_slices=max_slices, max_rows=max_rows,
             first_alone=first_alone, cancel=cancel, image_channels=self.network_channels,
         )
 

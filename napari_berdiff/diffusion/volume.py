@@ -22,6 +22,16 @@ from .sampler import (DEFAULT_MEMORY_BUDGET_MB, CancelLike, ConditionalNet, Fram
 
 #: Slices batched together at most, by default (the issue's 4 slices × 16 samples).
 DEFAULT_MAX_SLICES = 4
+#: Rows per network call that batching slices stops at on the CPU, where a larger call is no
+#: faster per row: with the default network at 128² and one thread, 64 rows per call took
+#: 1.12× the time of 16 and 32 rows 0.99× (benchmarks/bench_volume.py, BENCHMARKS.md).
+CPU_MAX_ROWS = 32
+
+
+def default_max_rows(device: torch.device) -> int | None:
+    """The rows per network call that batching slices stops at on ``device`` (None: the
+    memory plan and the slice cap alone decide)."""
+    return CPU_MAX_ROWS if device.type == "cpu" else None
 
 
 @dataclass(frozen=True)
@@ -37,11 +47,11 @@ class SlicePlan:
 def plan_slices(net: ConditionalNet, n: int, channels: int, h: int, w: int, n_slices: int,
                 max_slices: int = DEFAULT_MAX_SLICES, max_batch: int | None = None,
                 memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
-                device: torch.device | None = None, available: int | None = None
-                ) -> SlicePlan:
+                device: torch.device | None = None, available: int | None = None,
+                max_rows: int | None = None) -> SlicePlan:
     """The most slices (up to ``max_slices`` and ``n_slices``) whose ``slices × n`` samples
-    fit the memory budget and ``max_batch`` in one network call; one slice at a time
-    (chunked as :func:`plan_memory` says) when two do not fit.
+    fit the memory budget, ``max_batch`` and ``max_rows`` in one network call; one slice at
+    a time (chunked as :func:`plan_memory` says) when two do not fit.
 
     Raises
     ------
@@ -50,7 +60,7 @@ def plan_slices(net: ConditionalNet, n: int, channels: int, h: int, w: int, n_sl
     """
     for k in range(min(int(max_slices), int(n_slices)), 1, -1):
         rows = k * n
-        if max_batch is not None and rows > max_batch:
+        if any(cap is not None and rows > cap for cap in (max_batch, max_rows)):
             continue
         try:
             plan = plan_memory(net, rows, channels, h, w, max_batch, memory_budget_mb,
@@ -132,6 +142,7 @@ def sample_slices(
     max_batch: int | None = None,
     memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
     max_slices: int = DEFAULT_MAX_SLICES,
+    max_rows: int | str | None = "auto",
     first_alone: bool = True,
     cancel: CancelLike = None,
     image_channels: int | None = None,
@@ -149,10 +160,11 @@ def sample_slices(
         ``sample_stream(net, kernel, images[i], seed=seeds[i], ...)``.
     priors, constraints
         One prior / constraint map per slice (or None), as :func:`sample_stream` takes.
-    max_slices, first_alone
-        At most ``max_slices`` slices per batch (fewer when the memory plan says so, see
-        :func:`plan_slices`); the first slice runs alone when ``first_alone``, so its first
-        frame comes after one single-slice step.
+    max_slices, max_rows, first_alone
+        At most ``max_slices`` slices and ``max_rows`` samples per batch (fewer slices when
+        the memory plan says so, see :func:`plan_slices`; ``"auto"``:
+        :func:`default_max_rows` of the device, None: no row cap); the first slice runs
+        alone when ``first_alone``, so its first frame comes after one single-slice step.
     n, steps, roi, device, max_batch, memory_budget_mb, cancel, image_channels, profile
         As for :func:`sample_stream`. ``cancel`` is checked before every step and every
         batch.
@@ -185,7 +197,9 @@ def sample_slices(
         box = box_i
     c, h, w = inputs[0].image.shape
     dev = select_device(device)
-    plan = plan_slices(net, n, c, h, w, count, max_slices, max_batch, memory_budget_mb, dev)
+    rows = default_max_rows(dev) if max_rows == "auto" else max_rows
+    plan = plan_slices(net, n, c, h, w, count, max_slices, max_batch, memory_budget_mb, dev,
+                       max_rows=rows)
     alone = plan.chunk if plan.slices == 1 else plan_memory(
         net, n, c, h, w, max_batch, memory_budget_mb, dev).chunk
     sizes = batch_sizes(count, plan.slices, first_alone)

@@ -14,7 +14,7 @@ from napari_berdiff.diffusion import (BernoulliKernel, DiffusionConfig, run_to_e
                                       sample_stream, timestep_subsequence)
 from napari_berdiff.diffusion.sampler import (MemoryBudgetError, SliceInput, plan_memory,
                                               stream_images)
-from napari_berdiff.diffusion.volume import batch_sizes, plan_slices
+from napari_berdiff.diffusion.volume import CPU_MAX_ROWS, batch_sizes, plan_slices
 
 from .ckpt_helpers import one_torch_thread, tiny_model  # noqa: F401 - the fixture
 from .toys import TinyConvNet
@@ -206,3 +206,14 @@ def test_mismatched_slices_are_refused():
     vol = [np.zeros((16, 16), np.float32), np.zeros((16, 24), np.float32)]
     with pytest.raises(ValueError, match="one shape"):
         model.sample_slices(vol, n=2, seeds=[1, 2])
+
+
+def test_on_the_cpu_batches_stop_at_the_row_cap():
+    model = tiny_model()
+    vol = list(_volume(6))
+    auto = model.sample_slices(vol, n=16, steps=1, seeds=range(6), max_slices=4)
+    assert auto.plan.slices == CPU_MAX_ROWS // 16 == 2
+    assert model.sample_slices(vol, n=16, steps=1, seeds=range(6), max_slices=4,
+                               max_rows=None).plan.slices == 4
+    assert model.sample_slices(vol, n=16, steps=1, seeds=range(6), max_slices=4,
+                               max_rows=16).plan.slices == 1
