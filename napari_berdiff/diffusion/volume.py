@@ -23,9 +23,10 @@ from .sampler import (DEFAULT_MEMORY_BUDGET_MB, CancelLike, ConditionalNet, Fram
 #: Slices batched together at most, by default (the issue's 4 slices × 16 samples).
 DEFAULT_MAX_SLICES = 4
 #: Rows per network call that batching slices stops at on the CPU, where a larger call is no
-#: faster per row: with the default network at 128² and one thread, 64 rows per call took
-#: 1.12× the time of 16 and 32 rows 0.99× (benchmarks/bench_volume.py, BENCHMARKS.md).
-CPU_MAX_ROWS = 32
+#: faster per row: with the default network at 128², one thread, 32 slices × 16 samples took
+#: 0.99-1.07× (32 rows per call) and 1.12× (64 rows) the time of slice by slice (16 rows;
+#: benchmarks/bench_volume.py, BENCHMARKS.md). Smaller runs (n < 16) still share calls.
+CPU_MAX_ROWS = 16
 
 
 def default_max_rows(device: torch.device) -> int | None:

@@ -211,9 +211,9 @@ def test_mismatched_slices_are_refused():
 def test_on_the_cpu_batches_stop_at_the_row_cap():
     model = tiny_model()
     vol = list(_volume(6))
-    auto = model.sample_slices(vol, n=16, steps=1, seeds=range(6), max_slices=4)
-    assert auto.plan.slices == CPU_MAX_ROWS // 16 == 2
-    assert model.sample_slices(vol, n=16, steps=1, seeds=range(6), max_slices=4,
+    auto = model.sample_slices(vol, n=8, steps=1, seeds=range(6), max_slices=4)
+    assert auto.plan.slices == CPU_MAX_ROWS // 8 == 2
+    assert model.sample_slices(vol, n=8, steps=1, seeds=range(6), max_slices=4,
                                max_rows=None).plan.slices == 4
-    assert model.sample_slices(vol, n=16, steps=1, seeds=range(6), max_slices=4,
-                               max_rows=16).plan.slices == 1
+    assert model.sample_slices(vol, n=8, steps=1, seeds=range(6), max_slices=4,
+                               max_rows=8).plan.slices == 1
