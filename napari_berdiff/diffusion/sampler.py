@@ -163,7 +163,7 @@ def prepare_image(image: np.ndarray | torch.Tensor, channels: int | None = None)
     if arr.ndim != 3:
         raise ValueError(
             f"the image must be 2D (H, W) or 3D (C, H, W); got shape {tuple(arr.shape)}. "
-            "For a volume, sample one slice at a time."
+            "For a volume, sample its slices with sample_slices (several per batch)."
         )
     if min(arr.shape[1:]) < 1:
         raise ValueError(f"the image is empty: shape {tuple(arr.shape)}")
