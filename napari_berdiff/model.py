@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from .diffusion.sampler import (
     check_roi,
     sample_stream,
 )
+from .diffusion.volume import DEFAULT_MAX_SLICES, SliceStream
 
 FORMAT = "napari-berdiff/1"
 KINDS = ("bernoulli", "gaussian", "refiner", "segmentor", "cdal")
@@ -275,14 +277,7 @@ class DiffusionModel:
         the image's intensity units ("HU"), which select the model's window when it has one.
         ``constraints`` (−1 free, 0 never, 1 keep) clamps pixels in every sample.
         """
-        if self.kind == "segmentor":
-            raise ValueError("a segmentor is not a diffusion model and cannot be sampled")
-        kernel = self.kernel
-        changes = {k: float(v) for k, v in (("draw_correlation", draw_correlation),
-                                            ("temperature", temperature))
-                   if v is not None and v != getattr(self.diffusion, k)}
-        if changes:
-            kernel = make_kernel(self.diffusion.replace(**changes))
+        kernel = self._sampling_kernel(draw_correlation, temperature)
         cond = self.prepare(image, prior, normalise, roi, units)
         start_prior = prior if self.kind == "refiner" else None
         return sample_stream(
@@ -290,6 +285,58 @@ class DiffusionModel:
             roi=roi, constraints=constraints, device=self.device, max_batch=max_batch,
             memory_budget_mb=memory_budget_mb, cancel=cancel,
             image_channels=self.network_channels,
+        )
+
+    def _sampling_kernel(self, draw_correlation: float | None, temperature: float | None
+                         ) -> Any:
+        """The model's kernel, or one with the given Bernoulli overrides."""
+        if self.kind == "segmentor":
+            raise ValueError("a segmentor is not a diffusion model and cannot be sampled")
+        changes = {k: float(v) for k, v in (("draw_correlation", draw_correlation),
+                                            ("temperature", temperature))
+                   if v is not None and v != getattr(self.diffusion, k)}
+        return make_kernel(self.diffusion.replace(**changes)) if changes else self.kernel
+
+    def sample_slices(
+        self,
+        images: Sequence[np.ndarray],
+        n: int = 16,
+        steps: int | str | None = None,
+        seeds: Sequence[int] = (),
+        *,
+        priors: Sequence[np.ndarray | None] | None = None,
+        roi: Roi | None = None,
+        cancel: CancelLike = None,
+        max_batch: int | None = None,
+        memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
+        max_slices: int = DEFAULT_MAX_SLICES,
+        max_rows: int | str | None = "auto",
+        first_alone: bool = True,
+        normalise: bool = True,
+        draw_correlation: float | None = None,
+        temperature: float | None = None,
+        units: str | None = None,
+        constraints: Sequence[np.ndarray | None] | None = None,
+    ) -> SliceStream:
+        """Stream ``n`` samples of each of a volume's slices, several slices per network
+        call (:func:`napari_berdiff.diffusion.volume.sample_slices`): slice ``i`` gets the
+        samples ``sample(images[i], n, steps, seeds[i], ...)`` gives. Each slice is
+        normalised by itself, as :meth:`sample` does; ``priors`` and ``constraints`` hold
+        one entry per slice (or are None).
+        """
+        from .diffusion.volume import sample_slices
+
+        kernel = self._sampling_kernel(draw_correlation, temperature)
+        count = len(images)
+        prior_of = [None] * count if priors is None else list(priors)
+        conds = [self.prepare(img, pr, normalise, roi, units)
+                 for img, pr in zip(images, prior_of)]
+        starts = prior_of if self.kind == "refiner" else None
+        return sample_slices(
+            self.net, kernel, conds, seeds=list(seeds), n=n, steps=steps, priors=starts,
+            roi=roi, constraints=constraints, device=self.device, max_batch=max_batch,
+            memory_budget_mb=memory_budget_mb, max_slices=max_slices, max_rows=max_rows,
+            first_alone=first_alone, cancel=cancel, image_channels=self.network_channels,
         )
 
     def input_notice(self, image: np.ndarray, roi: Roi | None = None,

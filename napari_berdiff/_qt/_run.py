@@ -146,14 +146,111 @@ def _constrain(extra: dict[str, Any], fixed: np.ndarray, how: Any,
         extra["prior"] = constrain_prior(np.asarray(extra["prior"], np.float32), c)
 
 
+def _slice_inputs(job: Job, pos: int, crop: np.ndarray
+                  ) -> tuple[np.ndarray, dict[str, Any], Any, np.ndarray | None]:
+    """Crop ``pos`` as sampled (on the model's grid when ``job.spacing`` says), with its
+    sampling keywords (prior, constraints, temperature, units), the resampling ``how`` (or
+    None) and its hard constraints on the crop's own grid (or None)."""
+    extra: dict[str, Any] = {} if job.priors is None else {"prior": job.priors[pos]}
+    if job.temperature is not None:
+        extra["temperature"] = job.temperature
+    if job.units:
+        extra["units"] = job.units
+    fixed = None if job.constraints is None else job.constraints[pos]
+    how = None
+    if job.spacing is not None:
+        from ..spacing import to_model_spacing
+
+        crop, prior, how = to_model_spacing(job.model, crop, job.spacing, None,
+                                            extra.get("prior"))
+        if prior is not None:
+            extra["prior"] = prior
+    if fixed is not None:
+        _constrain(extra, fixed, how, tuple(np.shape(crop)[-2:]))
+    return crop, extra, how, fixed
+
+
 def run_job(job: Job) -> Generator[Update, None, Outcome]:
-    """Sample every crop of ``job`` in turn, yielding an :class:`Update` per step."""
+    """Sample every crop of ``job``, yielding an :class:`Update` per slice and step: one
+    crop alone, a volume's crops several per batch (:meth:`sample_slices`, when the model
+    has it)."""
     import torch
 
     from ..threads import use_threads
 
     use_threads(job.threads or "auto")
     threads = torch.get_num_threads()  # what torch runs with in this (the worker) thread
+    batched = len(job.crops) > 1 and callable(getattr(job.model, "sample_slices", None))
+    with torch.inference_mode():
+        outcome = yield from (_run_batched(job) if batched else _run_each(job))
+    outcome.threads = threads
+    return outcome
+
+
+def _run_batched(job: Job) -> Generator[Update, None, Outcome]:
+    """A volume's crops, several per network call; each slice's samples are those of a run
+    of that slice alone with its seed."""
+    t0 = time.perf_counter()
+    n_slices = len(job.crops)
+    try:
+        prepared = [_slice_inputs(job, pos, crop) for pos, crop in enumerate(job.crops)]
+        common = {k: v for k, v in prepared[0][1].items() if k in ("temperature", "units")}
+        priors = None if job.priors is None else [p[1]["prior"] for p in prepared]
+        constraints = ([p[1].get("constraints") for p in prepared]
+                       if any("constraints" in p[1] for p in prepared) else None)
+        stream = job.model.sample_slices(
+            [p[0] for p in prepared], job.n, job.steps,
+            [job.seed + off for off in job.seed_offsets], priors=priors,
+            constraints=constraints, cancel=job.cancel, **common)
+    except Exception as exc:  # noqa: BLE001 - reported to the user
+        raise SamplingError(str(exc)) from exc
+    if job.recorder is not None:
+        for pos, p in enumerate(prepared):
+            job.recorder.set_image(pos, p[0])
+    last: dict[int, tuple[Any, bool]] = {}  # slice → (its last frame, whether it was pushed)
+    last_push, burst = -float("inf"), False
+    n_steps = 0
+    while True:
+        try:
+            sf = next(stream)
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001
+            raise SamplingError(f"{type(exc).__name__}: {exc}") from exc
+        pos, frame = sf.slice_index, sf.frame
+        n_steps = frame.n_steps
+        if job.recorder is not None:
+            job.recorder.add(pos, frame)
+        now = time.perf_counter()
+        if pos == sf.batch[0]:  # a batch's frames of one step are pushed together, or not
+            burst = now - last_push >= job.interval_s and job.consumed.is_set()
+        upd = Update(pos, n_slices, frame.step, frame.n_steps, frame.t, now - t0, frame.final)
+        push = frame.final or frame.step == 0 or burst
+        if push:
+            _, _, how, fixed = prepared[pos]
+            _fill(upd, frame, how, fixed)
+            job.consumed.clear()
+            last_push = time.perf_counter()
+        last[pos] = (frame, push)
+        yield upd
+    results = stream.results or []
+    cancelled = stream.cancelled
+    if cancelled:  # bring each unfinished slice's layers to its last completed step
+        for pos, (frame, pushed) in sorted(last.items()):
+            if not pushed:
+                _, _, how, fixed = prepared[pos]
+                yield _fill(Update(pos, n_slices, frame.step, frame.n_steps, frame.t,
+                                   time.perf_counter() - t0, False, catch_up=True),
+                            frame, how, fixed)
+    presences = [r.presence for r in results if r.presence is not None]
+    return Outcome(cancelled, sum(not r.cancelled for r in results), n_slices,
+                   sum(r.steps_done for r in results), n_steps, time.perf_counter() - t0,
+                   results[0].device if results else "",
+                   sum(presences) / len(presences) if presences else None)
+
+
+def _run_each(job: Job) -> Generator[Update, None, Outcome]:
+    """Each crop in turn, one run per crop."""
     t0 = time.perf_counter()
     n_slices = len(job.crops)
     last_push = -float("inf")
@@ -163,70 +260,54 @@ def run_job(job: Job) -> Generator[Update, None, Outcome]:
     n_steps = 0
     device = ""
     presences: list[float] = []
-    with torch.inference_mode():
-        for pos, (crop, off) in enumerate(zip(job.crops, job.seed_offsets)):
-            if job.cancel.is_set():
-                cancelled = True
-                break
-            extra = {} if job.priors is None else {"prior": job.priors[pos]}
-            if job.temperature is not None:
-                extra["temperature"] = job.temperature
-            if job.units:
-                extra["units"] = job.units
-            fixed = None if job.constraints is None else job.constraints[pos]
+    for pos, (crop, off) in enumerate(zip(job.crops, job.seed_offsets)):
+        if job.cancel.is_set():
+            cancelled = True
+            break
+        try:
+            crop, extra, how, fixed = _slice_inputs(job, pos, crop)
+            stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
+                                      cancel=job.cancel, **extra)
+        except Exception as exc:  # noqa: BLE001 - reported to the user
+            raise SamplingError(str(exc)) from exc
+        last_frame, last_pushed = None, True
+        if job.recorder is not None:
+            job.recorder.set_image(pos, crop)
+        while True:
             try:
-                how = None
-                if job.spacing is not None:
-                    from ..spacing import to_model_spacing
-
-                    crop, prior, how = to_model_spacing(job.model, crop, job.spacing, None,
-                                                        extra.get("prior"))
-                    if prior is not None:
-                        extra["prior"] = prior
-                if fixed is not None:
-                    _constrain(extra, fixed, how, tuple(np.shape(crop)[-2:]))
-                stream = job.model.sample(crop, job.n, job.steps, job.seed + off,
-                                          cancel=job.cancel, **extra)
-            except Exception as exc:  # noqa: BLE001 - reported to the user
-                raise SamplingError(str(exc)) from exc
-            last_frame, last_pushed = None, True
-            if job.recorder is not None:
-                job.recorder.set_image(pos, crop)
-            while True:
-                try:
-                    frame = next(stream)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                except Exception as exc:  # noqa: BLE001
-                    raise SamplingError(f"{type(exc).__name__}: {exc}") from exc
-                n_steps = frame.n_steps
-                if job.recorder is not None:
-                    job.recorder.add(pos, frame)
-                now = time.perf_counter()
-                upd = Update(pos, n_slices, frame.step, frame.n_steps, frame.t, now - t0,
-                             frame.final)
-                push = frame.final or frame.step == 0 or (
-                    now - last_push >= job.interval_s and job.consumed.is_set())
-                if push:
-                    _fill(upd, frame, how, fixed)
-                    job.consumed.clear()
-                    last_push = time.perf_counter()
-                last_frame, last_pushed = frame, push
-                yield upd
-            steps_done += result.steps_done
-            device = result.device
-            if result.presence is not None:
-                presences.append(result.presence)
-            if result.cancelled:
-                cancelled = True
-                if last_frame is not None and not last_pushed:
-                    # bring the layers to the last completed step, all of them from one frame
-                    yield _fill(Update(pos, n_slices, last_frame.step, last_frame.n_steps,
-                                       last_frame.t, time.perf_counter() - t0, False,
-                                       catch_up=True), last_frame, how, fixed)
+                frame = next(stream)
+            except StopIteration as stop:
+                result = stop.value
                 break
-            slices_done += 1
+            except Exception as exc:  # noqa: BLE001
+                raise SamplingError(f"{type(exc).__name__}: {exc}") from exc
+            n_steps = frame.n_steps
+            if job.recorder is not None:
+                job.recorder.add(pos, frame)
+            now = time.perf_counter()
+            upd = Update(pos, n_slices, frame.step, frame.n_steps, frame.t, now - t0,
+                         frame.final)
+            push = frame.final or frame.step == 0 or (
+                now - last_push >= job.interval_s and job.consumed.is_set())
+            if push:
+                _fill(upd, frame, how, fixed)
+                job.consumed.clear()
+                last_push = time.perf_counter()
+            last_frame, last_pushed = frame, push
+            yield upd
+        steps_done += result.steps_done
+        device = result.device
+        if result.presence is not None:
+            presences.append(result.presence)
+        if result.cancelled:
+            cancelled = True
+            if last_frame is not None and not last_pushed:
+                # bring the layers to the last completed step, all of them from one frame
+                yield _fill(Update(pos, n_slices, last_frame.step, last_frame.n_steps,
+                                   last_frame.t, time.perf_counter() - t0, False,
+                                   catch_up=True), last_frame, how, fixed)
+            break
+        slices_done += 1
     return Outcome(cancelled, slices_done, n_slices, steps_done, n_steps,
                    time.perf_counter() - t0, device,
-                   sum(presences) / len(presences) if presences else None, threads)
+                   sum(presences) / len(presences) if presences else None)

@@ -10,6 +10,7 @@ from .device import available_devices, select_device
 from .gaussian import GaussianKernel
 from .sampler import Frame, SampleResult, SampleStream, run_to_end, sample_stream
 from .schedules import Schedule, betas_for, timestep_subsequence
+from .volume import SliceFrame, SliceStream, sample_slices
 
 
 def make_kernel(config: DiffusionConfig) -> BernoulliKernel | GaussianKernel | CDALKernel:
@@ -28,10 +29,13 @@ __all__ = [
     "SampleResult",
     "SampleStream",
     "Schedule",
+    "SliceFrame",
+    "SliceStream",
     "available_devices",
     "betas_for",
     "make_kernel",
     "run_to_end",
+    "sample_slices",
     "sample_stream",
     "select_device",
     "timestep_subsequence",

@@ -163,7 +163,7 @@ def prepare_image(image: np.ndarray | torch.Tensor, channels: int | None = None)
     if arr.ndim != 3:
         raise ValueError(
             f"the image must be 2D (H, W) or 3D (C, H, W); got shape {tuple(arr.shape)}. "
-            "For a volume, sample one slice at a time."
+            "For a volume, sample its slices with sample_slices (several per batch)."
         )
     if min(arr.shape[1:]) < 1:
         raise ValueError(f"the image is empty: shape {tuple(arr.shape)}")
@@ -286,8 +286,10 @@ class MemoryPlan:
     1, before the steps); ``state``: the per-sample tensors of all ``n`` samples;
     ``network``: one chunk's denoiser activations. The encoder's and the steps' activations
     are not alive together, so the peak is ``image + state + max(encoder, network)``, plus
-    :data:`OVERHEAD_BYTES`. All in
-    bytes; ``budget`` is the budget asked for (None: none but the machine's).
+    :data:`OVERHEAD_BYTES` and, for several images in one batch (``images``), their kept
+    conditions (``conditions``; the network's share then includes each row's copy of its
+    image's condition). All in bytes; ``budget`` is the budget asked for (None: none but
+    the machine's).
     """
 
     n: int
@@ -299,16 +301,21 @@ class MemoryPlan:
     network: int
     budget: int | None
     available: int
+    images: int = 1
+    conditions: int = 0
 
     @property
     def total(self) -> int:
-        return OVERHEAD_BYTES + self.image + self.state + max(self.encoder, self.network)
+        return (OVERHEAD_BYTES + self.image + self.conditions + self.state
+                + max(self.encoder, self.network))
 
     def describe(self) -> str:
         """``"about 1.20 GiB (image …, encoder …, N samples' state …, network …)"``."""
         def g(b: int) -> str:
             return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.0f} MiB"
-        return (f"about {g(self.total)} (image {g(self.image)}, image encoder "
+        images = (f"{self.images} images {g(self.image)}, their conditions "
+                  f"{g(self.conditions)}" if self.images > 1 else f"image {g(self.image)}")
+        return (f"about {g(self.total)} ({images}, image encoder "
                 f"{g(self.encoder)}, {self.n} samples' state {g(self.state)}, network "
                 f"{g(self.network)} for {self.chunk} sample(s) at a time)")
 
@@ -335,7 +342,7 @@ def estimate_encoder_bytes(net: Any, channels: int, h: int, w: int) -> int:
 
 def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int | None,
                 memory_budget_mb: float | None, device: torch.device | None = None,
-                available: int | None = None) -> MemoryPlan:
+                available: int | None = None, images: int = 1) -> MemoryPlan:
     """Estimate every stage's peak memory for ``n`` samples of an (h, w) region and choose
     the chunk (samples per network call) that keeps the total within the budget.
 
@@ -343,6 +350,11 @@ def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int 
     copies, the image encoder, the state of all ``n`` samples and one chunk's activations.
     It is never more than :data:`MACHINE_SHARE` of the memory free on the device, so no
     budget (None included) lets a run plan beyond what the machine holds.
+
+    ``images`` > 1 plans a batch of several images (a volume's slices, ``n`` samples in
+    all, see :func:`stream_images`): each image's copies and condition are kept, and each
+    row of a chunk carries a copy of its image's condition (both bounded by the encoder's
+    estimate).
 
     Raises
     ------
@@ -354,23 +366,27 @@ def plan_memory(net: Any, n: int, channels: int, h: int, w: int, max_batch: int 
     hp, wp = h + (-h) % m, w + (-w) % m
     pix = hp * wp
     floats = STATE_FLOATS_PER_PIXEL + (1 if getattr(net, "self_conditioned", False) else 0)
-    image = IMAGE_COPIES * 4 * max(channels, 1) * pix
+    images = max(1, int(images))
+    image = images * IMAGE_COPIES * 4 * max(channels, 1) * pix
     encoder = estimate_encoder_bytes(net, channels, hp, wp)
+    conditions = images * encoder if images > 1 else 0
     state = floats * 4 * n * pix
     per = estimate_bytes_per_sample(net, hp, wp) or 0
+    if per and images > 1:
+        per += encoder
     free = available_memory(device) if available is None else int(available)
     machine = int(MACHINE_SHARE * free)
     limit = machine if memory_budget_mb is None else min(int(memory_budget_mb * 2**20), machine)
     chunk = n if max_batch is None else max(1, min(n, int(max_batch)))
-    fixed = OVERHEAD_BYTES + image + state
+    fixed = OVERHEAD_BYTES + image + conditions + state
     if per and memory_budget_mb:
         chunk = max(1, min(chunk, (limit - fixed) // per if limit > fixed else 1))
     plan = MemoryPlan(n, (h, w), int(chunk), image, encoder, state, int(chunk * per),
                       None if memory_budget_mb is None else int(memory_budget_mb * 2**20),
-                      free)
+                      free, images, conditions)
     if plan.total > limit:
         per_sample = floats * 4 * pix
-        room = limit - OVERHEAD_BYTES - image - max(encoder, per)
+        room = limit - OVERHEAD_BYTES - image - conditions - max(encoder, per)
         fits = int(room // per_sample) if room > 0 else 0
         which = ("the memory budget" if memory_budget_mb is not None
                  and limit < machine else "what this machine has free")
@@ -531,13 +547,26 @@ def sample_stream(
         ``ValueError`` here, before any work starts.
     """
     t_start = time.perf_counter()
+    n, visited = check_run(net, kernel, n, steps)
+    seed = check_seed(seed)
+    img, box, prior_t, constraint_t = check_image(net, kernel, image, roi, prior, constraints,
+                                                  image_channels)
+    h, w = img.shape[1:]
+    dev = select_device(device)
+    chunk = plan_memory(net, n, img.shape[0], h, w, max_batch, memory_budget_mb, dev).chunk
+    return SampleStream(_stream(net, kernel, img, n, visited, int(seed), prior_t, box, dev,
+                                chunk, cancel, profile, t_start, constraint_t))
+
+
+def check_run(net: Any, kernel: Kernel, n: Any, steps: int | str | None
+              ) -> tuple[int, list[int]]:
+    """The sample count as an int and the visited timesteps, checked against the network
+    and the kernel (``ValueError`` otherwise)."""
     if getattr(net, "has_presence_head", False) and not isinstance(kernel, BernoulliKernel):
         raise ValueError("a network with a presence head samples with the Bernoulli kernel "
                          "only; check the checkpoint's diffusion kind")
     if int(n) != n or n < 1:
         raise ValueError(f"the number of samples must be a whole number >= 1, got {n!r}")
-    n = int(n)
-    seed = check_seed(seed)
     T = kernel.config.timesteps
     spec = kernel.config.default_steps if steps is None else steps
     if isinstance(spec, (int, np.integer)) and spec > T:
@@ -546,21 +575,26 @@ def sample_stream(
     check_visited = getattr(kernel, "check_visited", None)
     if callable(check_visited):
         check_visited(visited)
+    return int(n), visited
+
+
+def check_image(
+    net: Any, kernel: Kernel, image: np.ndarray | torch.Tensor, roi: Roi | None,
+    prior: np.ndarray | float | None, constraints: np.ndarray | None,
+    image_channels: int | None,
+) -> tuple[np.ndarray, Roi, torch.Tensor | float, torch.Tensor | None]:
+    """One image validated and cropped to its region: ``(crop (C, h, w), box, prior,
+    constraint map)`` as the sampler takes them (``ValueError`` for bad arguments)."""
     full = prepare_image(image, image_channels)
     box = check_roi(roi, full.shape[1:])
     y0, x0, y1, x1 = box
     img = np.ascontiguousarray(full[:, y0:y1, x0:x1])
-    h, w = img.shape[1:]
     check_size = getattr(getattr(net, "config", None), "check_size", None)
     if callable(check_size):  # networks that take one size only (cDAL's)
-        check_size(h, w)
-    dev = select_device(device)
+        check_size(*img.shape[1:])
     prior_t = _prepare_prior(prior, kernel, full.shape[1:], box)
     constraint_t = _prepare_constraints(constraints, kernel, full.shape[1:], box)
-
-    chunk = plan_memory(net, n, img.shape[0], h, w, max_batch, memory_budget_mb, dev).chunk
-    return SampleStream(_stream(net, kernel, img, n, visited, int(seed), prior_t, box, dev,
-                                chunk, cancel, profile, t_start, constraint_t))
+    return img, box, prior_t, constraint_t
 
 
 def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch.device
@@ -578,6 +612,17 @@ def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch
     return p, keep.to(dev)
 
 
+def _cond_rows(cond: Any, rows: torch.Tensor, batch: int) -> Any:
+    """The condition of the chunk's ``rows``: a batch-1 condition as it is (it broadcasts),
+    a per-row one (several images in one batch) indexed (tensors, or lists/tuples of
+    them)."""
+    if isinstance(cond, torch.Tensor):
+        return cond[rows] if cond.shape[0] == batch and batch > 1 else cond
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_cond_rows(c, rows, batch) for c in cond)
+    return cond
+
+
 def _predict_marked(net: Any, x: torch.Tensor, t: torch.Tensor, cond: Any,
                     extra: tuple[torch.Tensor, ...], kw: dict[str, torch.Tensor],
                     rows: torch.Tensor | None) -> torch.Tensor:
@@ -588,7 +633,8 @@ def _predict_marked(net: Any, x: torch.Tensor, t: torch.Tensor, cond: Any,
         return net.predict(x, t, cond, *extra, **kw)
     out = torch.zeros_like(x)
     if rows.numel():
-        part = net.predict(x[rows], t[rows], cond, *(e[rows] for e in extra),
+        part = net.predict(x[rows], t[rows], _cond_rows(cond, rows, x.shape[0]),
+                           *(e[rows] for e in extra),
                            **{k: v[rows] for k, v in kw.items()})
         out[rows] = part.to(out.dtype)
     return out
@@ -607,18 +653,78 @@ def _stream(
     prior_t: torch.Tensor | float, box: Roi, dev: torch.device, chunk: int, cancel: CancelLike,
     profile: bool, t_start: float, constraint_t: torch.Tensor | None = None,
 ) -> Generator[Frame, None, SampleResult]:
-    """The generator behind :func:`sample_stream`, which has validated every argument."""
+    """The generator behind :func:`sample_stream`, which has validated every argument: the
+    run of one image by :func:`stream_images`."""
+    core = stream_images(net, kernel, [SliceInput(img, seed, prior_t, constraint_t)], n,
+                         visited, box, dev, chunk, cancel, profile, t_start)
+    try:
+        while True:
+            try:
+                frames = next(core)
+            except StopIteration as stop:
+                return stop.value[0]
+            yield frames[0]
+    finally:
+        core.close()
+
+
+@dataclass(frozen=True)
+class SliceInput:
+    """One validated image of a batched run, cropped to the region: ``image`` (C, h, w)
+    float32, its ``seed``, its prior (a (1, 1, h, w) tensor or a scalar) and its constraint
+    map ((1, 1, h, w) tensor, or None)."""
+
+    image: np.ndarray
+    seed: int
+    prior: torch.Tensor | float = 0.5
+    constraints: torch.Tensor | None = None
+
+
+def _batch_cond(conds: list[Any], a: int, b: int, n: int) -> Any:
+    """The condition of rows ``a:b`` of a batch whose image ``i`` owns rows ``i*n:(i+1)*n``:
+    the image's own (batch-1) condition when the rows belong to one image, else each
+    image's condition repeated over its rows and concatenated (tensors, or lists/tuples of
+    tensors, element by element)."""
+    first, last = a // n, (b - 1) // n
+    if first == last:
+        return conds[first]
+    counts = [min(b, (i + 1) * n) - max(a, i * n) for i in range(first, last + 1)]
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([p.expand(c, *p.shape[1:]) for p, c in zip(parts, counts)])
+
+    sample = conds[first]
+    if isinstance(sample, torch.Tensor):
+        return cat(conds[first:last + 1])
+    return type(sample)(cat([c[j] for c in conds[first:last + 1]]) for j in range(len(sample)))
+
+
+def stream_images(
+    net: ConditionalNet, kernel: Kernel, images: list[SliceInput], n: int, visited: list[int],
+    box: Roi, dev: torch.device, chunk: int, cancel: CancelLike, profile: bool,
+    t_start: float,
+) -> Generator[list[Frame], None, list[SampleResult]]:
+    """Run ``n`` samples of each of several same-size images as one batch of
+    ``len(images) * n`` rows (image ``i`` owns rows ``i*n:(i+1)*n``), yielding the list of
+    the images' frames after every step and returning their results.
+
+    Each image is encoded once, by itself, and draws every random number from its own
+    generator seeded with its own seed, in the order a run of that image alone draws them.
+    So each image's samples are the ones :func:`sample_stream` gives for it alone, whatever
+    images share the batch (up to the network's floating-point dependence on batch size,
+    measured at under 1e-6). ``chunk`` rows go through the network at a time.
+    """
     order = visited[::-1]
-    h, w = img.shape[1:]
-    img, prior_t, constraint_t = _pad_to_multiple(img, prior_t, _size_multiple(net),
-                                                  constraint_t)
-    if constraint_t is not None:
-        constraint_t = constraint_t.to(dev)
+    k = len(images)
+    h, w = images[0].image.shape[1:]
+    m = _size_multiple(net)
+    padded = [_pad_to_multiple(s.image, s.prior, m, s.constraints) for s in images]
     channels_last = _uses_channels_last(net)
-    gen = torch.Generator().manual_seed(seed)
-    shape = (n, int(getattr(net, "mask_channels", 1)), *img.shape[1:])
+    gens = [torch.Generator().manual_seed(s.seed) for s in images]
+    rows = k * n
+    shape = (n, int(getattr(net, "mask_channels", 1)), *padded[0][0].shape[1:])
     # A latent-conditioned network (cDAL) takes a fresh z ~ N(0, I) per sample and step,
-    # drawn from the run's generator like every other draw, so the seed fixes it too.
+    # drawn from the image's generator like every other draw, so the seed fixes it too.
     latent_dim = int(getattr(net, "latent_dim", 0) or 0)
     sync = profile and dev.type in ("cuda", "mps")
 
@@ -626,76 +732,104 @@ def _stream(
         if sync:
             getattr(torch, dev.type).synchronize()
 
+    def _per_image(draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+        parts = [draw(g) for g in gens]
+        return parts[0] if k == 1 else torch.cat(parts)
+
+    constraints = [None if c is None else c.to(dev) for _, _, c in padded]
+    constraint_t: torch.Tensor | None = None  # one (1, ...) map, or one per row
+    if any(c is not None for c in constraints):
+        if k == 1:
+            constraint_t = constraints[0]
+        else:
+            free = torch.full((1, 1, *shape[2:]), -1.0, device=dev)
+            constraint_t = torch.cat([(free if c is None else c).expand(n, -1, -1, -1)
+                                      for c in constraints])
+    encode_seconds = 0.0
+    conds, starts, presences, keeps = [], [], [], []
     with torch.inference_mode():
-        image_t = torch.from_numpy(img)[None].to(dev)
-        _sync()
-        tic = time.perf_counter()
-        cond = net.encode(image_t)
-        _sync()
-        encode_seconds = time.perf_counter() - tic
-        x = apply_constraints(kernel.init(kernel.noise(shape, gen), prior_t).to(dev),
-                              constraint_t)
-        presence, keep = _draw_presence(net, cond, n, gen, dev)
+        for (img, prior_t, _), gen, c_t in zip(padded, gens, constraints):
+            image_t = torch.from_numpy(img)[None].to(dev)
+            _sync()
+            tic = time.perf_counter()
+            cond = net.encode(image_t)
+            _sync()
+            encode_seconds += time.perf_counter() - tic
+            conds.append(cond)
+            starts.append(apply_constraints(kernel.init(kernel.noise(shape, gen), prior_t)
+                                            .to(dev), c_t))
+            p, keep = _draw_presence(net, cond, n, gen, dev)
+            presences.append(p)
+            keeps.append(keep)
+        x = starts[0] if k == 1 else torch.cat(starts)
+        del starts
+    keep = None if keeps[0] is None else (keeps[0] if k == 1 else torch.cat(keeps))
     readers = sample_readers(net, n)
-    readers_t = None if readers is None else torch.from_numpy(readers).to(dev)
+    readers_t = None if readers is None else torch.from_numpy(np.tile(readers, k)).to(dev)
     # which samples of each chunk the network runs on (drawn once, like keep itself)
     marked_rows = None if keep is None else [keep[a : a + chunk].reshape(-1).nonzero().flatten()
-                                             for a in range(0, n, chunk)]
+                                             for a in range(0, rows, chunk)]
     net_seconds = encode_seconds  # the network's forward time: the encoding and every step
     first_frame = None
     x0_hat: torch.Tensor | None = None
     # A self-conditioned network also takes the previous step's x̂0 (zeros at the first step).
     x0_prev = torch.zeros_like(x) if getattr(net, "self_conditioned", False) else None
     done = 0
-    n_chunks = -(-n // chunk)
-    for k, t in enumerate(order):
+    n_chunks = -(-rows // chunk)
+    for step, t in enumerate(order):
         if _is_cancelled(cancel):
             break
-        s = order[k + 1] if k + 1 < len(order) else -1
-        z = torch.randn((n, latent_dim), generator=gen).to(dev) if latent_dim else None
-        noise = kernel.noise(shape, gen).to(dev) if s >= 0 else None
+        s = order[step + 1] if step + 1 < len(order) else -1
+        z = _per_image(lambda g: torch.randn((n, latent_dim), generator=g)).to(dev) \
+            if latent_dim else None
+        noise = _per_image(lambda g: kernel.noise(shape, g)).to(dev) if s >= 0 else None
         with torch.inference_mode():
             tb_all = torch.full((chunk,), t, dtype=torch.long, device=dev)
             # Several chunks write into one x̂_0 tensor per step (frames keep it, so it is
             # not reused across steps) and into x itself (a chunk's rows of x_t are not read
             # again once denoised): no torch.cat, no list of chunk outputs kept alive.
-            for a in range(0, n, chunk):
+            for a in range(0, rows, chunk):
                 xb = x[a : a + chunk]
+                b = a + xb.shape[0]
                 tb = tb_all[: xb.shape[0]]
                 xin = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
+                cond = _batch_cond(conds, a, b, n)
                 _sync()
                 tic = time.perf_counter()
-                extra = () if x0_prev is None else (x0_prev[a : a + chunk],)
-                kw = {} if readers_t is None else {"reader": readers_t[a : a + chunk]}
+                extra = () if x0_prev is None else (x0_prev[a:b],)
+                kw = {} if readers_t is None else {"reader": readers_t[a:b]}
                 if z is not None:
-                    kw["z"] = z[a : a + chunk]
-                rows = None if marked_rows is None else marked_rows[a // chunk]
-                out = _predict_marked(net, xin, tb, cond, extra, kw, rows)
+                    kw["z"] = z[a:b]
+                marked = None if marked_rows is None else marked_rows[a // chunk]
+                out = _predict_marked(net, xin, tb, cond, extra, kw, marked)
                 _sync()
                 net_seconds += time.perf_counter() - tic
-                nb = noise[a : a + chunk] if noise is not None else None
+                del cond
+                nb = noise[a:b] if noise is not None else None
                 xs, x0b = kernel.denoise(xb, out.float(), t, s, nb)
                 if keep is not None:  # samples drawn "not marked" stay empty
-                    kb = keep[a : a + chunk]
+                    kb = keep[a:b]
                     xs, x0b = xs * kb, x0b * kb
-                xs, x0b = apply_constraints(xs, constraint_t), apply_constraints(x0b, constraint_t)
+                cb = constraint_t if constraint_t is None or k == 1 else constraint_t[a:b]
+                xs, x0b = apply_constraints(xs, cb), apply_constraints(x0b, cb)
                 if x0_prev is not None:
-                    x0_prev[a : a + chunk] = x0b
+                    x0_prev[a:b] = x0b
                 if n_chunks == 1:
                     x, x0_hat = xs, kernel.probabilities(x0b)
                 else:
                     pb = kernel.probabilities(x0b)
                     if a == 0:
-                        x0_hat = pb.new_empty((n, *pb.shape[1:]))
-                    x0_hat[a : a + chunk] = pb
-                    x[a : a + chunk] = xs
+                        x0_hat = pb.new_empty((rows, *pb.shape[1:]))
+                    x0_hat[a:b] = pb
+                    x[a:b] = xs
                 del out, xs, x0b
             states = kernel.binary(x)
-        done = k + 1
+        done = step + 1
         elapsed = time.perf_counter() - t_start
         if first_frame is None:
             first_frame = elapsed
-        yield Frame(k, len(order), t, states[..., :h, :w], x0_hat[..., :h, :w], box, elapsed)
+        yield [Frame(step, len(order), t, states[i * n:(i + 1) * n, ..., :h, :w],
+                     x0_hat[i * n:(i + 1) * n, ..., :h, :w], box, elapsed) for i in range(k)]
 
     total = time.perf_counter() - t_start
     timings = {
@@ -705,15 +839,21 @@ def _stream(
         "overhead_s": total - net_seconds,
         "first_frame_s": first_frame if first_frame is not None else float("nan"),
     }
-    probs = masks = None
+    all_probs = None
     if x0_hat is not None:
-        probs = x0_hat[:, 0, :h, :w].to("cpu", torch.float32).numpy()
-        masks = (probs > 0.5).astype(np.uint8)
-    return SampleResult(
-        probs=probs, masks=masks, timesteps=visited, steps_done=done, seed=seed,
-        device=str(dev), roi=box, cancelled=done < len(order), timings=timings,
-        chunk_size=chunk, presence=presence, readers=readers,
-    )
+        all_probs = x0_hat[:, 0, :h, :w].to("cpu", torch.float32).numpy()
+    results = []
+    for i, (img, p) in enumerate(zip(images, presences)):
+        probs = masks = None
+        if all_probs is not None:
+            probs = all_probs[i * n:(i + 1) * n]
+            masks = (probs > 0.5).astype(np.uint8)
+        results.append(SampleResult(
+            probs=probs, masks=masks, timesteps=visited, steps_done=done, seed=img.seed,
+            device=str(dev), roi=box, cancelled=done < len(order), timings=dict(timings),
+            chunk_size=chunk, presence=p, readers=readers,
+        ))
+    return results
 
 
 class SampleStream:

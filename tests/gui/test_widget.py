@@ -810,3 +810,34 @@ def test_a_cdal_run_streams_its_few_steps_and_offers_the_majority_vote(docked, q
     np.testing.assert_allclose(_layer(viewer, "frequency").data, ref.maps["frequency"], atol=1e-6)
     assert _layer(viewer, "entropy").data.max() > 0
     assert widget.results.consensus_threshold() is None  # the majority vote
+
+
+def test_all_slices_runs_several_slices_per_network_call_and_fills_every_slice(docked,
+                                                                               qtbot):
+    viewer, widget = docked
+    vol = np.stack([blob(16, 16, seed=s, radius=3 + s % 4) for s in range(9)])
+    viewer.add_image(vol, name="vol")
+    model = tiny_unet_model(steps=2, size=16)
+    predict, rows = model.net.predict, []
+
+    def counted(x_t, *args, **kw):
+        rows.append(int(x_t.shape[0]))
+        return predict(x_t, *args, **kw)
+
+    model.net.predict = counted
+    widget.set_model(model, "tiny")
+    _settings(widget, n=3, seed=5)
+    widget.sampling.set_volume_mode("volume")
+    outcome = run_and_wait(qtbot, widget)
+    assert outcome.slices_done == 9 and not outcome.cancelled
+    assert max(rows) == 4 * 3  # 4 slices x 3 samples in one call
+    assert len(rows) == 2 * 3  # batches [1], [4], [4], two steps each
+    samples, probs = _layer(viewer, SAMPLES), _layer(viewer, PROBS)
+    assert samples.data.shape == (3, 9, 16, 16) and probs.data.shape == (3, 9, 16, 16)
+    model.net.predict = predict
+    for z in range(9):
+        ref = model.sample_all(vol[z], n=3, steps=2, seed=5 + z)
+        np.testing.assert_array_equal(samples.data[:, z], ref.masks)
+        np.testing.assert_allclose(probs.data[:, z], ref.probs, atol=1e-6)
+        np.testing.assert_allclose(_layer(viewer, "variance").data[z], ref.maps["variance"],
+                                   atol=1e-6)

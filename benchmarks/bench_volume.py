@@ -1,0 +1,126 @@
+"""Volumes batched across slices against slice by slice (issue 26, item 3).
+
+For the bundled default model: the wall time of sampling ``--n`` samples of each slice of
+a ``--slices``-slice volume of ``--size``² phantoms at the model's default steps, run slice
+by slice (one :meth:`sample` per slice, as the widget did) and batched
+(:meth:`sample_slices`: up to ``--max-slices`` slices and ``--max-rows`` samples per
+network call, the first slice alone), alternating within one run; the ratio; the time from
+the start to the first slice's first frame in units of one single-slice step; and the
+largest difference between the two modes' outputs (they should be the same samples).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_volume.py --threads 1 --repeats 1
+    OMP_NUM_THREADS=1 python benchmarks/bench_volume.py --threads 1 --max-rows none
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from _common import base_parser, describe, load_bench_model, machine, median, write_json
+
+from napari_berdiff.diffusion.volume import DEFAULT_MAX_SLICES
+
+
+def _volume(slices: int, size: int) -> list[np.ndarray]:
+    from napari_berdiff.data.phantoms import make_phantom
+
+    return [make_phantom(900_000 + z, size).image.astype(np.float32) for z in range(slices)]
+
+
+def _slice_by_slice(model, vol, n, seed) -> dict:
+    tic = time.perf_counter()
+    first, steps, probs = None, [], []
+    for z, img in enumerate(vol):
+        stream = model.sample(img, n, None, seed + z)
+        last = time.perf_counter()
+        for _frame in stream:
+            now = time.perf_counter()
+            if first is None:
+                first = now - tic
+            steps.append(now - last)
+            last = now
+        probs.append(stream.result.probs)
+    # a step's time: a frame after the first of its slice (the first one includes encoding)
+    n_steps = len(steps) // len(vol)
+    later = [s for i, s in enumerate(steps) if i % n_steps]
+    return {"total_s": time.perf_counter() - tic, "first_frame_s": first,
+            "step_s": median(later), "probs": probs}
+
+
+def _batched(model, vol, n, seed, max_slices, max_rows) -> dict:
+    tic = time.perf_counter()
+    stream = model.sample_slices(vol, n, None, [seed + z for z in range(len(vol))],
+                                 max_slices=max_slices, max_rows=max_rows)
+    first = None
+    for _sf in stream:
+        if first is None:
+            first = time.perf_counter() - tic
+    return {"total_s": time.perf_counter() - tic, "first_frame_s": first,
+            "probs": [r.probs for r in stream.results], "slices_per_batch": stream.plan.slices,
+            "chunk": stream.plan.chunk, "memory": stream.plan.memory.describe()}
+
+
+def main() -> None:
+    ap = base_parser(__doc__, "bench_volume", repeats=1)
+    ap.add_argument("--slices", type=int, default=32)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--max-slices", type=int, default=DEFAULT_MAX_SLICES)
+    ap.add_argument("--max-rows", default="auto",
+                    help="rows per network call batching stops at: auto (the device's "
+                         "default), none, or a number")
+    args = ap.parse_args()
+    choice = args.max_rows.lower()
+    max_rows = {"auto": "auto", "none": None}[choice] if choice in ("auto", "none") \
+        else int(choice)
+    import torch
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = load_bench_model("bundled")
+    info = machine(str(model.device))
+    print(describe(info))
+    vol = _volume(args.slices, args.size)
+    model.sample_all(vol[0], 2, 1, 0)  # warm-up: first-call library set-up
+    rows = []
+    for r in range(args.repeats):
+        pair = {}
+        for mode in (("slice", "batched") if r % 2 == 0 else ("batched", "slice")):
+            pair[mode] = (_slice_by_slice(model, vol, args.n, 100 * r) if mode == "slice"
+                          else _batched(model, vol, args.n, 100 * r, args.max_slices,
+                                        max_rows))
+        s, b = pair["slice"], pair["batched"]
+        diff = max(float(np.abs(p - q).max()) for p, q in zip(s["probs"], b["probs"]))
+        masks_equal = all(np.array_equal(p > 0.5, q > 0.5)
+                          for p, q in zip(s["probs"], b["probs"]))
+        rows.append({
+            "slice_by_slice_s": s["total_s"], "batched_s": b["total_s"],
+            "ratio_batched_over_slice": b["total_s"] / s["total_s"],
+            "one_step_s": s["step_s"],
+            "first_frame_batched_s": b["first_frame_s"],
+            "first_frame_slice_s": s["first_frame_s"],
+            "first_frame_batched_in_steps": b["first_frame_s"] / s["step_s"],
+            "max_abs_prob_diff": diff, "masks_equal": masks_equal,
+            "slices_per_batch": b["slices_per_batch"], "chunk": b["chunk"],
+        })
+        print(f"run {r + 1}: slice by slice {s['total_s']:.1f} s, batched "
+              f"{b['total_s']:.1f} s ({b['slices_per_batch']} slices x {args.n} per call; "
+              f"ratio {rows[-1]['ratio_batched_over_slice']:.3f}); one step "
+              f"{s['step_s'] * 1000:.0f} ms; first frame batched {b['first_frame_s']:.2f} s "
+              f"= {rows[-1]['first_frame_batched_in_steps']:.2f} steps (slice by slice "
+              f"{s['first_frame_s']:.2f} s); max |dp| {diff:.2e}, masks equal "
+              f"{masks_equal}")
+        print(f"  memory plan of a batch: {b['memory']}")
+    numeric = [k for k, v in rows[0].items() if isinstance(v, float)]
+    med = {k: median(r[k] for r in rows) for k in numeric}
+    print(f"median of {len(rows)} run(s): {args.slices} slices of {args.size}² x {args.n} "
+          f"samples x {model.diffusion.default_steps} steps: slice by slice "
+          f"{med['slice_by_slice_s']:.1f} s, batched {med['batched_s']:.1f} s, ratio "
+          f"{med['ratio_batched_over_slice']:.3f}; first frame "
+          f"{med['first_frame_batched_in_steps']:.2f} steps")
+    write_json(args.name, {"args": vars(args), "runs": rows, "median": med}, info)
+
+
+if __name__ == "__main__":
+    main()
