@@ -65,14 +65,24 @@ def segmentor_network() -> dict:
         num_res_blocks=1, encoder_channels=16, encoder_blocks=1, unshuffle=2))
 
 
-def recipe(steps: int, minutes: float, batch: int) -> TrainConfig:
-    """The bundled refiner's recipe (T = 10, ᾱ linear, x0-prediction, 10 steps)."""
-    return TrainConfig(kind="refiner", network=refiner_network(),
+def recipe(steps: int, minutes: float, batch: int, *, features: bool = False,
+           feature_grad: float = 0.0, init_from: str = "", prior_mix: float = 0.5,
+           lr: float = 1e-3, warmup: int = 100) -> TrainConfig:
+    """The bundled refiner's recipe (T = 10, ᾱ linear, x0-prediction, 10 steps).
+
+    ``features``: the refiner is also conditioned on the segmentor's multi-scale decoder
+    features (HiDiff); ``feature_grad``: the weight with which its loss also trains the
+    segmentor; ``init_from``: a refiner file (and its segmentor) that starts the run."""
+    net = refiner_network()
+    if features:
+        net = {**net, "segmentor": segmentor_network()}
+    return TrainConfig(kind="refiner", network=net,
                        segmentor_network=segmentor_network(),
+                       segmentor_feature_grad=feature_grad, init_from=init_from,
                        diffusion=default_diffusion("refiner").to_dict(), steps=steps,
-                       batch_size=batch, lr=1e-3, warmup=100, min_lr_ratio=0.05,
+                       batch_size=batch, lr=lr, warmup=warmup, min_lr_ratio=0.05,
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=100,
-                       max_minutes=minutes, seed=0, threads=1, prior_mix=0.5,
+                       max_minutes=minutes, seed=0, threads=1, prior_mix=prior_mix,
                        trust_range=(0.3, 0.95), degrade_strength=1.0)
 
 
@@ -87,6 +97,14 @@ def main(argv=None) -> int:
     t.add_argument("--n-train", type=int, default=3000)
     t.add_argument("--out", default=str(MODELS / f"{NAME}.safetensors"))
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--features", action="store_true",
+                   help="condition the refiner on the segmentor's multi-scale features")
+    t.add_argument("--feature-grad", type=float, default=0.0,
+                   help="weight of the refiner's loss on the segmentor (via its features)")
+    t.add_argument("--init-from", default="", help="a refiner file whose pair starts the run")
+    t.add_argument("--prior-mix", type=float, default=0.5)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=100)
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAME}.safetensors"))
     e.add_argument("--n-test", type=int, default=100)
@@ -107,7 +125,9 @@ def main(argv=None) -> int:
     ds = phantom_dataset(TRAIN_SEED0, args.n_train)
     print(f"{len(ds)} training phantoms made in {time.perf_counter() - tic:.1f} s", flush=True)
     out = Path(args.out)
-    cfg = recipe(args.steps, args.minutes, args.batch)
+    cfg = recipe(args.steps, args.minutes, args.batch, features=args.features,
+                 feature_grad=args.feature_grad, init_from=args.init_from,
+                 prior_mix=args.prior_mix, lr=args.lr, warmup=args.warmup)
     res = train(cfg, ds, out, resume=args.resume, name=NAME, progress=False)
     print(json.dumps({"steps": res.step, "train_time_s": round(res.elapsed_s, 1),
                       "stopped_by_time": res.stopped_by_time,
