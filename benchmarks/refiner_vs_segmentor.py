@@ -6,8 +6,10 @@ empty are skipped), Dice and HD95 of
 - ``segmentor``: the bundled segmentor's mask (probability > 0.5);
 - ``PRIOR/STEPS/CONSENSUS``: the refiner's consensus of ``--n`` samples, from the prior
   ``seg`` (the segmentor's probability map used as p) or ``segmask:TRUST`` (its binary mask
-  softened with ``mask_to_prior(trust)``); the consensus is ``vote`` (frequency of the binary
-  samples >= 0.5) or ``mean`` (mean of the samples' probabilities x̂_0 >= 0.5);
+  softened with ``mask_to_prior(trust)``); the consensus is one of ``RULES``: ``vote``
+  (frequency of the binary samples >= 0.5), ``mean`` (mean of the samples' final
+  probabilities x̂_0 >= 0.5), ``first`` (mean of the first step's x̂_0 predictions) or
+  ``allsteps`` (mean of every step's x̂_0);
 - the person-mask path: one annotator's mask, degraded as in ``refiner_eval.degraded_prior``
   (seeded per case), as it is (``person``) and refined at ``--person-trust``.
 
@@ -41,7 +43,7 @@ from refiner_eval import degraded_prior  # noqa: E402
 from train_default import TEST_SEED0, VAL_SEED0, phantom_dataset  # noqa: E402
 
 from napari_berdiff.priors import mask_to_prior  # noqa: E402
-from napari_berdiff.refine import load_refiner, refine_all  # noqa: E402
+from napari_berdiff.refine import load_refiner, refine  # noqa: E402
 from napari_berdiff.uncertainty import dice, hd95  # noqa: E402
 
 REFINER = ROOT / "models" / "refiner-phantom-64.safetensors"
@@ -55,11 +57,24 @@ def scores(mask: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return dice(mask, target), h
 
 
-def consensus(res, rule: str) -> np.ndarray:
-    """``vote``: frequency of binary samples >= 0.5; ``mean``: mean probability >= 0.5."""
-    if rule == "vote":
-        return res.masks.astype(np.float32).mean(0) >= 0.5
-    return res.probs.mean(0) >= 0.5
+#: consensus rules: ``vote`` (frequency of the binary samples >= 0.5), ``mean`` (mean of
+#: the samples' final probabilities x̂0 >= 0.5), ``first`` (mean of the first step's x̂0
+#: predictions >= 0.5), ``allsteps`` (mean of every step's x̂0 >= 0.5)
+RULES = ("vote", "mean", "first", "allsteps")
+
+
+def run_refiner(refiner, image, prior, **kw) -> dict[str, np.ndarray]:
+    """Refine once; the mean x̂0 maps each consensus rule thresholds at 0.5."""
+    stream = refine(refiner, image, prior, **kw)
+    frames = [f.x0_prob.mean(0) for f in stream]
+    res = stream.result
+    return {"vote": res.masks.astype(np.float32).mean(0), "mean": res.probs.mean(0),
+            "first": frames[0], "allsteps": np.mean(frames, 0)}
+
+
+def consensus(maps: dict[str, np.ndarray], rule: str) -> np.ndarray:
+    """The consensus mask of one rule (see ``RULES``)."""
+    return maps[rule] >= 0.5
 
 
 def prior_for(spec: str, seg_prob: np.ndarray) -> np.ndarray:
@@ -98,15 +113,20 @@ def evaluate(refiner, segmentor, ds, seed0: int, args,
             for spec in args.priors:
                 p = prior_for(spec, seg_prob)
                 for steps in args.steps:
-                    res = refine_all(refiner, image, p, n=args.n, steps=steps, seed=seed)
-                    for rule in ("vote", "mean"):
+                    res = run_refiner(refiner, image, p, n=args.n, steps=steps, seed=seed)
+                    for rule in RULES:
                         row[f"{spec}/{steps}/{rule}"] = scores(consensus(res, rule), target)
+                    # an ensemble, reported apart: the segmentor's map and the refiner's
+                    # first-step mean, averaged
+                    both = {"ens": 0.5 * (seg_prob + res["first"])}
+                    row[f"{spec}/{steps}/first+segmentor"] = scores(consensus(both, "ens"),
+                                                                    target)
         person, _ = degraded_prior(ann, seed)
         if person is not None:
             row["person"] = scores(person, target)
-            res = refine_all(refiner, image, person.astype(np.uint8), trust=args.person_trust,
-                             n=args.n, steps=args.steps[0], seed=seed)
-            for rule in ("vote", "mean"):
+            res = run_refiner(refiner, image, person.astype(np.uint8),
+                              trust=args.person_trust, n=args.n, steps=args.steps[0], seed=seed)
+            for rule in RULES:
                 row[f"person-refined/{rule}"] = scores(consensus(res, rule), target)
         rows.append(row)
     return rows
