@@ -67,7 +67,7 @@ def segmentor_network() -> dict:
 
 def recipe(steps: int, minutes: float, batch: int, *, features: bool = False,
            feature_grad: float = 0.0, init_from: str = "", prior_mix: float = 0.5,
-           lr: float = 1e-3, warmup: int = 100) -> TrainConfig:
+           lr: float = 1e-3, warmup: int = 100, refiner_dice: float = 0.0) -> TrainConfig:
     """The bundled refiner's recipe (T = 10, ᾱ linear, x0-prediction, 10 steps).
 
     ``features``: the refiner is also conditioned on the segmentor's multi-scale decoder
@@ -79,6 +79,7 @@ def recipe(steps: int, minutes: float, batch: int, *, features: bool = False,
     return TrainConfig(kind="refiner", network=net,
                        segmentor_network=segmentor_network(),
                        segmentor_feature_grad=feature_grad, init_from=init_from,
+                       refiner_dice_weight=refiner_dice,
                        diffusion=default_diffusion("refiner").to_dict(), steps=steps,
                        batch_size=batch, lr=lr, warmup=warmup, min_lr_ratio=0.05,
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=100,
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     t.add_argument("--prior-mix", type=float, default=0.5)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--refiner-dice", type=float, default=0.0,
+                   help="weight of a soft-Dice term on the refiner's x̂0")
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAME}.safetensors"))
     e.add_argument("--n-test", type=int, default=100)
@@ -127,7 +130,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     cfg = recipe(args.steps, args.minutes, args.batch, features=args.features,
                  feature_grad=args.feature_grad, init_from=args.init_from,
-                 prior_mix=args.prior_mix, lr=args.lr, warmup=args.warmup)
+                 prior_mix=args.prior_mix, lr=args.lr, warmup=args.warmup,
+                 refiner_dice=args.refiner_dice)
     res = train(cfg, ds, out, resume=args.resume, name=NAME, progress=False)
     print(json.dumps({"steps": res.step, "train_time_s": round(res.elapsed_s, 1),
                       "stopped_by_time": res.stopped_by_time,

@@ -170,6 +170,9 @@ class TrainConfig:
         Refiner only, for a refiner network with a ``segmentor`` (conditioned on its
         features): the weight with which the refiner's loss also trains the segmentor
         through those features (HiDiff's collaborative training; 0: features detached).
+    refiner_dice_weight
+        Refiner only: weight of a soft-Dice term ``1 − Dice(x̂0, x0)`` added to the
+        refiner's loss (as the segmentor's ``dice_weight``; 0: none).
     init_from
         Refiner only: a refiner file (with its segmentor next to it) whose weights start a
         fresh run; a feature-conditioned network takes the old refiner's weights where the
@@ -217,6 +220,7 @@ class TrainConfig:
     trust_range: tuple[float, float] = (0.3, 0.95)
     degrade_strength: float = 1.0
     segmentor_feature_grad: float = 0.0
+    refiner_dice_weight: float = 0.0
     init_from: str = ""
     lr_d: float = 1e-4
     r1_gamma: float = 1.0
@@ -312,6 +316,8 @@ class TrainConfig:
         elif self.segmentor_feature_grad:
             raise ValueError("segmentor_feature_grad needs a refiner network conditioned on "
                              "its segmentor's features (network['segmentor'])")
+        if self.refiner_dice_weight < 0:
+            raise ValueError(f"refiner_dice_weight must be >= 0, got {self.refiner_dice_weight}")
         if self.segmentor_feature_grad < 0:
             raise ValueError("segmentor_feature_grad must be >= 0, got "
                              f"{self.segmentor_feature_grad}")

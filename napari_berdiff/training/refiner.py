@@ -53,7 +53,8 @@ from .ema import EMA
 from .loop import (RunFiles, RunLog, augment_batch, begin_run, clip_gradients, draw_batch,
                    log_path_for, restore_state, save_state, set_lr, state_path_for,
                    training_arrays)
-from .trainer import TrainResult, export_model, segmentor_loss_parts, segmentor_predict
+from .trainer import (TrainResult, export_model, segmentor_loss_parts, segmentor_predict,
+                      soft_dice_loss)
 
 __all__ = ["train_refiner", "segmentor_file_for", "draw_priors", "REFINER_LOG_FIELDS",
            "CONDITIONING_NOTE"]
@@ -206,7 +207,7 @@ def train_refiner(
     # The segmentor's own recipe view: a deterministic model with the segmentor's network.
     seg_recipe = cfg.replace(kind="deterministic", network=cfg.segmentor_network,
                              diffusion={}, segmentor_network={}, segmentor_feature_grad=0.0,
-                             init_from="")
+                             refiner_dice_weight=0.0, init_from="")
 
     torch.manual_seed(cfg.seed)
     net = cfg.build_network().to(dev)
@@ -290,6 +291,9 @@ def train_refiner(
                             bce_weight=cfg.bce_weight)
         r_vb, r_bce = parts["vb"].mean(), parts["bce"].mean()
         r_loss = cfg.vb_weight * r_vb + cfg.bce_weight * r_bce
+        if cfg.refiner_dice_weight:
+            x0_hat = kernel.predict_x0(out_t, x_t)
+            r_loss = r_loss + cfg.refiner_dice_weight * soft_dice_loss(x0_hat, x0).mean()
 
         # one backward pass: the refiner's loss reaches the segmentor only through features
         # weighted by segmentor_feature_grad (none when 0, as two separate updates)

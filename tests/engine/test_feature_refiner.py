@@ -105,14 +105,17 @@ def test_descriptions_without_a_segmentor_are_unchanged_and_bad_segmentors_refus
                        encoder_channels=8, segmentor=bad)
     with pytest.raises(ValueError, match="segmentor_feature_grad needs"):
         _config(features=False, segmentor_feature_grad=0.5)
+    with pytest.raises(ValueError, match="refiner_dice_weight"):
+        _config(refiner_dice_weight=-1.0)
     with pytest.raises(ValueError, match="own segmentor"):
         _config(segmentor_network={**_seg_desc(), "num_res_blocks": 2})
 
 
-@pytest.mark.parametrize("grad", [0.0, 0.5])
-def test_training_shares_one_segmentor_and_its_files_load(tmp_path, grad):
+@pytest.mark.parametrize("grad, dice", [(0.0, 0.0), (0.5, 1.0)])
+def test_training_shares_one_segmentor_and_its_files_load(tmp_path, grad, dice):
     out = tmp_path / "r.safetensors"
-    res = train(_config(segmentor_feature_grad=grad), _dataset(), out, progress=False)
+    res = train(_config(segmentor_feature_grad=grad, refiner_dice_weight=dice), _dataset(),
+                out, progress=False)
     assert res.step == 6 and all(np.isfinite(res.losses))
     refiner, segmentor = load_refiner(out, device="cpu")
     assert refiner.net.has_segmentor and segmentor.kind == "segmentor"
