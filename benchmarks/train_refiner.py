@@ -5,6 +5,14 @@
     cp /tmp/s2/refiner/refiner-phantom-64{,-segmentor}.safetensors models/
     .venv/bin/python benchmarks/train_refiner.py evaluate --card   # held-out phantoms
 
+The feature-conditioned candidate of issue 23 (``BENCHMARKS.md``; not bundled)::
+
+    train_refiner.py train --out R1 --features --feature-grad 0.1 --init-from \
+        models/refiner-phantom-64.safetensors --prior-mix 0.65 --lr 5e-4 --warmup 50 --steps 2600
+    train_refiner.py train --out R2 --features --feature-grad 0.1 --refiner-dice 1.0 \
+        --init-from R1 --prior-mix 0.65 --lr 3e-4 --warmup 20 --steps 1300 --minutes 14
+    benchmarks/refiner_vs_segmentor.py --model R2 --split val --priors seg segmask:0.9 --steps 1 10
+
 ``train`` runs :func:`napari_berdiff.training.refiner.train_refiner` (alternate-collaborative
 HiDiff-style training of a segmentor and a prior-conditioned Bernoulli refiner) on the
 phantoms of :mod:`napari_berdiff.data.phantoms` at 64×64 (the training seeds of
