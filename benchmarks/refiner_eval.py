@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train_default import SIZE, TEST_SEED0, _store_metrics, phantom_dataset
+from train_default import SIZE, TEST_SEED0, _update_model, phantom_dataset
 
 from napari_berdiff.priors import degrade_mask
 from napari_berdiff.refine import load_refiner, refine_all
@@ -301,10 +301,10 @@ def run_evaluation(args: Any, name: str) -> int:
     if args.card:
         machine = (f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread, "
                    f"torch {torch.__version__}, 2 cores shared with other jobs")
-        _store_metrics(path, {"heldout_phantoms": summary, "settings": settings})
+        _update_model(path, {"metrics": {"heldout_phantoms": summary, "settings": settings}})
         seg_path = path.with_name(refiner.metadata["refiner"]["segmentor"])
-        _store_metrics(seg_path, {"heldout_phantoms": {
+        _update_model(seg_path, {"metrics": {"heldout_phantoms": {
             "segmentor_dice": summary["segmentor_dice"],
-            "segmentor_hd95": summary["segmentor_hd95"]}, "settings": settings})
+            "segmentor_hd95": summary["segmentor_hd95"]}, "settings": settings}})
         print("wrote", write_card(path, summary, settings, machine, args.note))
     return 0

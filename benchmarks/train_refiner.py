@@ -5,6 +5,14 @@
     cp /tmp/s2/refiner/refiner-phantom-64{,-segmentor}.safetensors models/
     .venv/bin/python benchmarks/train_refiner.py evaluate --card   # held-out phantoms
 
+The feature-conditioned candidate of issue 23 (``BENCHMARKS.md``; not bundled)::
+
+    train_refiner.py train --out R1 --features --feature-grad 0.1 --init-from \
+        models/refiner-phantom-64.safetensors --prior-mix 0.65 --lr 5e-4 --warmup 50 --steps 2600
+    train_refiner.py train --out R2 --features --feature-grad 0.1 --refiner-dice 1.0 \
+        --init-from R1 --prior-mix 0.65 --lr 3e-4 --warmup 20 --steps 1300 --minutes 14
+    benchmarks/refiner_vs_segmentor.py --model R2 --split val --priors seg segmask:0.9 --steps 1 10
+
 ``train`` runs :func:`napari_berdiff.training.refiner.train_refiner` (alternate-collaborative
 HiDiff-style training of a segmentor and a prior-conditioned Bernoulli refiner) on the
 phantoms of :mod:`napari_berdiff.data.phantoms` at 64×64 (the training seeds of
@@ -65,14 +73,25 @@ def segmentor_network() -> dict:
         num_res_blocks=1, encoder_channels=16, encoder_blocks=1, unshuffle=2))
 
 
-def recipe(steps: int, minutes: float, batch: int) -> TrainConfig:
-    """The bundled refiner's recipe (T = 10, ᾱ linear, x0-prediction, 10 steps)."""
-    return TrainConfig(kind="refiner", network=refiner_network(),
+def recipe(steps: int, minutes: float, batch: int, *, features: bool = False,
+           feature_grad: float = 0.0, init_from: str = "", prior_mix: float = 0.5,
+           lr: float = 1e-3, warmup: int = 100, refiner_dice: float = 0.0) -> TrainConfig:
+    """The bundled refiner's recipe (T = 10, ᾱ linear, x0-prediction, 10 steps).
+
+    ``features``: the refiner is also conditioned on the segmentor's multi-scale decoder
+    features (HiDiff); ``feature_grad``: the weight with which its loss also trains the
+    segmentor; ``init_from``: a refiner file (and its segmentor) that starts the run."""
+    net = refiner_network()
+    if features:
+        net = {**net, "segmentor": segmentor_network()}
+    return TrainConfig(kind="refiner", network=net,
                        segmentor_network=segmentor_network(),
+                       segmentor_feature_grad=feature_grad, init_from=init_from,
+                       refiner_dice_weight=refiner_dice,
                        diffusion=default_diffusion("refiner").to_dict(), steps=steps,
-                       batch_size=batch, lr=1e-3, warmup=100, min_lr_ratio=0.05,
+                       batch_size=batch, lr=lr, warmup=warmup, min_lr_ratio=0.05,
                        ema_decay=0.999, grad_clip=1.0, augment=True, checkpoint_every=100,
-                       max_minutes=minutes, seed=0, threads=1, prior_mix=0.5,
+                       max_minutes=minutes, seed=0, threads=1, prior_mix=prior_mix,
                        trust_range=(0.3, 0.95), degrade_strength=1.0)
 
 
@@ -87,6 +106,16 @@ def main(argv=None) -> int:
     t.add_argument("--n-train", type=int, default=3000)
     t.add_argument("--out", default=str(MODELS / f"{NAME}.safetensors"))
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--features", action="store_true",
+                   help="condition the refiner on the segmentor's multi-scale features")
+    t.add_argument("--feature-grad", type=float, default=0.0,
+                   help="weight of the refiner's loss on the segmentor (via its features)")
+    t.add_argument("--init-from", default="", help="a refiner file whose pair starts the run")
+    t.add_argument("--prior-mix", type=float, default=0.5)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--refiner-dice", type=float, default=0.0,
+                   help="weight of a soft-Dice term on the refiner's x̂0")
     e = sub.add_parser("evaluate")
     e.add_argument("--model", default=str(MODELS / f"{NAME}.safetensors"))
     e.add_argument("--n-test", type=int, default=100)
@@ -107,7 +136,10 @@ def main(argv=None) -> int:
     ds = phantom_dataset(TRAIN_SEED0, args.n_train)
     print(f"{len(ds)} training phantoms made in {time.perf_counter() - tic:.1f} s", flush=True)
     out = Path(args.out)
-    cfg = recipe(args.steps, args.minutes, args.batch)
+    cfg = recipe(args.steps, args.minutes, args.batch, features=args.features,
+                 feature_grad=args.feature_grad, init_from=args.init_from,
+                 prior_mix=args.prior_mix, lr=args.lr, warmup=args.warmup,
+                 refiner_dice=args.refiner_dice)
     res = train(cfg, ds, out, resume=args.resume, name=NAME, progress=False)
     print(json.dumps({"steps": res.step, "train_time_s": round(res.elapsed_s, 1),
                       "stopped_by_time": res.stopped_by_time,

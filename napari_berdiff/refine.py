@@ -1,8 +1,9 @@
 """Refining a prior mask with a HiDiff-style Bernoulli refiner (DESIGN §3.2).
 
-The refiner is conditioned on ``(image, p)`` only, so any mask can be refined: one a person
-drew or edited (turned into p with :func:`~napari_berdiff.priors.mask_to_prior`) or a
-segmentor's probability map. A refiner file may name its segmentor in its metadata
+The refiner is conditioned on ``(image, p)`` (and, for a network with a ``segmentor``, on
+that segmentor's multi-scale features, which depend on the image alone), so any mask can be
+refined: one a person drew or edited (turned into p with
+:func:`~napari_berdiff.priors.mask_to_prior`) or a segmentor's probability map. A refiner file may name its segmentor in its metadata
 (``metadata["refiner"]["segmentor"]``, a file name in the same folder).
 """
 

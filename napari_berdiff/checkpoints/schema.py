@@ -120,6 +120,10 @@ class CondOnceSection(_Section):
     norm_groups: Optional[NormGroups] = None
     dropout: Optional[Unit] = None
     output_activation: Optional[Activation] = None
+    segmentor: Optional["CondOnceSection"] = None
+
+
+CondOnceSection.model_rebuild()
 
 
 class NCSNppSection(_Section):

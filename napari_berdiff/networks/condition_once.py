@@ -9,7 +9,7 @@ the concatenation UNet (seeing the image at full width, every step) is paid once
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,13 @@ class CondOnceConfig(ConfigMixin):
         GroupNorm groups (widths must divide by it).
     output_activation
         ``"sigmoid"`` (Bernoulli) or ``"none"`` (Gaussian ε).
+    segmentor
+        A refiner conditioned on its segmentor's features (HiDiff): the description of a
+        condition-once segmentor (``{"type": "condition_once", ...}``, the same levels and
+        ``unshuffle``, ``image_channels − 1`` image channels) held as ``self.segmentor``.
+        Its decoder features at every level (fed the image channels only, an all-zero mask,
+        t = 0) are projected (1×1, zero-initialised) and added to the image features of that
+        level. They depend on the image alone, so any prior p can be refined. Empty: none.
     """
 
     _what = "network"
@@ -91,6 +98,7 @@ class CondOnceConfig(ConfigMixin):
     norm_groups: int = 8
     dropout: float = 0.0
     output_activation: str = "sigmoid"
+    segmentor: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -111,9 +119,31 @@ class CondOnceConfig(ConfigMixin):
         if self.full_res_head < 0 or (self.full_res_head and self.unshuffle == 1):
             raise ValueError("full_res_head must be 0, or > 0 with unshuffle > 1; "
                              f"got {self.full_res_head} with unshuffle={self.unshuffle}")
+        if self.segmentor:
+            seg = self.segmentor_config()
+            if (len(seg.channel_mult) != len(self.channel_mult) or seg.unshuffle != self.unshuffle
+                    or seg.image_channels != self.image_channels - 1 or seg.segmentor):
+                raise ValueError("the segmentor must have the refiner's levels and unshuffle, "
+                                 "image_channels − 1 image channels and no segmentor itself")
         if self.full_res_head % self.norm_groups:
             raise ValueError(f"full_res_head={self.full_res_head} is not divisible by "
                              f"norm_groups={self.norm_groups}")
+
+    def to_dict(self) -> dict:
+        """As :meth:`ConfigMixin.to_dict`, without ``segmentor`` when there is none (so the
+        description of a network without one is unchanged)."""
+        d = super().to_dict()
+        if not d["segmentor"]:
+            del d["segmentor"]
+        return d
+
+    def segmentor_config(self) -> CondOnceConfig:
+        """The config of the segmentor whose features condition this network."""
+        d = {k: v for k, v in self.segmentor.items() if k != "type"}
+        if self.segmentor.get("type", "condition_once") != "condition_once":
+            raise ValueError("the segmentor of a feature-conditioned refiner must be a "
+                             "condition_once network")
+        return CondOnceConfig.from_dict(d)
 
     @property
     def encoder_widths(self) -> list[int]:
@@ -200,6 +230,12 @@ class ConditionOnceNet(nn.Module):
             w = widths[level]
             self.up.append(res(prev + w, w))
             prev = w
+        if c.segmentor:
+            seg_cfg = c.segmentor_config()
+            self.segmentor = ConditionOnceNet(seg_cfg)
+            self.seg_proj = nn.ModuleList(
+                zero_init(nn.Conv2d(seg_cfg.model_channels * m, w, 1))
+                for m, w in zip(seg_cfg.channel_mult, widths))
         hc = c.full_res_head
         if hc:
             self.head_cond = nn.Conv2d(enc[0], hc, 1)
@@ -227,10 +263,15 @@ class ConditionOnceNet(nn.Module):
                 f"spatial size {x.shape[2]}×{x.shape[3]} must be divisible by {m} for this network"
             )
 
-    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, image: torch.Tensor,
+               segmentor_features: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Image features for every denoiser level, already projected to its width; then,
         with a full-resolution head, the head's full-resolution features, and with a prior
-        head, the prior probability map (N, 1, H, W) last."""
+        head, the prior probability map (N, 1, H, W) last.
+
+        A network with a ``segmentor`` adds the segmentor's projected decoder features to
+        every level: ``segmentor_features`` (finest first, from :meth:`segment_with_features`)
+        or, when None, the segmentor run here on the image channels (all but the last)."""
         if image.ndim == 3:
             image = image.unsqueeze(0)
         self._check(image, "image", self.config.image_channels)
@@ -240,6 +281,13 @@ class ConditionOnceNet(nn.Module):
             h = blocks(down(h))
             feats.append(h)
         out = [proj(f) for proj, f in zip(self.cond_proj, feats)]
+        if self.config.segmentor:
+            if segmentor_features is None:
+                _, segmentor_features = self.segmentor.segment_with_features(image[:, :-1])
+            out = [o + proj(f.to(o.dtype))
+                   for o, proj, f in zip(out, self.seg_proj, segmentor_features)]
+        elif segmentor_features is not None:
+            raise ValueError("this network has no segmentor; it takes no segmentor_features")
         if self.config.full_res_head:
             out.append(self.head_cond(stem))
         if self.config.prior_head:
@@ -250,8 +298,12 @@ class ConditionOnceNet(nn.Module):
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: list[torch.Tensor],
                 x0_prev: torch.Tensor | None = None, *,
-                reader: torch.Tensor | int | None = None) -> torch.Tensor:
+                reader: torch.Tensor | int | None = None,
+                features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """One denoiser pass with the cached condition (a batch of 1 is broadcast).
+
+        ``features``, when a list is given, receives the decoder's output at every level,
+        finest first.
 
         ``x0_prev`` is the previous ``x̂0`` for a self-conditioned network (zeros when None);
         other networks take none. ``reader`` is the reader index of each sample (N,), or
@@ -297,6 +349,8 @@ class ConditionOnceNet(nn.Module):
             if i > 0:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = block(torch.cat([h, skips.pop()], 1), emb)
+            if features is not None:
+                features.insert(0, h)
         if c.full_res_head:
             h = F.pixel_shuffle(self.head_up(h), c.unshuffle) + cond[len(self.down)]
             out = self.out(self.head_block(self.head_in(torch.cat([h, x_in], 1))))
@@ -322,6 +376,24 @@ class ConditionOnceNet(nn.Module):
             raise ValueError(f"reader indices must lie in 0..{r_count - 1}; "
                              f"got {sorted(set(r.tolist()))}")
         return r
+
+    def segment_with_features(self, image: torch.Tensor
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """This network used as a segmentor (an all-zero mask, t = 0): its output (N, 1, H, W)
+        and its decoder features at every level, finest first."""
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        zeros = torch.zeros(image.shape[0], self.config.mask_channels, *image.shape[2:],
+                            dtype=image.dtype, device=image.device)
+        feats: list[torch.Tensor] = []
+        t = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
+        out = self.predict(zeros, t, self.encode(image), features=feats)
+        return out, feats
+
+    @property
+    def has_segmentor(self) -> bool:
+        """Whether the network is conditioned on a segmentor's features (``segmentor``)."""
+        return bool(self.config.segmentor)
 
     @property
     def n_readers(self) -> int:
@@ -383,7 +455,11 @@ class ConditionOnceNet(nn.Module):
         for level, m in enumerate(c.channel_mult):
             total += c.model_channels * m * h * w / u2 / 4**level
         total += (c.full_res_head + 2 * int(c.prior_head)) * h * w
-        return int(4 * total)
+        extra = 0
+        if c.segmentor:  # the segmentor's encoding and its one decoder pass
+            seg = self.segmentor
+            extra = seg.encode_bytes(h, w) + seg.activation_bytes(h, w)
+        return int(4 * total) + extra
 
     def activation_bytes(self, h: int, w: int) -> int:
         """Rough float32 activation memory of one sample's denoiser pass (for chunking)."""

@@ -166,6 +166,18 @@ class TrainConfig:
         Refiner only: the trust of those softened masks is drawn uniformly in this range.
     degrade_strength
         Refiner only: ``strength`` of :func:`~napari_berdiff.priors.degrade_mask`.
+    segmentor_feature_grad
+        Refiner only, for a refiner network with a ``segmentor`` (conditioned on its
+        features): the weight with which the refiner's loss also trains the segmentor
+        through those features (HiDiff's collaborative training; 0: features detached).
+    refiner_dice_weight
+        Refiner only: weight of a soft-Dice term ``1 − Dice(x̂0, x0)`` added to the
+        refiner's loss (as the segmentor's ``dice_weight``; 0: none).
+    init_from
+        Refiner only: a refiner file (with its segmentor next to it) whose weights start a
+        fresh run; a feature-conditioned network takes the old refiner's weights where the
+        names match, its segmentor the segmentor's (its feature projections start at zero,
+        so it starts as the old pair). Empty: random initialisation.
     lr_d, r1_gamma, disc_channels, attn_scale, adv_weight
         cDAL only: the discriminator's learning rate (Adam with ``betas``; the generator
         uses ``lr``), the R1 penalty weight γ (``γ/2·‖∇_{x_t} D‖²`` on real pairs), the
@@ -207,6 +219,9 @@ class TrainConfig:
     prior_mix: float = 0.5
     trust_range: tuple[float, float] = (0.3, 0.95)
     degrade_strength: float = 1.0
+    segmentor_feature_grad: float = 0.0
+    refiner_dice_weight: float = 0.0
+    init_from: str = ""
     lr_d: float = 1e-4
     r1_gamma: float = 1.0
     disc_channels: int = 16
@@ -293,6 +308,19 @@ class TrainConfig:
         if net.image_channels < 2:
             raise ValueError("a refiner's network takes the image channels plus the prior map; "
                              f"image_channels must be >= 2, got {net.image_channels}")
+        if getattr(net, "segmentor", None):
+            if self.segmentor_network and self.segmentor_network != net.segmentor:
+                raise ValueError("segmentor_network must be the refiner network's own "
+                                 "segmentor (network['segmentor']) when it has one")
+            self.segmentor_network = dict(net.segmentor)
+        elif self.segmentor_feature_grad:
+            raise ValueError("segmentor_feature_grad needs a refiner network conditioned on "
+                             "its segmentor's features (network['segmentor'])")
+        if self.refiner_dice_weight < 0:
+            raise ValueError(f"refiner_dice_weight must be >= 0, got {self.refiner_dice_weight}")
+        if self.segmentor_feature_grad < 0:
+            raise ValueError("segmentor_feature_grad must be >= 0, got "
+                             f"{self.segmentor_feature_grad}")
         if not self.segmentor_network:
             self.segmentor_network = default_network(
                 "deterministic", net.image_size, net.image_channels - 1).to_dict()

@@ -178,11 +178,14 @@ def set_lr(optimisers: Sequence[torch.optim.Optimizer], cfg: TrainConfig, step: 
     return lr
 
 
-def clip_gradients(net: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (``max_norm <= 0``: only measure it); returns it."""
+def clip_gradients(net: torch.nn.Module | list[torch.nn.Parameter], max_norm: float
+                   ) -> float:
+    """Clip the global gradient norm of a network (or a list of its parameters;
+    ``max_norm <= 0``: only measure it); returns it."""
+    params = list(net.parameters()) if isinstance(net, torch.nn.Module) else list(net)
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm))
-    return float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in net.parameters()
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params
                                 if p.grad is not None)))
 
 

@@ -14,8 +14,12 @@ Every step, as in HiDiff:
    (:func:`~napari_berdiff.priors.mask_to_prior`), so that both segmentor priors and
    priors drawn by people are in distribution.
 
-Departure from the official HiDiff: our refiner is conditioned on ``(image, p)`` only,
-not on the segmentor's internal features, so it can refine any mask.
+A refiner network with a ``segmentor`` (:class:`~napari_berdiff.networks.CondOnceConfig`)
+is also conditioned on the segmentor's multi-scale decoder features, as HiDiff's is; the
+segmentor is then the refiner network's own ``segmentor`` module (one set of weights, its
+own optimiser and loss), and ``segmentor_feature_grad`` > 0 lets the refiner's loss train
+it too through those features. Without one, the refiner sees ``(image, p)`` only. Either
+way it can refine any mask: the features depend on the image alone.
 
 Everything random (items, annotators, symmetries, prior kind, degradation seeds, trusts,
 timesteps, forward noise) comes from one seeded ``torch.Generator`` saved in the training
@@ -49,7 +53,8 @@ from .ema import EMA
 from .loop import (RunFiles, RunLog, augment_batch, begin_run, clip_gradients, draw_batch,
                    log_path_for, restore_state, save_state, set_lr, state_path_for,
                    training_arrays)
-from .trainer import TrainResult, export_model, segmentor_loss_parts, segmentor_predict
+from .trainer import (TrainResult, export_model, segmentor_loss_parts, segmentor_predict,
+                      soft_dice_loss)
 
 __all__ = ["train_refiner", "segmentor_file_for", "draw_priors", "REFINER_LOG_FIELDS",
            "CONDITIONING_NOTE"]
@@ -60,6 +65,40 @@ REFINER_LOG_FIELDS = ("step", "loss", "refiner_vb", "refiner_bce", "segmentor_bc
 
 CONDITIONING_NOTE = ("(image, prior p) only — a deliberate departure from the official "
                      "HiDiff refiner, which also consumes the segmentor's features")
+FEATURE_NOTE = ("(image, prior p) and the segmentor's multi-scale decoder features, as "
+                "HiDiff's refiner; the features depend on the image alone, so any prior p "
+                "(a person's mask too) can be refined")
+
+
+def _refiner_parameters(net: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The refiner's own parameters (not those of a segmentor it holds)."""
+    return [p for n, p in net.named_parameters() if not n.startswith("segmentor.")]
+
+
+def init_pair_from(path: str | Path, net: torch.nn.Module, seg: torch.nn.Module) -> None:
+    """Start ``net`` and ``seg`` from a saved refiner file and the segmentor next to it.
+
+    The refiner's tensors go where ``net`` has the same names and shapes (a feature-
+    conditioned network keeps its zero-initialised projections and takes the segmentor's
+    weights through ``seg``, which is then its own ``segmentor``).
+
+    Raises
+    ------
+    ValueError
+        When the file names no segmentor next to it, or a matching tensor has another shape.
+    """
+    from ..refine import load_refiner
+
+    refiner, segmentor = load_refiner(path, device="cpu")
+    if segmentor is None:
+        raise ValueError(f"{path} names no segmentor file next to it")
+    own = net.state_dict()
+    taken = {k: v for k, v in refiner.net.state_dict().items() if k in own}
+    bad = [k for k, v in taken.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{path}: tensors of other shapes than this network's: {bad[:3]}")
+    net.load_state_dict(taken, strict=False)
+    seg.load_state_dict(segmentor.net.state_dict())
 
 
 def segmentor_file_for(out: str | Path) -> Path:
@@ -107,6 +146,7 @@ def draw_priors(gen: torch.Generator, source: torch.Tensor, segmentor_prob: torc
 def _refiner_meta(cfg: TrainConfig, image_channels: int, seg_file: Path,
                   extra_meta: dict[str, Any] | None) -> dict[str, Any]:
     lo, hi = cfg.trust_range
+    featured = bool(cfg.network.get("segmentor"))
     meta: dict[str, Any] = {
         "data": {"image_channels": int(image_channels)},
         "refiner": {
@@ -114,10 +154,12 @@ def _refiner_meta(cfg: TrainConfig, image_channels: int, seg_file: Path,
             "trust_range": [lo, hi],
             "prior_mix": cfg.prior_mix,
             "degrade_strength": cfg.degrade_strength,
-            "conditioning": CONDITIONING_NOTE,
+            "conditioning": FEATURE_NOTE if featured else CONDITIONING_NOTE,
             "training": "alternate-collaborative (HiDiff): segmentor step, then refiner step "
                         "on the segmentor's detached output or a degraded annotator mask",
-            "input": "[y_t, image, p]",
+            "input": "[y_t, image, p]" + (" + the segmentor's decoder features"
+                                              if featured else ""),
+            "segmentor_feature_grad": cfg.segmentor_feature_grad,
         },
     }
     for k, v in (extra_meta or {}).items():
@@ -164,14 +206,19 @@ def train_refiner(
     data_desc = data.description
     # The segmentor's own recipe view: a deterministic model with the segmentor's network.
     seg_recipe = cfg.replace(kind="deterministic", network=cfg.segmentor_network,
-                             diffusion={}, segmentor_network={})
+                             diffusion={}, segmentor_network={}, segmentor_feature_grad=0.0,
+                             refiner_dice_weight=0.0, init_from="")
 
     torch.manual_seed(cfg.seed)
     net = cfg.build_network().to(dev)
-    seg = cfg.build_segmentor().to(dev)
+    featured = bool(getattr(net, "has_segmentor", False))
+    seg = net.segmentor if featured else cfg.build_segmentor().to(dev)
+    if cfg.init_from and saved is None:
+        init_pair_from(cfg.init_from, net, seg)
     ema, seg_ema = EMA(net, cfg.ema_decay), EMA(seg, cfg.ema_decay)
-    opts = [torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              betas=tuple(cfg.betas)) for m in (net, seg)]
+    opts = [torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              betas=tuple(cfg.betas))
+            for params in (_refiner_parameters(net), list(seg.parameters()))]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, elapsed_before = 0, 0.0
     if saved is not None:
@@ -223,29 +270,41 @@ def train_refiner(
         img, x0 = img.to(dev), x0.to(dev)
         lr = set_lr(opts, cfg, step)
 
-        # ---- 1. the segmentor
-        prob = segmentor_predict(seg, img)
+        # ---- 1. the segmentor (and, for a feature-conditioned refiner, its features)
+        if featured:
+            prob, feats = seg.segment_with_features(img)
+            w = cfg.segmentor_feature_grad
+            feats = [w * f + (1 - w) * f.detach() if w else f.detach() for f in feats]
+        else:
+            prob, feats = segmentor_predict(seg, img), None
         s_bce, s_dice = segmentor_loss_parts(prob, x0)
         s_loss = s_bce + cfg.dice_weight * s_dice
-        opts[1].zero_grad(set_to_none=True)
-        s_loss.backward()
-        s_gnorm = clip_gradients(seg, cfg.grad_clip)
-        opts[1].step()
-        seg_ema.update(seg, step)
 
         # ---- 2. the refiner, on the segmentor's detached output or a degraded mask
         prior, _ = draw_priors(gen, source, prob.detach(), cfg)
         x_t = kernel.q_sample(x0.cpu(), t, prior.cpu(), generator=gen).to(dev)
         t_d = t.to(dev)
-        out_t = net(x_t, t_d, torch.cat([img, prior], 1))
+        cond_img = torch.cat([img, prior], 1)
+        out_t = (net.predict(x_t, t_d, net.encode(cond_img, feats)) if featured
+                 else net(x_t, t_d, cond_img))
         parts = kernel.loss(out_t, x0, x_t, t_d, prior, focal=cfg.focal,
                             bce_weight=cfg.bce_weight)
         r_vb, r_bce = parts["vb"].mean(), parts["bce"].mean()
         r_loss = cfg.vb_weight * r_vb + cfg.bce_weight * r_bce
-        opts[0].zero_grad(set_to_none=True)
-        r_loss.backward()
-        gnorm = clip_gradients(net, cfg.grad_clip)
+        if cfg.refiner_dice_weight:
+            x0_hat = kernel.predict_x0(out_t, x_t)
+            r_loss = r_loss + cfg.refiner_dice_weight * soft_dice_loss(x0_hat, x0).mean()
+
+        # one backward pass: the refiner's loss reaches the segmentor only through features
+        # weighted by segmentor_feature_grad (none when 0, as two separate updates)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        (s_loss + r_loss).backward()
+        s_gnorm = clip_gradients(seg, cfg.grad_clip)
+        gnorm = clip_gradients(_refiner_parameters(net), cfg.grad_clip)
+        opts[1].step()
         opts[0].step()
+        seg_ema.update(seg, step)
         ema.update(net, step)
         step += 1
 
