@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from _common import (base_parser, describe, load_bench_model, machine, median, print_table,
-                     set_threads, test_image, write_json)
+                     quality, set_threads, test_image, write_json)
 from bench_official_loop import STEPS, SpacedSchedule, official_style_loop
 
 COLUMNS = [("size", "size", "d"), ("method", "method", ""), ("seconds", "run s", ".2f"),
@@ -98,11 +98,15 @@ def rows_for(size: int, n: int, n_steps: int, timed: dict[str, dict], methods: d
 def main() -> None:
     ap = base_parser(__doc__, "bench_backends", repeats=2)
     ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[64, 128],
+                    help="image sizes for the berdiff-lidc-128 network (none: skip it)")
     ap.add_argument("--methods", nargs="+", default=list(OURS), choices=OURS,
                     help="our backends to run (the official loop always runs)")
     ap.add_argument("--bundled", action="store_true",
                     help="also time our default model at 128² (our methods only)")
+    ap.add_argument("--quality", type=int, default=0, metavar="K",
+                    help="with --bundled: GED² and HM-IoU of the default model on each "
+                         "backend, N samples on K held-out phantoms (64², seed 0)")
     args = ap.parse_args()
     set_threads(args.threads)
     from napari_berdiff.diffusion.schedules import timestep_subsequence
@@ -122,6 +126,14 @@ def main() -> None:
             r["method"] = f"phantom-64 {r['method']}"
         print_table(rows, COLUMNS)
         all_rows += rows
+        for row in rows:
+            if args.quality:
+                backend = row["method"].split()[-1]
+                q = quality(copy.copy(model).use_backend(backend), args.quality, n=args.n)
+                row.update({k: q[k] for k in ("ged2", "ged2_sem", "hm_iou", "hm_iou_sem")})
+                print(f"{row['method']}: GED² {q['ged2']:.4f} ± {q['ged2_sem']:.4f}, HM-IoU "
+                      f"{q['hm_iou']:.4f} ± {q['hm_iou_sem']:.4f} ({args.quality} phantoms)",
+                      flush=True)
 
     ours = load_bench_model("lidc")
     randomise_zero_layers(ours.net)
