@@ -25,6 +25,8 @@ import numpy as np
 PROG = "berdiff"
 #: The sampler's default memory budget (MB); kept here so ``--help`` needs no torch.
 DEFAULT_BUDGET_MB = 1536
+#: The inference backends (napari_berdiff.backends.BACKENDS; here so ``--help`` needs no torch).
+BACKENDS = ("eager", "jit", "onnxruntime", "bf16")
 #: Options whose value may start with a minus sign (argparse takes "-10,0,64,64" for an option).
 SIGNED_VALUE_OPTIONS = ("--roi",)
 MAPS = ("frequency", "variance", "entropy")
@@ -420,6 +422,7 @@ def run_record(args: argparse.Namespace, model: Any, model_path: Path, infos: li
         "roi_requested": args.roi is not None,
         "device": result.device,
         "threads": getattr(args, "threads_used", None),
+        "backend": getattr(args, "backend", "eager"),
         "chunk_size": result.chunk_size,
         "presence": result.presence,
         "readers": None if result.readers is None else result.readers.tolist(),
@@ -501,6 +504,12 @@ def _sample_into(args: argparse.Namespace, out: Path) -> str:
     args.threads_used = use_threads(args.threads)
     model_path = _resolve_model(args.model)
     model = load_model(model_path, preset=args.preset, device=args.device)
+    from .backends import BackendUnavailable
+
+    try:
+        model.use_backend(args.backend)
+    except BackendUnavailable as e:  # an ImportError: say it as a usage error
+        raise ValueError(str(e)) from None
     load_s = time.perf_counter() - wall0
 
     def check(names: str, hw: tuple[int, int], box: tuple, infos: list[dict]) -> None:
@@ -621,6 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "encoder, the N samples, the network); the batch is chunked to fit and "
                         "a run that cannot fit is refused before it starts. Never more than "
                         f"80%% of the memory free on the device (default {DEFAULT_BUDGET_MB})")
+    p.add_argument("--backend", default="eager", choices=BACKENDS,
+                   help="inference backend: eager PyTorch (default); jit (TorchScript frozen, "
+                        "oneDNN); onnxruntime (pip install napari-berdiff[onnx]); bf16 "
+                        "(bfloat16 autocast: fast on CPUs with AMX/AVX512-BF16, output within "
+                        "about 1e-2, so seeded masks differ in a few pixels)")
     add_run_options(p, "sample", "slice index of a 3D volume (first axis)")
     p.set_defaults(func=cmd_sample)
 

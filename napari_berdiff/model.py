@@ -135,6 +135,9 @@ class DiffusionModel:
 
     #: the checkpoint file the model was loaded from ("" when built in memory)
     source_path: str = ""
+    #: the inference backend sampling runs on (see :meth:`use_backend`)
+    backend: str = "eager"
+    _inference: Any = None
 
     def __init__(self, net: torch.nn.Module, diffusion: DiffusionConfig,
                  metadata: dict[str, Any] | None = None):
@@ -195,7 +198,30 @@ class DiffusionModel:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(device=dev, memory_format=fmt)
         self.device = dev
+        if self.backend != "eager":  # graphs are built for a device: build them anew
+            self.use_backend(self.backend)
         return self
+
+    def use_backend(self, backend: str = "eager") -> "DiffusionModel":
+        """Sample with an inference backend (``eager``, ``jit``, ``onnxruntime``, ``bf16``;
+        see :mod:`napari_berdiff.backends`). ``.net`` stays the torch module.
+
+        Raises
+        ------
+        ValueError, napari_berdiff.backends.BackendUnavailable
+            For an unknown backend, one the device cannot run, or one whose packages are
+            missing (with what to install).
+        """
+        from .backends import wrap_network
+
+        self._inference = wrap_network(self.net, backend)
+        self.backend = backend
+        return self
+
+    @property
+    def inference_net(self) -> Any:
+        """What the sampler calls: the network on the chosen backend."""
+        return self.net if self._inference is None else self._inference
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -281,7 +307,7 @@ class DiffusionModel:
         cond = self.prepare(image, prior, normalise, roi, units)
         start_prior = prior if self.kind == "refiner" else None
         return sample_stream(
-            self.net, kernel, cond, n=n, steps=steps, seed=seed, prior=start_prior,
+            self.inference_net, kernel, cond, n=n, steps=steps, seed=seed, prior=start_prior,
             roi=roi, constraints=constraints, device=self.device, max_batch=max_batch,
             memory_budget_mb=memory_budget_mb, cancel=cancel,
             image_channels=self.network_channels,
