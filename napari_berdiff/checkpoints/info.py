@@ -13,7 +13,7 @@ from .sniff import SAFETENSORS, TORCH_LEGACY, read_safetensors_header, sha256_of
 __all__ = ["DEFAULT_MODEL", "describe", "list_bundled_models"]
 
 #: The bundled model the demo and the widget offer first.
-DEFAULT_MODEL = "berdiff-phantom-64"
+DEFAULT_MODEL = "berdiff-lidc-semireal-64"
 
 
 def _preset_description(preset: str) -> dict[str, Any]:

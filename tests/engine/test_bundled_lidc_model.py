@@ -23,8 +23,6 @@ UNET = MODELS / "unet-lidc-semireal-64.safetensors"
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="the lung-nodule model is not bundled")
 
 N_NODULES = 30
-#: See test_the_default_beats_the_best_single_reader for how this margin was measured.
-MARGIN = 0.02
 
 
 def _subset():
@@ -59,20 +57,26 @@ def test_the_lung_model_is_the_bundled_default():
 
 
 def test_the_default_beats_the_best_single_reader():
-    """On the subset (30 slices, N = 16, seed 0), measured when it was bundled: see
-    ``MEASURED`` below. The model must stay below the best reader's GED² by ``MARGIN``, a
-    fraction of the measured gap (most of which is several s.e.m. of the paired difference),
-    so a platform's floating point that flips a few Bernoulli draws cannot fail it, while a
-    model no better than a single reader would."""
+    """Measured when it was bundled (torch 2.13 CPU, N = 16): the model's GED² on the subset
+    is 0.134 / 0.120 / 0.144 with seeds 0 / 1 / 2, the best single reader's (reader position
+    1, repeated) 0.176; paired differences −0.042 ± 0.026, −0.056 ± 0.021, −0.032 ± 0.028
+    (s.e.m.). The threshold is the issue's: below the best reader. Other seeds moved the
+    model's figure by at most 0.024 (max − min), less than the smallest gap to the reader
+    (0.032), so a platform whose floating point flips some Bernoulli draws (the effect of
+    another seed, at most) still passes, while a model no better than one reader fails.
+    It also stays below the U-Net's GED² when the U-Net is bundled."""
     from napari_berdiff.checkpoints import load_model
     from napari_berdiff.training.evaluate import evaluate
 
     ds = _subset()
     assert len(ds) == N_NODULES
-    rep = evaluate(load_model(MODEL), ds, n=16, seed=0, spacing=[0.5, 0.5])
+    unet = load_model(UNET) if UNET.exists() else None
+    rep = evaluate(load_model(MODEL), ds, n=16, seed=0, spacing=[0.5, 0.5], baseline=unet)
     summary = rep.summary()
     best = summary["best_annotator"]
     model = summary["model"]
     paired = np.asarray(rep.per_item["model"]["ged2"]) - np.asarray(
         rep.per_item[best["which"]]["ged2"])
-    assert model["ged2"] < best["ged2"] - MARGIN, (model["ged2"], best["ged2"], paired.mean())
+    assert model["ged2"] < best["ged2"], (model["ged2"], best["ged2"], paired.mean())
+    if unet is not None:
+        assert model["ged2"] < summary["deterministic"]["ged2"]
