@@ -85,26 +85,12 @@ def _group(value: float, groups: dict[str, tuple[int, int]]) -> str | None:
     return None
 
 
-def _load_split(data: str, items: int | None, skip: int = 0):
+def _load_split(data: str, items: int | None):
+    """The data folder's items (only the first ``items`` when given)."""
     from napari_berdiff.data.layout import load_dataset
 
     ds = load_dataset(data)
-    stop = skip + items if items else None
-    return ds[skip:stop] if (skip or items) else ds
-
-
-def _evaluate(model_path: str, data: str, items: int | None, steps: int | None,
-              baseline: str | None, n: int, seed: int, diffusion: Any = None):
-    from napari_berdiff.checkpoints import load_model
-    from napari_berdiff.model import DiffusionModel
-    from napari_berdiff.training.evaluate import evaluate
-
-    model = load_model(model_path)
-    if diffusion is not None:
-        model = DiffusionModel(model.net, diffusion, model.metadata)
-    base = load_model(baseline) if baseline else None
-    ds = _load_split(data, items)
-    return ds, evaluate(model, ds, n=n, steps=steps, seed=seed, baseline=base, progress=True)
+    return ds[:items] if items else ds
 
 
 # ---------------------------------------------------------------------------- tune
@@ -116,13 +102,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if desc.get("split") != "val":
         raise SystemExit(f"tune reads the validation split only; {args.data} is "
                          f"{desc.get('split')!r}")
+    from napari_berdiff.model import DiffusionModel
+    from napari_berdiff.training.evaluate import evaluate
+
     model = load_model(args.model)
+    ds = _load_split(args.data, args.items)
     rows, first = [], None
     for cand in args.candidates:
         steps, tau = (int(cand.split(":")[0]), float(cand.split(":")[1]))
         diffusion = model.diffusion.replace(temperature=tau, default_steps=steps)
-        _, rep = _evaluate(args.model, args.data, args.items, steps, None, args.n, args.seed,
-                           diffusion)
+        rep = evaluate(DiffusionModel(model.net, diffusion, model.metadata), ds, n=args.n,
+                       steps=steps, seed=args.seed, progress=True)
         ged = np.asarray(rep.per_item["model"]["ged2"])
         first = ged if first is None else first
         g, gs, k = mean_sem(ged)
@@ -215,8 +205,13 @@ def cmd_test(args: argparse.Namespace) -> int:
     desc = json.loads((Path(args.data) / "dataset.json").read_text())
     if desc.get("split") != "test":
         raise SystemExit(f"test reads the test split; {args.data} is {desc.get('split')!r}")
-    ds, rep = _evaluate(args.model, args.data, args.items, None, args.baseline, args.n,
-                        args.seed)
+    from napari_berdiff.checkpoints import load_model
+    from napari_berdiff.training.evaluate import evaluate
+
+    ds = _load_split(args.data, args.items)
+    baseline = load_model(args.baseline) if args.baseline else None
+    rep = evaluate(load_model(args.model), ds, n=args.n, seed=args.seed, baseline=baseline,
+                   progress=True)
     summary = rep.summary()
     best = summary["best_annotator"]["which"]
     paired = mean_sem(np.asarray(rep.per_item["model"]["ged2"])

@@ -60,20 +60,23 @@ def make_demo_model(image_size: int = 64, seed: int = 0) -> Any:
     return DiffusionModel(net, diffusion, meta).to("cpu")
 
 
+def _add_layers(viewer: Any, layer_data: list[tuple[Any, dict, str]]) -> list[Any]:
+    """Add napari layer-data tuples ``(data, kwargs, kind)`` to the viewer; returns the layers."""
+    return [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in layer_data]
+
+
 def add_phantom(viewer: Any, size: int = 128, seed: int = 3) -> list[Any]:
     """Add the sample data (phantom + annotators) at a given size; returns the layers."""
     from ._qt._sample_data import phantom_sample
 
-    return [getattr(viewer, f"add_{kind}")(data, **kwargs)
-            for data, kwargs, kind in phantom_sample(seed=seed, size=size)]
+    return _add_layers(viewer, phantom_sample(seed=seed, size=size))
 
 
 def add_lidc_nodule(viewer: Any) -> list[Any]:
     """Add the semi-real LIDC nodule (rendered CT + the readers' real contours)."""
     from ._qt._sample_data import lidc_nodule_sample
 
-    return [getattr(viewer, f"add_{kind}")(data, **kwargs)
-            for data, kwargs, kind in lidc_nodule_sample()]
+    return _add_layers(viewer, lidc_nodule_sample())
 
 
 def is_lidc_model(model: Any) -> bool:

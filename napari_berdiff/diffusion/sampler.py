@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -856,30 +856,45 @@ def stream_images(
     return results
 
 
-class SampleStream:
+_Item = TypeVar("_Item")
+_Return = TypeVar("_Return")
+
+
+class KeptReturnStream(Generic[_Item, _Return]):
+    """An iterator over a generator that keeps what the generator returns (``returned``,
+    None until it ends); ``next`` raises ``StopIteration(value)`` at the end, as the
+    generator does, and :meth:`close` stops it early."""
+
+    def __init__(self, gen: Generator[_Item, None, _Return]):
+        self._gen = gen
+        self.returned: _Return | None = None
+
+    def __iter__(self) -> "KeptReturnStream[_Item, _Return]":
+        return self
+
+    def __next__(self) -> _Item:
+        try:
+            return next(self._gen)
+        except StopIteration as stop:
+            self.returned = stop.value
+            raise
+
+    def close(self) -> None:
+        """Stop early; no further network calls are made."""
+        self._gen.close()
+
+
+class SampleStream(KeptReturnStream[Frame, SampleResult]):
     """An iterator of :class:`Frame` that keeps the run's :class:`SampleResult`.
 
     ``for frame in stream: ...`` then ``stream.result``; ``next(stream)`` raises
     ``StopIteration(result)`` at the end, as the underlying generator does.
     """
 
-    def __init__(self, gen: Generator[Frame, None, SampleResult]):
-        self._gen = gen
-        self.result: SampleResult | None = None
-
-    def __iter__(self) -> "SampleStream":
-        return self
-
-    def __next__(self) -> Frame:
-        try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self.result = stop.value
-            raise
-
-    def close(self) -> None:
-        """Stop early; no further network calls are made."""
-        self._gen.close()
+    @property
+    def result(self) -> SampleResult | None:
+        """The run's result (None until the stream ends)."""
+        return self.returned
 
 
 def run_to_end(stream: SampleStream | Generator[Frame, None, SampleResult]) -> SampleResult:

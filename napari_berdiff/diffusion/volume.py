@@ -16,8 +16,8 @@ import torch
 
 from .device import select_device
 from .sampler import (DEFAULT_MEMORY_BUDGET_MB, CancelLike, ConditionalNet, Frame, Kernel,
-                      MemoryBudgetError, MemoryPlan, Roi, SampleResult, SliceInput,
-                      _is_cancelled, check_image, check_run, check_seed, plan_memory,
+                      KeptReturnStream, MemoryBudgetError, MemoryPlan, Roi, SampleResult,
+                      SliceInput, _is_cancelled, check_image, check_run, check_seed, plan_memory,
                       stream_images)
 
 #: Slices batched together at most, by default (the issue's 4 slices × 16 samples).
@@ -96,36 +96,26 @@ class SliceFrame:
     batch: tuple[int, int]
 
 
-class SliceStream:
+class SliceStream(KeptReturnStream[SliceFrame, list[SampleResult]]):
     """An iterator of :class:`SliceFrame`; afterwards ``results`` holds a
     :class:`SampleResult` per slice started (in slice order)."""
 
     def __init__(self, gen: Generator[SliceFrame, None, list[SampleResult]], n_slices: int,
                  plan: SlicePlan):
-        self._gen = gen
+        super().__init__(gen)
         self.n_slices = n_slices
         self.plan = plan
-        self.results: list[SampleResult] | None = None
 
-    def __iter__(self) -> "SliceStream":
-        return self
-
-    def __next__(self) -> SliceFrame:
-        try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self.results = stop.value
-            raise
+    @property
+    def results(self) -> list[SampleResult] | None:
+        """One result per slice started (None until the stream ends)."""
+        return self.returned
 
     @property
     def cancelled(self) -> bool:
         """Whether the run stopped before every slice was finished (None until it ends)."""
         res = self.results or []
         return len(res) < self.n_slices or any(r.cancelled for r in res)
-
-    def close(self) -> None:
-        """Stop early; no further network calls are made."""
-        self._gen.close()
 
 
 def sample_slices(
