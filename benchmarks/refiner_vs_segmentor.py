@@ -186,6 +186,9 @@ def main(argv=None) -> int:
     ap.add_argument("--person-trust", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--data", default="",
+                    help="score --cases items, evenly spaced, of this folder (e.g. the semi-real "
+                         "LIDC val64 or test64) instead of the phantoms of --split")
     ap.add_argument("--baselines", nargs="*", default=[],
                     help="model files scored alone (segmentor mask, or vote of N samples)")
     args = ap.parse_args(argv)
@@ -193,8 +196,21 @@ def main(argv=None) -> int:
     refiner, segmentor = load_refiner(args.model, device="cpu")
     if segmentor is None:
         raise SystemExit(f"{args.model} names no segmentor next to it")
-    seed0 = (TEST_SEED0 if args.split == "test" else VAL_SEED0) + args.skip
-    ds = phantom_dataset(seed0, args.cases)
+    if args.data:
+        from napari_berdiff.data.layout import load_dataset
+
+        from napari_berdiff.data.dataset import SegDataset
+
+        full = load_dataset(args.data)
+        # evenly spaced over the folder, so that many nodules (not a few nodules' adjacent
+        # slices) are scored; --skip shifts the grid
+        pick = np.unique(np.linspace(0, len(full) - 1, args.cases).astype(int) + args.skip)
+        ds = SegDataset([full[int(i)] for i in pick if i < len(full)], full.description)
+        seed0, what = 0, f"items of {args.data} (evenly spaced, skip {args.skip})"
+    else:
+        seed0 = (TEST_SEED0 if args.split == "test" else VAL_SEED0) + args.skip
+        ds = phantom_dataset(seed0, args.cases)
+        what = f"{args.split} phantoms"
     t0 = time.perf_counter()
     from napari_berdiff.checkpoints import load_model
 
@@ -202,7 +218,7 @@ def main(argv=None) -> int:
     rows = evaluate(refiner, segmentor, ds, seed0, args, baselines)
     secs = time.perf_counter() - t0
     summary = summarise(rows)
-    print(f"{args.model}: {len(rows)} {args.split} phantoms with a non-empty majority mask "
+    print(f"{args.model}: {len(rows)} {what} with a non-empty majority mask "
           f"(seeds {seed0}..{seed0 + args.cases - 1}), N = {args.n}, {secs:.0f} s; "
           f"HD95 of an empty mask = image diagonal")
     print_summary(summary)

@@ -104,6 +104,10 @@ def main(argv=None) -> int:
     t.add_argument("--batch", type=int, default=12)
     t.add_argument("--minutes", type=float, default=37)
     t.add_argument("--n-train", type=int, default=3000)
+    t.add_argument("--data", default="",
+                   help="train on this folder of 64x64 items (LIDC-crops or images/ + masks/ "
+                        "layout, every item) instead of the phantoms")
+    t.add_argument("--name", default=NAME, help="the model name stored in the files")
     t.add_argument("--out", default=str(MODELS / f"{NAME}.safetensors"))
     t.add_argument("--resume", action="store_true")
     t.add_argument("--features", action="store_true",
@@ -133,14 +137,22 @@ def main(argv=None) -> int:
 
         return run_evaluation(args, NAME)
     tic = time.perf_counter()
-    ds = phantom_dataset(TRAIN_SEED0, args.n_train)
-    print(f"{len(ds)} training phantoms made in {time.perf_counter() - tic:.1f} s", flush=True)
+    if args.data:
+        from napari_berdiff.data.layout import load_dataset
+
+        ds = load_dataset(args.data)
+        print(f"{len(ds)} training items of {args.data} read in "
+              f"{time.perf_counter() - tic:.1f} s", flush=True)
+    else:
+        ds = phantom_dataset(TRAIN_SEED0, args.n_train)
+        print(f"{len(ds)} training phantoms made in {time.perf_counter() - tic:.1f} s",
+              flush=True)
     out = Path(args.out)
     cfg = recipe(args.steps, args.minutes, args.batch, features=args.features,
                  feature_grad=args.feature_grad, init_from=args.init_from,
                  prior_mix=args.prior_mix, lr=args.lr, warmup=args.warmup,
                  refiner_dice=args.refiner_dice)
-    res = train(cfg, ds, out, resume=args.resume, name=NAME, progress=False)
+    res = train(cfg, ds, out, resume=args.resume, name=args.name, progress=False)
     print(json.dumps({"steps": res.step, "train_time_s": round(res.elapsed_s, 1),
                       "stopped_by_time": res.stopped_by_time,
                       "final_loss_mean_last100": float(np.mean(res.losses[-100:])),

@@ -119,7 +119,7 @@ def _refiner_line(set_name: str, block: dict[str, Any]) -> str:
     if not parts:
         return ""
     n = (block.get(_REFINER_HEADLINE[0][0]) or {}).get("n")
-    where = set_name.replace("_", " ") + (f", {n} cases" if n else "")
+    where = set_name.replace("_", " ") + (f", {n} images" if n else "")
     return f"prior → refined: {' · '.join(parts)} ({where})"
 
 
@@ -136,7 +136,7 @@ def _metrics_line(metrics: dict[str, Any]) -> str:
                      if isinstance(own.get(k), (int, float))]
             if parts:
                 n = own.get("n_items")
-                where = str(set_name).replace("_", " ") + (f", {n} cases" if n else "")
+                where = str(set_name).replace("_", " ") + (f", {n} images" if n else "")
                 return f"{' · '.join(parts)} ({where})"
     flat = [(k, v) for k, v in _flat_metrics(metrics) if not k.endswith("_sem")]
     return " · ".join(f"{k} {v:.3g}" for k, v in flat[:4])

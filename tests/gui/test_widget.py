@@ -679,7 +679,7 @@ def test_model_summary_shows_the_headline_metrics():
                                               "soft_dice": 0.809, "n_items": 100},
                                     "oracle": {"ged2": 0.02}}}
     assert _metrics_line(metrics) == (
-        "GED² 0.169 · HM-IoU 0.686 · soft Dice 0.809 (heldout phantoms, 100 cases)")
+        "GED² 0.169 · HM-IoU 0.686 · soft Dice 0.809 (heldout phantoms, 100 images)")
     assert _metrics_line({"dice": 0.5, "dice_sem": 0.1}) == "dice 0.5"
     refiner = {"heldout_phantoms": {
         "prior_dice": {"mean": 0.6392, "sem": 0.02, "n": 100},
@@ -687,7 +687,7 @@ def test_model_summary_shows_the_headline_metrics():
         "prior_hd95": {"mean": 4.703, "n": 100},
         "refined_hd95_mean_mask": {"mean": 2.1026, "n": 98}}}
     assert _metrics_line(refiner) == ("prior → refined: Dice 0.639 → 0.709 · HD95 4.7 → 2.1 "
-                                      "(heldout phantoms, 100 cases)")
+                                      "(heldout phantoms, 100 images)")
 
 
 def test_model_summary_names_the_sampler_settings():
