@@ -10,6 +10,13 @@ largest difference between the two modes' outputs (they should be the same sampl
 
     OMP_NUM_THREADS=1 python benchmarks/bench_volume.py --threads 1 --repeats 1
     OMP_NUM_THREADS=1 python benchmarks/bench_volume.py --threads 1 --max-rows none
+    python benchmarks/bench_volume.py --model default --lidc --repeats 3
+
+``--lidc``: the volume is ``--slices`` semi-real LIDC test slices (CT rendered around the
+readers' real contours, the central 128² of the 0.5 mm crops, as the demo nodule), each
+resampled to the model's spacing before sampling and its probabilities mapped back, as the
+widget's "All slices" does with a layer whose scale is known; the time includes both
+resamplings. ``--model default`` is the bundled default (``DEFAULT_MODEL``).
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import time
 
 import numpy as np
 
-from _common import base_parser, describe, load_bench_model, machine, median, write_json
+from _common import (BUNDLED, base_parser, describe, load_bench_model, machine, median,
+                     write_json)
 
 from napari_berdiff.diffusion.volume import DEFAULT_MAX_SLICES
 
@@ -29,10 +37,49 @@ def _volume(slices: int, size: int) -> list[np.ndarray]:
     return [make_phantom(900_000 + z, size).image.astype(np.float32) for z in range(slices)]
 
 
-def _slice_by_slice(model, vol, n, seed) -> dict:
+def _lidc_volume(slices: int) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """The first ``slices`` semi-real LIDC test slices (128² at 0.5 mm) and their spacing."""
+    from itertools import islice
+
+    from napari_berdiff.data.layout import center_crop
+    from napari_berdiff.data.lidc import LIDC_SPACING_MM, load_lidc_readers
+    from napari_berdiff.data.lidc_render import render_slice
+
+    items = islice(load_lidc_readers().slices("test"), slices)
+    vol = [center_crop(render_slice(it, seed=0)["image"], 128).astype(np.float32)
+           for it in items]
+    return vol, (LIDC_SPACING_MM, LIDC_SPACING_MM)
+
+
+class _Grid:
+    """Each slice on the model's grid (when the spacing says so) and the probabilities
+    back on the slice's, so that both modes pay the widget's resampling."""
+
+    def __init__(self, model, spacing):
+        self.model, self.spacing = model, spacing
+
+    def to_model(self, vol):
+        if self.spacing is None:
+            return vol, [None] * len(vol)
+        from napari_berdiff.spacing import to_model_spacing
+
+        out = [to_model_spacing(self.model, img, self.spacing)[::2] for img in vol]
+        return [o[0] for o in out], [o[1] for o in out]
+
+    @staticmethod
+    def back(probs, how):
+        if how is None:
+            return probs
+        from napari_berdiff.spacing import resample_back
+
+        return resample_back(probs, how.shape).clip(0, 1)
+
+
+def _slice_by_slice(model, vol, n, seed, grid) -> dict:
     tic = time.perf_counter()
     first, steps, probs = None, [], []
     for z, img in enumerate(vol):
+        (img,), (how,) = grid.to_model([img])
         stream = model.sample(img, n, None, seed + z)
         last = time.perf_counter()
         for _frame in stream:
@@ -41,7 +88,7 @@ def _slice_by_slice(model, vol, n, seed) -> dict:
                 first = now - tic
             steps.append(now - last)
             last = now
-        probs.append(stream.result.probs)
+        probs.append(grid.back(stream.result.probs, how))
     # a step's time: a frame after the first of its slice (the first one includes encoding)
     n_steps = len(steps) // len(vol)
     later = [s for i, s in enumerate(steps) if i % n_steps]
@@ -49,8 +96,9 @@ def _slice_by_slice(model, vol, n, seed) -> dict:
             "step_s": median(later), "probs": probs}
 
 
-def _batched(model, vol, n, seed, max_slices, max_rows) -> dict:
+def _batched(model, vol, n, seed, max_slices, max_rows, grid) -> dict:
     tic = time.perf_counter()
+    vol, hows = grid.to_model(vol)
     stream = model.sample_slices(vol, n, None, [seed + z for z in range(len(vol))],
                                  max_slices=max_slices, max_rows=max_rows)
     first = None
@@ -58,13 +106,19 @@ def _batched(model, vol, n, seed, max_slices, max_rows) -> dict:
         if first is None:
             first = time.perf_counter() - tic
     return {"total_s": time.perf_counter() - tic, "first_frame_s": first,
-            "probs": [r.probs for r in stream.results], "slices_per_batch": stream.plan.slices,
+            "probs": [grid.back(r.probs, h) for r, h in zip(stream.results, hows)],
+            "slices_per_batch": stream.plan.slices,
             "chunk": stream.plan.chunk, "memory": stream.plan.memory.describe()}
 
 
 def main() -> None:
     ap = base_parser(__doc__, "bench_volume", repeats=1)
     ap.add_argument("--slices", type=int, default=32)
+    ap.add_argument("--model", default="bundled",
+                    help="bundled (the phantom model), default (the bundled default) or a file")
+    ap.add_argument("--lidc", action="store_true",
+                    help="semi-real LIDC test slices, 128² at 0.5 mm, resampled to the "
+                         "model's spacing (--size is then 128)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-slices", type=int, default=DEFAULT_MAX_SLICES)
@@ -78,18 +132,30 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model = load_bench_model("bundled")
+    if args.model == "default":
+        from napari_berdiff.checkpoints.info import DEFAULT_MODEL
+
+        args.model = str(BUNDLED.parent / f"{DEFAULT_MODEL}.safetensors")
+    model = load_bench_model(args.model)
     info = machine(str(model.device))
     print(describe(info))
-    vol = _volume(args.slices, args.size)
-    model.sample_all(vol[0], 2, 1, 0)  # warm-up: first-call library set-up
+    if args.lidc:
+        vol, spacing = _lidc_volume(args.slices)
+        args.size = vol[0].shape[-1]
+    else:
+        vol, spacing = _volume(args.slices, args.size), None
+    grid = _Grid(model, spacing)
+    print(f"{model.name}: {len(vol)} slices of {args.size}²"
+          + (f" at {spacing[0]} mm, sampled at the model's spacing" if spacing else ""))
+    model.sample_all(grid.to_model(vol[:1])[0][0], 2, 1, 0)  # warm-up: library set-up
     rows = []
     for r in range(args.repeats):
         pair = {}
         for mode in (("slice", "batched") if r % 2 == 0 else ("batched", "slice")):
-            pair[mode] = (_slice_by_slice(model, vol, args.n, 100 * r) if mode == "slice"
+            pair[mode] = (_slice_by_slice(model, vol, args.n, 100 * r, grid)
+                          if mode == "slice"
                           else _batched(model, vol, args.n, 100 * r, args.max_slices,
-                                        max_rows))
+                                        max_rows, grid))
         s, b = pair["slice"], pair["batched"]
         diff = max(float(np.abs(p - q).max()) for p, q in zip(s["probs"], b["probs"]))
         masks_equal = all(np.array_equal(p > 0.5, q > 0.5)
