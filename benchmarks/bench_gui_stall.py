@@ -29,7 +29,7 @@ import numpy as np
 from _common import base_parser, describe, machine, median, print_table, test_image, write_json
 
 WIDGET = ("napari-berdiff", "Diffusion segmentation")
-COLUMNS = [("run", "run", "d"), ("max_gap_ms", "streaming max gap ms", ".1f"),
+COLUMNS = [("run", "run", "d"), ("max_busy", "max busy", ".2f"), ("max_gap_ms", "streaming max gap ms", ".1f"),
            ("p99_gap_ms", "p99 ms", ".1f"), ("median_gap_ms", "median ms", ".1f"),
            ("run_max_gap_ms", "whole-run max gap ms", ".1f"), ("click_ms", "click ms", ".1f"),
            ("max_callback_ms", "longest step callback ms", ".1f"),
@@ -149,6 +149,9 @@ def main() -> None:
     ap.add_argument("--interval-ms", type=int, default=100,
                     help="the widget's 'Stream every' setting (its default is 100 ms)")
     ap.add_argument("--probe-ms", type=int, default=5)
+    ap.add_argument("--max-busy", type=float, nargs="+", default=[0.25],
+                    help="the widget's cap on the main thread's share spent showing frames "
+                         "(0: none); several values alternate run by run within this run")
     ap.add_argument("--lidc", action="store_true",
                     help="the semi-real LIDC nodule sample (128² at 0.5 mm, resampled to the "
                          "model's spacing) instead of a phantom of --size")
@@ -180,20 +183,29 @@ def main() -> None:
     measured_run(widget, args.probe_ms)  # warm-up
     rows = []
     for r in range(args.repeats):
-        rows.append({"run": r} | measured_run(widget, args.probe_ms))
-        print_table(rows[-1:], COLUMNS)
-    summary = {k: median(row[k] for row in rows) for k in rows[0] if k != "run"}
-    print(f"\nmedian over {len(rows)} runs: longest stall while streaming "
-          f"{summary['max_gap_ms']:.1f} ms, p99 gap {summary['p99_gap_ms']:.1f} ms; whole run "
-          f"(click to finished) {summary['run_max_gap_ms']:.1f} ms, the click itself "
-          f"{summary['click_ms']:.1f} ms; longest per-step callback "
-          f"{summary['max_callback_ms']:.1f} ms (probe every {args.probe_ms} ms, "
-          f"N = {args.n}, {args.size}², model {widget.model.name}, stream every "
-          f"{args.interval_ms} ms)")
+        order = args.max_busy if r % 2 == 0 else args.max_busy[::-1]
+        for busy in order:
+            widget.stream_max_busy = busy
+            rows.append({"run": r, "max_busy": busy} | measured_run(widget, args.probe_ms))
+            print_table(rows[-1:], COLUMNS)
+    summaries = {}
+    for busy in args.max_busy:
+        mine = [row for row in rows if row["max_busy"] == busy]
+        summary = {k: median(row[k] for row in mine) for k in mine[0] if k != "run"}
+        summaries[str(busy)] = summary
+        print(f"\nmax_busy {busy}: median over {len(mine)} runs: longest stall while "
+              f"streaming {summary['max_gap_ms']:.1f} ms, p99 gap {summary['p99_gap_ms']:.1f} "
+              f"ms; whole run (click to finished) {summary['run_s']:.2f} s, the click itself "
+              f"{summary['click_ms']:.1f} ms; longest per-step callback "
+              f"{summary['max_callback_ms']:.1f} ms; frames pushed "
+              f"{summary['frames_pushed']:.0f} (probe every {args.probe_ms} ms, N = {args.n}, "
+              f"{args.size}², model {widget.model.name}, stream every {args.interval_ms} ms)")
     settings = {"n": args.n, "size": args.size, "steps": sp.steps_spin.value(),
                 "interval_ms": args.interval_ms, "probe_ms": args.probe_ms,
-                "model": widget.model.name}
-    write_json(args.name, {"settings": settings, "median": summary, "runs": rows}, info)
+                "max_busy": args.max_busy, "model": widget.model.name}
+    summary = summaries[str(args.max_busy[0])]
+    write_json(args.name, {"settings": settings, "median": summary, "by_max_busy": summaries,
+                           "runs": rows}, info)
     viewer.close()
 
 

@@ -4,7 +4,9 @@
 delivers every yielded :class:`Update` to the main thread, where the widget (and only the
 widget) touches layers. It yields once per diffusion step so progress and cancel stay
 responsive, but only *some* updates carry arrays: at most one every ``interval_s`` seconds,
-plus the first and the last frame of every slice. The host copies and the uncertainty maps
+plus the first and the last frame of every slice. Where showing a frame is slow (software
+OpenGL, a busy laptop), the gap also grows so that the main thread spends at most
+``max_busy`` of the run showing frames (:func:`push_due`). The host copies and the uncertainty maps
 of those frames are computed here, in the worker, so the event loop only copies arrays.
 """
 
@@ -43,6 +45,12 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     #: set by the main thread once the last update with arrays has reached the layers
     consumed: threading.Event = field(default_factory=threading.Event)
+    #: the largest fraction of the time the main thread may spend showing frames (0: no
+    #: limit); with ``interval_s == 0`` every frame is shown regardless
+    max_busy: float = 0.25
+    #: when the main thread last set ``consumed`` (``time.perf_counter``), see
+    #: :meth:`mark_consumed`
+    consumed_at: float = 0.0
     #: a refiner's prior probability map per crop (same (h, w) as the crop), else None
     priors: list[np.ndarray] | None = None
     #: a Bernoulli step temperature other than the model's own, else None
@@ -59,6 +67,44 @@ class Job:
 
     def __post_init__(self) -> None:
         self.consumed.set()
+
+    def mark_consumed(self) -> None:
+        """Called by the main thread once a pushed frame is shown (and drawn)."""
+        self.consumed_at = time.perf_counter()
+        self.consumed.set()
+
+
+def push_due(now: float, last_push: float, interval_s: float, show_cost_s: float,
+             max_busy: float) -> bool:
+    """Whether a frame may be pushed at ``now``.
+
+    At least ``interval_s`` after the last push and, unless ``interval_s`` is 0 (every
+    frame), long enough that showing frames (``show_cost_s`` each, measured from the push to
+    the main thread's ``mark_consumed``) takes at most ``max_busy`` of the time.
+    """
+    gap = interval_s
+    if interval_s > 0 and max_busy > 0:
+        gap = max(gap, show_cost_s / max_busy)
+    return now - last_push >= gap
+
+
+class _Pacer:
+    """The worker's side of :func:`push_due`: when it last pushed, and what that cost."""
+
+    def __init__(self, job: Job):
+        self.job, self.last_push, self.cost = job, -float("inf"), 0.0
+
+    def due(self, now: float) -> bool:
+        job = self.job
+        if not job.consumed.is_set():
+            return False
+        if job.consumed_at >= self.last_push > -float("inf"):
+            self.cost = job.consumed_at - self.last_push
+        return push_due(now, self.last_push, job.interval_s, self.cost, job.max_busy)
+
+    def pushed(self) -> None:
+        self.job.consumed.clear()
+        self.last_push = time.perf_counter()
 
 
 @dataclass
@@ -208,7 +254,7 @@ def _run_batched(job: Job) -> Generator[Update, None, Outcome]:
         for pos, p in enumerate(prepared):
             job.recorder.set_image(pos, p[0])
     last: dict[int, tuple[Any, bool]] = {}  # slice → (its last frame, whether it was pushed)
-    last_push, burst = -float("inf"), False
+    pacer, burst = _Pacer(job), False
     n_steps = 0
     while True:
         try:
@@ -223,14 +269,13 @@ def _run_batched(job: Job) -> Generator[Update, None, Outcome]:
             job.recorder.add(pos, frame)
         now = time.perf_counter()
         if pos == sf.batch[0]:  # a batch's frames of one step are pushed together, or not
-            burst = now - last_push >= job.interval_s and job.consumed.is_set()
+            burst = pacer.due(now)
         upd = Update(pos, n_slices, frame.step, frame.n_steps, frame.t, now - t0, frame.final)
         push = frame.final or frame.step == 0 or burst
         if push:
             _, _, how, fixed = prepared[pos]
             _fill(upd, frame, how, fixed)
-            job.consumed.clear()
-            last_push = time.perf_counter()
+            pacer.pushed()
         last[pos] = (frame, push)
         yield upd
     results = stream.results or []
@@ -253,7 +298,7 @@ def _run_each(job: Job) -> Generator[Update, None, Outcome]:
     """Each crop in turn, one run per crop."""
     t0 = time.perf_counter()
     n_slices = len(job.crops)
-    last_push = -float("inf")
+    pacer = _Pacer(job)
     cancelled = False
     slices_done = 0
     steps_done = 0
@@ -287,12 +332,10 @@ def _run_each(job: Job) -> Generator[Update, None, Outcome]:
             now = time.perf_counter()
             upd = Update(pos, n_slices, frame.step, frame.n_steps, frame.t, now - t0,
                          frame.final)
-            push = frame.final or frame.step == 0 or (
-                now - last_push >= job.interval_s and job.consumed.is_set())
+            push = frame.final or frame.step == 0 or pacer.due(now)
             if push:
                 _fill(upd, frame, how, fixed)
-                job.consumed.clear()
-                last_push = time.perf_counter()
+                pacer.pushed()
             last_frame, last_pushed = frame, push
             yield upd
         steps_done += result.steps_done

@@ -92,7 +92,8 @@ class SamplingPanel(QGroupBox):
         self.interval_spin.setSuffix(" ms")
         self.interval_spin.setToolTip(
             "Shortest time between two layer updates while streaming (0: every step). "
-            "The first and the last step are always shown."
+            "The first and the last step are always shown; where drawing a frame is slow, "
+            "updates are spaced so that drawing takes at most a quarter of the run."
         )
         self.threads_combo = QComboBox()
         self.threads_combo.addItem("auto", "auto")

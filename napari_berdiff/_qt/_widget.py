@@ -132,6 +132,8 @@ class DiffusionSegmentationWidget(QWidget):
         self._closed = False
         self._watcher: _CloseWatcher | None = None
         self._in_yield = 0
+        #: the largest share of a run the main thread may spend showing frames (Job.max_busy)
+        self.stream_max_busy = 0.25
         self._empty_armed: tuple[int, str] | None = None  # an empty accept awaiting a 2nd press
         self.preloading = preload()  # the first run's imports, off the main thread
         prefer_our_readers()  # NIfTI opens with our reader, without napari's dialog
@@ -322,7 +324,8 @@ class DiffusionSegmentationWidget(QWidget):
         job = Job(self.model, prepared.crops, prepared.seed_offsets, n, sp.steps_spec(self.model),
                   sp.seed_spin.value(), interval_s=sp.interval_spin.value() / 1000.0,
                   priors=prepared.priors, temperature=sp.temperature(self.model),
-                  recorder=self.last_recorder, spacing=spacing)
+                  recorder=self.last_recorder, spacing=spacing,
+                  max_busy=self.stream_max_busy)
         job.units = prepared.units  # CT in HU: the model's window applies
         job.constraints = prepared.constraints  # the refiner's keep / never pixels
         job.threads = sp.threads_combo.currentData()  # "auto" or a count
@@ -401,7 +404,9 @@ class DiffusionSegmentationWidget(QWidget):
             if upd.has_data:
                 active.layers.push(upd)
                 active.last = upd
-                active.job.consumed.set()
+                # once the frame is drawn (the paint events queued by the push come first),
+                # so that the worker can pace its pushes by what showing one costs
+                QTimer.singleShot(0, active.job.mark_consumed)
                 self.frame_pushed.emit(upd)
             if not upd.catch_up and active.pbar is not None:
                 active.pbar.update(1)
