@@ -13,7 +13,9 @@ empty are skipped), Dice and HD95 of
 - the person-mask path: one annotator's mask, degraded as in ``refiner_eval.degraded_prior``
   (seeded per case), as it is (``person``) and refined at ``--person-trust``.
 
-HD95 of an empty prediction is the image diagonal (stated in the output). Prints means ±
+HD95 of an empty prediction is the image diagonal (stated in the output). Where the prior
+is empty (the segmentor marks nothing), there is nothing to refine and the pipeline's mask
+is the segmentor's. Prints means ±
 s.e.m., and for each refined row the paired difference from the segmentor (or from the
 person's prior) with the fraction of cases improved. ``--split val`` (seeds 800000+) is for
 choosing settings; ``--split test`` (seeds 900000+) is for reporting once.
@@ -72,9 +74,14 @@ def run_refiner(refiner, image, prior, **kw) -> dict[str, np.ndarray]:
             "first": frames[0], "allsteps": np.mean(frames, 0)}
 
 
-def consensus(maps: dict[str, np.ndarray], rule: str) -> np.ndarray:
-    """The consensus mask of one rule (see ``RULES``)."""
-    return maps[rule] >= 0.5
+def consensus(maps: dict[str, np.ndarray], rule: str, threshold: float = 0.5) -> np.ndarray:
+    """The consensus mask of one rule (see ``RULES``), its map thresholded at ``threshold``."""
+    return maps[rule] >= threshold
+
+
+def _named(rule: str, threshold: float) -> str:
+    """An arm's name: the rule, with ``@threshold`` unless it is 0.5."""
+    return rule if threshold == 0.5 else f"{rule}@{threshold:g}"
 
 
 def prior_for(spec: str, seg_prob: np.ndarray) -> np.ndarray:
@@ -107,15 +114,26 @@ def evaluate(refiner, segmentor, ds, seed0: int, args,
         seg_prob = segmentor.segment(image)
         row: dict[str, Any] = {"seed": seed}
         row["segmentor"] = scores(seg_prob > 0.5, target)
+        for th in args.thresholds:
+            if th != 0.5:  # the segmentor at the same other thresholds, for fairness
+                row[_named("segmentor", th)] = scores(seg_prob >= th, target)
         for name, model in (baselines or {}).items():
             row[f"baseline:{name}"] = scores(baseline_mask(model, image, args.n, seed), target)
         if seg_prob.max() > 0:
             for spec in args.priors:
                 p = prior_for(spec, seg_prob)
+                if not p.any():  # nothing to refine: the pipeline's mask is the segmentor's
+                    for steps in args.steps:
+                        for rule in (*RULES, "first+segmentor"):
+                            for th in args.thresholds:
+                                row[f"{spec}/{steps}/{_named(rule, th)}"] = row["segmentor"]
+                    continue
                 for steps in args.steps:
                     res = run_refiner(refiner, image, p, n=args.n, steps=steps, seed=seed)
                     for rule in RULES:
-                        row[f"{spec}/{steps}/{rule}"] = scores(consensus(res, rule), target)
+                        for th in args.thresholds:
+                            row[f"{spec}/{steps}/{_named(rule, th)}"] = scores(
+                                consensus(res, rule, th), target)
                     # an ensemble, reported apart: the segmentor's map and the refiner's
                     # first-step mean, averaged
                     both = {"ens": 0.5 * (seg_prob + res["first"])}
@@ -184,6 +202,9 @@ def main(argv=None) -> int:
     ap.add_argument("--priors", nargs="*", default=["seg"])
     ap.add_argument("--steps", nargs="+", type=int, default=[10])
     ap.add_argument("--person-trust", type=float, default=0.7)
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.5],
+                    help="thresholds of the consensus maps (and of the segmentor, as extra "
+                         "arms named rule@threshold)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--data", default="",
