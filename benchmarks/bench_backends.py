@@ -39,7 +39,7 @@ COLUMNS = [("size", "size", "d"), ("method", "method", ""), ("seconds", "run s",
            ("ms_per_sample_step", "ms/smp/step", ".1f"), ("ratio", "speed-up", ".3f"),
            ("build_s", "build s", ".1f"), ("max_dx0", "max|Δx̂0|", ".1e"),
            ("mask_changed", "mask px changed", ".2e")]
-OURS = ("eager", "jit", "onnxruntime", "bf16")
+OURS = ("eager", "jit", "onnxruntime", "openvino", "bf16")
 
 
 def randomise_zero_layers(net: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:

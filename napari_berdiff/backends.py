@@ -15,6 +15,10 @@ Backends
 ``onnxruntime``
     ``torch.onnx.export`` of the step (TorchScript exporter, a dynamic batch axis), run by
     ONNX Runtime's CPU execution provider with torch's current thread count.
+``openvino``
+    The step converted by OpenVINO's PyTorch front end and compiled for the CPU in float32
+    (its CPU plugin would otherwise pick bfloat16 on CPUs that have it), one stream, torch's
+    current thread count, a static graph per batch size.
 ``bf16``
     The torch module under CPU autocast to bfloat16 (GroupNorm and the softmax stay in
     float32). Fast only on CPUs with bfloat16 matrix units (AMX, AVX512-BF16), and not exact:
@@ -41,14 +45,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BACKENDS", "EXACT_BACKENDS", "BackendUnavailable", "InferenceNet", "check_backend", "wrap_network"]
+__all__ = ["BACKENDS", "EXACT_BACKENDS", "BackendUnavailable", "InferenceNet", "check_backend",
+           "wrap_network"]
 
 #: The backend names, the default first.
-BACKENDS = ("eager", "jit", "onnxruntime", "bf16")
+BACKENDS = ("eager", "jit", "onnxruntime", "openvino", "bf16")
 #: The backends that reproduce eager float32 within 1e-4 (``bf16`` does not).
-EXACT_BACKENDS = ("eager", "jit", "onnxruntime")
+EXACT_BACKENDS = ("eager", "jit", "onnxruntime", "openvino")
 #: What to install for a backend whose packages are missing.
 INSTALL_HINT = "pip install napari-berdiff[onnx]"
+OPENVINO_HINT = "pip install napari-berdiff[openvino]"
 
 
 class BackendUnavailable(ImportError):
@@ -64,6 +70,16 @@ def _require_onnxruntime() -> Any:
             f"the ONNX Runtime backends need the packages onnxruntime and onnx ({e.name} is "
             f"missing): {INSTALL_HINT}, or choose the eager or jit backend") from None
     return onnxruntime
+
+
+def _require_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"the OpenVINO backend needs the package openvino ({e.name} is missing): "
+            f"{OPENVINO_HINT}, or choose the eager or jit backend") from None
+    return openvino
 
 
 def check_backend(name: str, device: torch.device | str = "cpu") -> str:
@@ -84,6 +100,11 @@ def check_backend(name: str, device: torch.device | str = "cpu") -> str:
             raise ValueError(f"the {name} backend runs on the CPU only; give --device cpu "
                              f"or use the eager or jit backend on {torch.device(device).type}")
         _require_onnxruntime()
+    if name == "openvino":
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the openvino backend runs on the CPU only; give --device cpu "
+                             f"or use the eager or jit backend on {torch.device(device).type}")
+        _require_openvino()
     if name == "bf16" and torch.device(device).type == "cpu" \
             and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("the bf16 backend needs a CPU with bfloat16 support (AVX512-BF16 or "
@@ -197,8 +218,10 @@ class InferenceNet:
         # batch-1 condition that larger batches need: batch 1 gets its own graph.
         shapes = tuple((tuple(x.shape[1:]) if b else tuple(x.shape), x.dtype)
                        for x, b in zip(inputs, batched))
-        threads = torch.get_num_threads() if self.backend == "onnxruntime" else 0
-        return (shapes, inputs[0].shape[0] == 1, n_cond, n_extra, tuple(names), threads)
+        threads = torch.get_num_threads() if self.backend in ("onnxruntime", "openvino") else 0
+        # OpenVINO compiles a static graph per batch size (faster than a dynamic one)
+        batch = inputs[0].shape[0] if self.backend == "openvino" else inputs[0].shape[0] == 1
+        return (shapes, batch, n_cond, n_extra, tuple(names), threads)
 
     def _build(self, step: _Step, inputs: list[torch.Tensor], batched: list[bool]
                ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -208,6 +231,8 @@ class InferenceNet:
             example = [x.clone() for x in inputs]
             if self.backend == "jit":
                 return _build_jit(step, example)
+            if self.backend == "openvino":
+                return _build_openvino(step, example)
             return _build_onnxruntime(step, example, batched)
 
 
@@ -222,17 +247,40 @@ def _build_jit(step: _Step, example: list[torch.Tensor]
     return run
 
 
+def _onnx_bytes(step: _Step, example: list[torch.Tensor], names: list[str],
+                dynamic: dict[str, dict[int, str]] | None) -> bytes:
+    """The step exported to ONNX (TorchScript exporter, opset 17), in memory."""
+    buf = io.BytesIO()
+    torch.onnx.export(step, tuple(example), buf, input_names=names, output_names=["out"],
+                      dynamic_axes=dynamic, opset_version=17, dynamo=False,
+                      do_constant_folding=True)
+    return buf.getvalue()
+
+
+def _build_openvino(step: _Step, example: list[torch.Tensor]
+                    ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    ov = _require_openvino()
+    # OpenVINO's PyTorch front end (its ONNX reader gave wrong outputs for this graph)
+    model = ov.convert_model(step, example_input=tuple(example))
+    compiled = ov.Core().compile_model(model, "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+
+    def run(inputs: list[torch.Tensor]) -> torch.Tensor:
+        request.infer([x.detach().cpu().numpy() for x in inputs])
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return run
+
+
 def _build_onnxruntime(step: _Step, example: list[torch.Tensor], batched: list[bool]
                        ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     ort = _require_onnxruntime()
     names = [f"in{i}" for i in range(len(example))]
     dynamic = {name: {0: "n"} for name, b in zip(names, batched) if b}
     dynamic["out"] = {0: "n"}
-    buf = io.BytesIO()
-    torch.onnx.export(step, tuple(example), buf, input_names=names, output_names=["out"],
-                      dynamic_axes=dynamic, opset_version=17, dynamo=False,
-                      do_constant_folding=True)
-    model_bytes = buf.getvalue()
+    model_bytes = _onnx_bytes(step, example, names, dynamic)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1

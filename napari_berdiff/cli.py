@@ -26,7 +26,7 @@ PROG = "berdiff"
 #: The sampler's default memory budget (MB); kept here so ``--help`` needs no torch.
 DEFAULT_BUDGET_MB = 1536
 #: The inference backends (napari_berdiff.backends.BACKENDS; here so ``--help`` needs no torch).
-BACKENDS = ("eager", "jit", "onnxruntime", "bf16")
+BACKENDS = ("eager", "jit", "onnxruntime", "openvino", "bf16")
 #: Options whose value may start with a minus sign (argparse takes "-10,0,64,64" for an option).
 SIGNED_VALUE_OPTIONS = ("--roi",)
 MAPS = ("frequency", "variance", "entropy")
@@ -632,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"80%% of the memory free on the device (default {DEFAULT_BUDGET_MB})")
     p.add_argument("--backend", default="eager", choices=BACKENDS,
                    help="inference backend: eager PyTorch (default); jit (TorchScript frozen, "
-                        "oneDNN); onnxruntime (pip install napari-berdiff[onnx]); bf16 "
+                        "oneDNN); onnxruntime (pip install napari-berdiff[onnx]); openvino "
+                        "(pip install napari-berdiff[openvino]; float32); bf16 "
                         "(bfloat16 autocast: fast on CPUs with AMX/AVX512-BF16, output within "
                         "about 1e-2, so seeded masks differ in a few pixels)")
     add_run_options(p, "sample", "slice index of a 3D volume (first axis)")

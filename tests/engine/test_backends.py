@@ -25,16 +25,18 @@ EXACT_TOL = 1e-4
 BF16_TOL = 5e-2
 
 
-def _have_onnxruntime() -> bool:
+def _have(backend: str) -> bool:
     try:
-        check_backend("onnxruntime")
+        check_backend(backend)
     except BackendUnavailable:
         return False
     return True
 
 
 FLOAT32 = ["jit", pytest.param("onnxruntime", marks=pytest.mark.skipif(
-    not _have_onnxruntime(), reason="onnxruntime not installed (pip install .[onnx])"))]
+    not _have("onnxruntime"), reason="onnxruntime not installed (pip install .[onnx])")),
+    pytest.param("openvino", marks=pytest.mark.skipif(
+        not _have("openvino"), reason="openvino not installed (pip install .[openvino])"))]
 BF16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                           reason="this CPU has no bfloat16 support")
 
@@ -61,7 +63,8 @@ def test_unet_step_matches_eager_at_every_batch_size(backend):
             assert float(ref.std()) > 1e-3  # the comparison is not between constants
         same = wrapped(_states(1), torch.tensor([40]), image)  # forward = predict(encode)
         assert float((same - out).abs().max()) == 0.0
-    assert wrapped.graphs == 2  # one for batches 3 and 2, one for batch 1
+    # one for batches 3 and 2, one for batch 1; OpenVINO: a static graph per batch size
+    assert wrapped.graphs == (3 if backend == "openvino" else 2)
 
 
 @pytest.mark.parametrize("backend", FLOAT32)
@@ -81,7 +84,8 @@ def test_condition_once_step_with_readers_and_self_conditioning_matches_eager(ba
         five_ref = net.predict(_states(5), torch.arange(5) * 20, cond, _states(5, seed=6),
                                reader=torch.tensor([0, 1, 0, 1, 0]))
     assert float((out - ref).abs().max()) < EXACT_TOL
-    assert float((five - five_ref).abs().max()) < EXACT_TOL and wrapped.graphs == 1
+    assert float((five - five_ref).abs().max()) < EXACT_TOL
+    assert wrapped.graphs == (2 if backend == "openvino" else 1)
     assert float((other - out).abs().max()) > 1e-3  # the reader really is an input
 
 
@@ -135,6 +139,11 @@ def test_missing_package_and_unknown_backend_are_clear(monkeypatch):
         check_backend("tensorrt")
     with pytest.raises(ValueError, match="CPU only"):
         check_backend("onnxruntime", "cuda")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(BackendUnavailable, match=r"pip install napari-berdiff\[openvino\]"):
+        check_backend("openvino")
+    with pytest.raises(ValueError, match="CPU only"):
+        check_backend("openvino", "cuda")
     assert cli.BACKENDS == backends.BACKENDS  # --help lists them without importing torch
 
 
