@@ -108,9 +108,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     ds = _load_split(args.data, args.items)
     rows, first = [], None
-    for cand in args.candidates:
-        steps, tau = (int(cand.split(":")[0]), float(cand.split(":")[1]))
-        diffusion = model.diffusion.replace(temperature=tau, default_steps=steps)
+    for cand in args.candidates:  # STEPS:TEMPERATURE[:PRESENCE_DRAW]
+        parts = cand.split(":")
+        steps, tau = int(parts[0]), float(parts[1])
+        draw = parts[2] if len(parts) > 2 else model.diffusion.presence_draw
+        diffusion = model.diffusion.replace(temperature=tau, default_steps=steps,
+                                            presence_draw=draw)
         rep = evaluate(DiffusionModel(model.net, diffusion, model.metadata), ds, n=args.n,
                        steps=steps, seed=args.seed, progress=True)
         ged = np.asarray(rep.per_item["model"]["ged2"])
@@ -118,13 +121,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         g, gs, k = mean_sem(ged)
         h, hs, _ = mean_sem(rep.per_item["model"]["hm_iou"])
         d, ds_, _ = mean_sem(ged - first)
-        row = {"steps": steps, "temperature": tau, "ged2": g, "ged2_sem": gs, "hm_iou": h,
+        row = {"steps": steps, "temperature": tau, "presence_draw": draw, "ged2": g, "ged2_sem": gs, "hm_iou": h,
                "hm_iou_sem": hs, "ged2_minus_first": d, "ged2_minus_first_sem": ds_,
                "n_items": k}
         print(json.dumps(row), flush=True)
         rows.append(row)
     best = min(rows, key=lambda r: r["ged2"])
-    chosen = model.diffusion.replace(default_steps=best["steps"], temperature=best["temperature"])
+    chosen = model.diffusion.replace(default_steps=best["steps"], temperature=best["temperature"],
+                                     presence_draw=best["presence_draw"])
     tuned = {"data": desc.get("description", args.data), "split": "val", "items": args.items,
              "n": args.n, "candidates": rows, "chosen_by": "lowest mean GED²"}
     if args.dry_run:
@@ -133,7 +137,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tmp = Path(args.model).with_name(Path(args.model).name + ".tmp")
     save_model(model, tmp, diffusion=chosen, metadata={"sampling_tuned": tuned})
     tmp.replace(args.model)
-    print(f"stored {best['steps']} steps, temperature {best['temperature']:g} in {args.model}")
+    print(f"stored {best['steps']} steps, temperature {best['temperature']:g}, presence draw "
+          f"{best['presence_draw']} in {args.model}")
     return 0
 
 

@@ -8,6 +8,8 @@ from .._config import ConfigMixin
 
 KINDS = ("bernoulli", "gaussian", "cdal")
 SCHEDULES = ("cosine", "linear", "alpha_bar_linear", "vp")
+#: How presence-head decisions are drawn (``DiffusionConfig.presence_draw``).
+PRESENCE_DRAWS = ("independent", "stratified")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,13 @@ class DiffusionConfig(ConfigMixin):
         uncertainty maps) and the final masks (``x̂0 > 0.5``) are not sharpened. It suits a
         reader-conditioned network, whose readers keep the samples diverse; for other
         networks it mainly makes the samples more alike.
+    presence_draw
+        For networks with a presence head, how the N samples' empty/non-empty decisions are
+        drawn: ``"independent"`` (the default: each sample is non-empty with the head's
+        probability p) or ``"stratified"`` (systematic sampling with a random offset, in a
+        random order: each sample is still non-empty with probability p, but the number of
+        non-empty ones is ⌊pN⌋ or ⌈pN⌉, so a run's share of empty masks does not scatter
+        around 1 − p).
     inverted_masks
         cDAL only: the chain stores foreground as −1 (the official lung data does; the
         hippocampus' one-hot background channel reads the same way), so a sample's mask is
@@ -65,6 +74,7 @@ class DiffusionConfig(ConfigMixin):
     draw_correlation: float = 0.0
     temperature: float = 1.0
     inverted_masks: bool = False
+    presence_draw: str = "independent"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -98,6 +108,9 @@ class DiffusionConfig(ConfigMixin):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
         if self.kind != "bernoulli" and self.temperature != 1.0:
             raise ValueError("temperature applies to the Bernoulli kernel only")
+        if self.presence_draw not in PRESENCE_DRAWS:
+            raise ValueError(f"presence_draw must be one of {PRESENCE_DRAWS}, got "
+                             f"{self.presence_draw!r}")
         if isinstance(self.default_steps, str):
             from .schedules import timestep_subsequence
 

@@ -597,18 +597,24 @@ def check_image(
     return img, box, prior_t, constraint_t
 
 
-def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch.device
-                   ) -> tuple[float | None, torch.Tensor | None]:
+def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch.device,
+                   how: str = "independent") -> tuple[float | None, torch.Tensor | None]:
     """For a network with a presence head: its probability ``p`` that an annotation is not
     empty, and a (n, 1, 1, 1) 0/1 tensor on ``dev`` of which samples are drawn non-empty
-    (each with probability ``p``). ``(None, None)`` for other networks."""
+    (each with probability ``p``; ``how`` is ``DiffusionConfig.presence_draw``).
+    ``(None, None)`` for other networks."""
     if not getattr(net, "has_presence_head", False):
         return None, None
     p = float(torch.sigmoid(net.presence(cond).float()).reshape(-1)[0])
     if not math.isfinite(p):  # NaN would draw every sample empty, silently
         raise ValueError("the network's presence head gave NaN for this image; the "
                          "checkpoint's weights look broken. Nothing was sampled")
-    keep = (torch.rand(n, generator=gen) < p).float().reshape(n, 1, 1, 1)
+    if how == "stratified":  # systematic: sample i kept iff (i + u) / n < p, shuffled
+        u = torch.rand(1, generator=gen)
+        kept = (torch.arange(n) + u) / n < p
+        keep = kept[torch.randperm(n, generator=gen)].float().reshape(n, 1, 1, 1)
+    else:
+        keep = (torch.rand(n, generator=gen) < p).float().reshape(n, 1, 1, 1)
     return p, keep.to(dev)
 
 
@@ -758,7 +764,8 @@ def stream_images(
             conds.append(cond)
             starts.append(apply_constraints(kernel.init(kernel.noise(shape, gen), prior_t)
                                             .to(dev), c_t))
-            p, keep = _draw_presence(net, cond, n, gen, dev)
+            p, keep = _draw_presence(net, cond, n, gen, dev,
+                                     getattr(kernel.config, "presence_draw", "independent"))
             presences.append(p)
             keeps.append(keep)
         x = starts[0] if k == 1 else torch.cat(starts)

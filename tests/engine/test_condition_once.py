@@ -253,6 +253,44 @@ def test_samples_drawn_unmarked_stay_empty_at_every_step_and_the_rest_are_sample
                                   res.masks)
 
 
+def test_stratified_presence_draws_floor_or_ceil_of_pn_non_empty_with_marginal_p(presence_net):
+    """``presence_draw="stratified"``: per run, ⌊pN⌋ or ⌈pN⌉ non-empty samples; over seeds,
+    each sample position is non-empty with probability p (brute force over 400 runs)."""
+    from napari_berdiff.diffusion.sampler import _draw_presence
+
+    net = _with_presence(presence_net, 0.7)
+    cond = net.encode(torch.zeros(1, 1, 16, 16))
+    counts, per_position = set(), np.zeros(5)
+    runs = 400
+    for seed in range(runs):
+        gen = torch.Generator().manual_seed(seed)
+        p, keep = _draw_presence(net, cond, 5, gen, torch.device("cpu"), "stratified")
+        kept = keep.reshape(-1).numpy()
+        counts.add(int(kept.sum()))
+        per_position += kept
+    assert p == pytest.approx(0.7, abs=1e-6)
+    assert counts == {3, 4}  # 0.7 × 5 = 3.5
+    # each position: Binomial(400, 0.7) / 400, s.d. 0.023; 4 s.d. is 0.092
+    assert np.abs(per_position / runs - 0.7).max() < 0.092
+    # independent draws scatter much wider (0..5 at p = 0.7 over 400 runs)
+    wide = {int(_draw_presence(net, cond, 5, torch.Generator().manual_seed(s),
+                               torch.device("cpu"))[1].sum()) for s in range(runs)}
+    assert len(wide) > 3
+
+
+def test_a_stratified_model_samples_that_many_empty_masks(presence_net):
+    cfg = DiffusionConfig(kind="bernoulli", timesteps=100, default_steps=2,
+                          presence_draw="stratified")
+    m = DiffusionModel(_with_presence(presence_net, 0.7), cfg)
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    for seed in range(3):
+        res = m.sample_all(img, n=16, seed=seed)
+        empty = ~res.probs.reshape(16, -1).any(1)
+        assert empty.sum() in (4, 5)  # 16 × 0.3 = 4.8
+    with pytest.raises(ValueError, match="presence_draw must be one of"):
+        DiffusionConfig(kind="bernoulli", presence_draw="sorted")
+
+
 def test_the_network_runs_on_marked_samples_only_and_draws_them_as_if_all_were(
         presence_net, monkeypatch):
     """The samples drawn unmarked cost no network time, and the marked ones are the very
