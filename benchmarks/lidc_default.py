@@ -108,12 +108,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     ds = _load_split(args.data, args.items)
     rows, first = [], None
-    for cand in args.candidates:  # STEPS:TEMPERATURE[:PRESENCE_DRAW]
+    for cand in args.candidates:  # STEPS:TEMPERATURE[:PRESENCE_DRAW[:PRESENCE_TEMPERATURE]]
         parts = cand.split(":")
         steps, tau = int(parts[0]), float(parts[1])
         draw = parts[2] if len(parts) > 2 else model.diffusion.presence_draw
+        ptau = float(parts[3]) if len(parts) > 3 else model.diffusion.presence_temperature
         diffusion = model.diffusion.replace(temperature=tau, default_steps=steps,
-                                            presence_draw=draw)
+                                            presence_draw=draw, presence_temperature=ptau)
         rep = evaluate(DiffusionModel(model.net, diffusion, model.metadata), ds, n=args.n,
                        steps=steps, seed=args.seed, progress=True)
         ged = np.asarray(rep.per_item["model"]["ged2"])
@@ -121,14 +122,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         g, gs, k = mean_sem(ged)
         h, hs, _ = mean_sem(rep.per_item["model"]["hm_iou"])
         d, ds_, _ = mean_sem(ged - first)
-        row = {"steps": steps, "temperature": tau, "presence_draw": draw, "ged2": g, "ged2_sem": gs, "hm_iou": h,
+        row = {"steps": steps, "temperature": tau, "presence_draw": draw,
+               "presence_temperature": ptau, "ged2": g, "ged2_sem": gs, "hm_iou": h,
                "hm_iou_sem": hs, "ged2_minus_first": d, "ged2_minus_first_sem": ds_,
                "n_items": k}
         print(json.dumps(row), flush=True)
         rows.append(row)
     best = min(rows, key=lambda r: r["ged2"])
     chosen = model.diffusion.replace(default_steps=best["steps"], temperature=best["temperature"],
-                                     presence_draw=best["presence_draw"])
+                                     presence_draw=best["presence_draw"],
+                                     presence_temperature=best["presence_temperature"])
     tuned = {"data": desc.get("description", args.data), "split": "val", "items": args.items,
              "n": args.n, "candidates": rows, "chosen_by": "lowest mean GED²"}
     if args.dry_run:
@@ -138,7 +141,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     save_model(model, tmp, diffusion=chosen, metadata={"sampling_tuned": tuned})
     tmp.replace(args.model)
     print(f"stored {best['steps']} steps, temperature {best['temperature']:g}, presence draw "
-          f"{best['presence_draw']} in {args.model}")
+          f"{best['presence_draw']} at temperature {best['presence_temperature']:g} in "
+          f"{args.model}")
     return 0
 
 

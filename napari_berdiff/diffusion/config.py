@@ -57,6 +57,9 @@ class DiffusionConfig(ConfigMixin):
         random order: each sample is still non-empty with probability p, but the number of
         non-empty ones is ⌊pN⌋ or ⌈pN⌉, so a run's share of empty masks does not scatter
         around 1 − p).
+    presence_temperature
+        For networks with a presence head, > 0: the head's logit is divided by it before the
+        sigmoid (above 1 the head is less sure, below 1 surer). 1 is the head as trained.
     inverted_masks
         cDAL only: the chain stores foreground as −1 (the official lung data does; the
         hippocampus' one-hot background channel reads the same way), so a sample's mask is
@@ -75,6 +78,7 @@ class DiffusionConfig(ConfigMixin):
     temperature: float = 1.0
     inverted_masks: bool = False
     presence_draw: str = "independent"
+    presence_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -111,6 +115,9 @@ class DiffusionConfig(ConfigMixin):
         if self.presence_draw not in PRESENCE_DRAWS:
             raise ValueError(f"presence_draw must be one of {PRESENCE_DRAWS}, got "
                              f"{self.presence_draw!r}")
+        if not 0.0 < self.presence_temperature < float("inf"):
+            raise ValueError(f"presence_temperature must be a positive number, got "
+                             f"{self.presence_temperature}")
         if isinstance(self.default_steps, str):
             from .schedules import timestep_subsequence
 

@@ -598,14 +598,16 @@ def check_image(
 
 
 def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch.device,
-                   how: str = "independent") -> tuple[float | None, torch.Tensor | None]:
+                   config: Any = None) -> tuple[float | None, torch.Tensor | None]:
     """For a network with a presence head: its probability ``p`` that an annotation is not
-    empty, and a (n, 1, 1, 1) 0/1 tensor on ``dev`` of which samples are drawn non-empty
-    (each with probability ``p``; ``how`` is ``DiffusionConfig.presence_draw``).
-    ``(None, None)`` for other networks."""
+    empty (its logit divided by ``config.presence_temperature``), and a (n, 1, 1, 1) 0/1
+    tensor on ``dev`` of which samples are drawn non-empty (each with probability ``p``, as
+    ``config.presence_draw`` says). ``(None, None)`` for other networks."""
     if not getattr(net, "has_presence_head", False):
         return None, None
-    p = float(torch.sigmoid(net.presence(cond).float()).reshape(-1)[0])
+    how = getattr(config, "presence_draw", "independent")
+    scale = float(getattr(config, "presence_temperature", 1.0))
+    p = float(torch.sigmoid(net.presence(cond).float() / scale).reshape(-1)[0])
     if not math.isfinite(p):  # NaN would draw every sample empty, silently
         raise ValueError("the network's presence head gave NaN for this image; the "
                          "checkpoint's weights look broken. Nothing was sampled")
@@ -764,8 +766,7 @@ def stream_images(
             conds.append(cond)
             starts.append(apply_constraints(kernel.init(kernel.noise(shape, gen), prior_t)
                                             .to(dev), c_t))
-            p, keep = _draw_presence(net, cond, n, gen, dev,
-                                     getattr(kernel.config, "presence_draw", "independent"))
+            p, keep = _draw_presence(net, cond, n, gen, dev, kernel.config)
             presences.append(p)
             keeps.append(keep)
         x = starts[0] if k == 1 else torch.cat(starts)

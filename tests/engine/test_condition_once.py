@@ -258,13 +258,14 @@ def test_stratified_presence_draws_floor_or_ceil_of_pn_non_empty_with_marginal_p
     each sample position is non-empty with probability p (brute force over 400 runs)."""
     from napari_berdiff.diffusion.sampler import _draw_presence
 
+    stratified = DiffusionConfig(kind="bernoulli", presence_draw="stratified")
     net = _with_presence(presence_net, 0.7)
     cond = net.encode(torch.zeros(1, 1, 16, 16))
     counts, per_position = set(), np.zeros(5)
     runs = 400
     for seed in range(runs):
         gen = torch.Generator().manual_seed(seed)
-        p, keep = _draw_presence(net, cond, 5, gen, torch.device("cpu"), "stratified")
+        p, keep = _draw_presence(net, cond, 5, gen, torch.device("cpu"), stratified)
         kept = keep.reshape(-1).numpy()
         counts.add(int(kept.sum()))
         per_position += kept
@@ -289,6 +290,20 @@ def test_a_stratified_model_samples_that_many_empty_masks(presence_net):
         assert empty.sum() in (4, 5)  # 16 × 0.3 = 4.8
     with pytest.raises(ValueError, match="presence_draw must be one of"):
         DiffusionConfig(kind="bernoulli", presence_draw="sorted")
+
+
+def test_presence_temperature_divides_the_heads_logit(presence_net):
+    from napari_berdiff.diffusion.sampler import _draw_presence
+
+    net = _with_presence(presence_net, 0.8)  # logit ln 4
+    cond = net.encode(torch.zeros(1, 1, 16, 16))
+    for tau in (0.5, 1.0, 2.0):
+        cfg = DiffusionConfig(kind="bernoulli", presence_temperature=tau)
+        p, _ = _draw_presence(net, cond, 4, torch.Generator().manual_seed(0),
+                              torch.device("cpu"), cfg)
+        assert p == pytest.approx(1 / (1 + 4 ** (-1 / tau)), abs=1e-6)
+    with pytest.raises(ValueError, match="presence_temperature must be a positive"):
+        DiffusionConfig(kind="bernoulli", presence_temperature=0)
 
 
 def test_the_network_runs_on_marked_samples_only_and_draws_them_as_if_all_were(
