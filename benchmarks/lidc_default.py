@@ -341,7 +341,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         f"{net['num_res_blocks']} res blocks per level) and a presence head (the probability "
         "that a reader marks anything on the slice; LIDC readers often leave a slice empty).",
         f"- Diffusion: T = {d.timesteps}, {d.schedule} schedule, {d.prediction}-prediction, "
-        f"{d.default_steps} sampling steps by default, temperature {d.temperature:g}.",
+        f"{d.default_steps} sampling steps by default, temperature {d.temperature:g}; "
+        f"the presence decisions of the N samples drawn {d.presence_draw} "
+        + ("(⌊pN⌋ or ⌈pN⌉ non-empty, each still with probability p) " if
+           d.presence_draw == "stratified" else "")
+        + f"at presence temperature {d.presence_temperature:g}.",
         f"- Deterministic baseline: `{unet_dst.name}` ({sum(p.numel() for p in u.net.parameters()):,}"
         " parameters, BCE + Dice, same data).", "",
         "## Recipe",
@@ -354,7 +358,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         lines += [f"## Sampling settings (validation: the first {tuned.get('items')} slices of "
                   f"the validation split, N = {tuned.get('n')}; chosen by lowest GED²)"]
         for r in tuned.get("candidates", []):
-            lines.append(f"- {r['steps']} steps, temperature {r['temperature']:g}: GED² "
+            draw = (f", presence draws {r.get('presence_draw', 'independent')} at presence "
+                    f"temperature {r.get('presence_temperature', 1.0):g}")
+            lines.append(f"- {r['steps']} steps, temperature {r['temperature']:g}{draw}: GED² "
                          f"{r['ged2']:.3f} ± {r['ged2_sem']:.3f}, HM-IoU {r['hm_iou']:.3f} "
                          f"(paired GED² difference from the first: "
                          f"{r['ged2_minus_first']:+.4f} ± {r['ged2_minus_first_sem']:.4f})")
