@@ -258,7 +258,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     groups = breakdown(ds, rep, best)
     text = markdown(summary, groups, paired)
     print(text)
+    per_item = {who: {k: [float(v) for v in rep.per_item[who][k]]
+                      for k in ("ged2", "hm_iou") if k in rep.per_item[who]}
+                for who in ("model", best)}
+    per_item["slices"] = [f"{it.case}/{it.slice}" for it in ds]
     doc = {"summary": summary, "breakdown": groups, "paired_model_minus_best_reader": paired,
+           "per_item": per_item,
            "settings": {**rep.settings, "n": rep.n, "items": len(ds), "data": args.data},
            "seconds": rep.seconds, "machine": machine(), "markdown": text}
     Path(args.json).write_text(json.dumps(doc, indent=1, default=float) + "\n")
