@@ -10,6 +10,8 @@ protocol, broken down by the readers' texture and subtlety ratings.
     # 2. train (see the model card for the exact commands), then
     python benchmarks/lidc_default.py tune --model M --data D/val --items 300
     python benchmarks/lidc_default.py test --model M --baseline U --data D/test --json R.json
+    # a model with nothing to tune at sampling time (cDAL): pick among checkpoints instead
+    python benchmarks/lidc_default.py pick --models A B C --data D/val --items 300 --out M
 
 Images are scored at their own 0.5 mm: each crop is resampled to the model's 1 mm and the
 probabilities back (``evaluate(spacing=…)``), as a user's 0.5 mm slice would be. Every figure
@@ -146,6 +148,43 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pick(args: argparse.Namespace) -> int:
+    """Score several model files (e.g. a run's checkpoints) on validation slices at their own
+    default settings, and copy the one of lowest mean GED² to ``--out``, recording the choice.
+
+    For models with nothing to tune at sampling time (a cDAL model takes exactly its T steps,
+    at temperature 1)."""
+    from napari_berdiff.checkpoints import load_model, save_model
+    from napari_berdiff.training.evaluate import evaluate
+
+    desc = json.loads((Path(args.data) / "dataset.json").read_text())
+    if desc.get("split") != "val":
+        raise SystemExit(f"pick reads the validation split only; {args.data} is "
+                         f"{desc.get('split')!r}")
+    ds = _load_split(args.data, args.items)
+    rows, first = [], None
+    for path in args.models:
+        model = load_model(path)
+        rep = evaluate(model, ds, n=args.n, seed=args.seed, progress=False)
+        ged = np.asarray(rep.per_item["model"]["ged2"])
+        first = ged if first is None else first
+        g, gs, k = mean_sem(ged)
+        h, hs, _ = mean_sem(rep.per_item["model"]["hm_iou"])
+        d, ds_, _ = mean_sem(ged - first)
+        row = {"model": str(path), "step": (model.metadata.get("training") or {}).get(
+            "steps_done"), "ged2": g, "ged2_sem": gs, "hm_iou": h, "hm_iou_sem": hs,
+            "ged2_minus_first": d, "ged2_minus_first_sem": ds_, "n_items": k}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    best = min(rows, key=lambda r: r["ged2"])
+    chosen = {"data": desc.get("description", args.data), "split": "val", "items": args.items,
+              "n": args.n, "candidates": rows, "chosen_by": "lowest mean GED²",
+              "chosen": best["model"]}
+    save_model(load_model(best["model"]), args.out, metadata={"checkpoint_chosen": chosen})
+    print(f"chose {best['model']} (step {best['step']}); wrote {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- test
 def breakdown(ds: Any, rep: Any, best: str) -> dict[str, dict[str, Any]]:
     """Per rating group: the model's, the best reader's and the U-Net's GED², the model's
@@ -228,7 +267,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     groups = breakdown(ds, rep, best)
     text = markdown(summary, groups, paired)
     print(text)
+    per_item = {who: {k: [float(v) for v in rep.per_item[who][k]]
+                      for k in ("ged2", "hm_iou") if k in rep.per_item[who]}
+                for who in ("model", best)}
+    per_item["slices"] = [f"{it.case}/{it.slice}" for it in ds]
     doc = {"summary": summary, "breakdown": groups, "paired_model_minus_best_reader": paired,
+           "per_item": per_item,
            "settings": {**rep.settings, "n": rep.n, "items": len(ds), "data": args.data},
            "seconds": rep.seconds, "machine": machine(), "markdown": text}
     Path(args.json).write_text(json.dumps(doc, indent=1, default=float) + "\n")
@@ -397,9 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--threads", default="auto")
     sp.add_argument("--json")
-    for name in ("tune", "test"):
+    for name in ("tune", "test", "pick"):
         p = sub.add_parser(name)
-        p.add_argument("--model", required=True)
+        if name != "pick":
+            p.add_argument("--model", required=True)
         p.add_argument("--data", required=True)
         p.add_argument("--items", type=int, default=None, help="only the first items")
         p.add_argument("--n", type=int, default=16)
@@ -408,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--candidates", nargs="+", default=["10:1", "10:0.5", "5:1", "5:0.5"],
                    help="steps:temperature")
     t.add_argument("--dry-run", action="store_true")
+    pk = sub.choices["pick"]
+    pk.add_argument("--models", nargs="+", required=True, help="candidate model files")
+    pk.add_argument("--out", required=True, help="where to write the chosen one")
     s = sub.choices["test"]
     s.add_argument("--baseline", help="the deterministic U-Net file")
     s.add_argument("--json", required=True)
@@ -418,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--speed-json", required=True)
     b.add_argument("--recipe", nargs="+", required=True, help="the exact commands, one each")
     args = ap.parse_args(argv)
-    return {"tune": cmd_tune, "test": cmd_test, "speed": cmd_speed,
+    return {"tune": cmd_tune, "test": cmd_test, "pick": cmd_pick, "speed": cmd_speed,
             "bundle": cmd_bundle}[args.cmd](args)
 
 

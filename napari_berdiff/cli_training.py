@@ -147,6 +147,9 @@ def _train_config(args: argparse.Namespace, image_size: int, channels: int) -> A
     kind = args.kind
     if kind == "cdal":
         return _cdal_train_config(args, image_size, channels)
+    if getattr(args, "unshuffle", 1) != 1:
+        raise ValueError("--unshuffle applies to --kind cdal only (the condition-once network "
+                         "already runs at half resolution)")
     seg = default_network("deterministic", image_size, channels)
     condition_once = args.network == "condition-once" or (
         args.network == "auto" and kind in ("bernoulli", "gaussian") and args.attention is None)
@@ -223,6 +226,9 @@ def _cdal_train_config(args: argparse.Namespace, image_size: int, channels: int)
         changes["ch_mult"] = _ints(args.channel_mult, "--channel-mult")
     if args.res_blocks:
         changes["num_res_blocks"] = args.res_blocks
+    if args.unshuffle and args.unshuffle != 1:  # our CPU variant: the network at H/u
+        changes["unshuffle"] = args.unshuffle
+        changes["attn_resolutions"] = (image_size // args.unshuffle // 4,)
     if args.attention is not None:  # feature-map sizes for this network, e.g. 16
         changes["attn_resolutions"] = _ints(args.attention, "--attention")
     net = net.replace(**changes) if changes else net
@@ -266,6 +272,7 @@ RECIPE_OPTIONS: dict[str, tuple[str, ...]] = {
     "base_channels": ("network", "model_channels"), "channel_mult": ("network", "channel_mult"),
     "res_blocks": ("network", "num_res_blocks"),
     "attention": ("network", "attention_resolutions"), "norm_groups": ("network", "norm_groups"),
+    "unshuffle": ("network", "unshuffle"),
     "split": ("data", "split"), "val_fraction": ("data", "split_fractions", 1),
     "test_fraction": ("data", "split_fractions", 2), "split_seed": ("data", "split_seed"),
 }
@@ -513,6 +520,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--adv-weight", type=float, default=0.0,
                    help="cdal: weight of the generator's adversarial term (0: MSE only, as "
                         "the released code)")
+    p.add_argument("--unshuffle", type=int, default=1,
+                   help="cdal: run the whole generator at 1/U resolution on pixel-unshuffled "
+                        "inputs (this project's CPU variant; default 1: the official layout; "
+                        "attention then defaults to a quarter of the inner size)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none)")
     p.add_argument("--seed", type=int, default=0)

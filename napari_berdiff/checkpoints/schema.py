@@ -151,6 +151,7 @@ class NCSNppSection(_Section):
     centered: Optional[bool] = None
     use_tanh: Optional[bool] = None
     dropout: Optional[Unit] = None
+    unshuffle: Optional[Annotated[int, Field(ge=1, le=_L["unshuffle"])]] = None
 
 
 class DiffusionSection(_Section):

@@ -13,6 +13,10 @@ through its own encoder, whose output is added to the first feature map at full 
 
 Attention is placed by feature-map size, as the official forward pass does, so a network
 accepts exactly its configured ``image_size`` (see :meth:`NCSNppConfig.check_size`).
+
+``NCSNppConfig.unshuffle > 1`` is this project's CPU variant, not an official option: the
+mask state and the image are pixel-unshuffled, the whole network runs at
+``image_size / unshuffle`` and its output is pixel-shuffled back before tanh.
 """
 
 from __future__ import annotations
@@ -67,6 +71,13 @@ class NCSNppConfig(ConfigMixin):
         Squash the output with tanh (official ``not_use_tanh=False``).
     dropout
         Dropout in the residual blocks.
+    unshuffle
+        This project's CPU variant, **not an official cDAL option** (1, the default, is the
+        official layout). With ``u > 1`` the mask state and the image are pixel-unshuffled
+        into ``u²`` times their channels, the whole NCSN++ (encoder included) runs at
+        ``image_size / u`` (``attn_resolutions`` refer to that inner size), and the
+        ``mask_channels·u²`` output channels are pixel-shuffled back before tanh. The network
+        still takes ``image_size`` inputs.
     """
 
     _what = "NCSN++ generator"
@@ -87,6 +98,7 @@ class NCSNppConfig(ConfigMixin):
     centered: bool = True
     use_tanh: bool = True
     dropout: float = 0.0
+    unshuffle: int = 1
 
     def __post_init__(self) -> None:
         for name in ("ch_mult", "attn_resolutions", "fir_kernel"):
@@ -95,17 +107,25 @@ class NCSNppConfig(ConfigMixin):
         if levels < 1 or self.num_res_blocks < 1 or self.nf < 4 or self.nz < 1:
             raise ValueError("an NCSN++ generator needs at least one level, one residual block "
                              "per level, nf >= 4 and nz >= 1")
-        if self.image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size {self.image_size} must be divisible by "
-                             f"2**{levels - 1} for {levels} levels")
+        if self.unshuffle < 1 or self.image_size % self.unshuffle:
+            raise ValueError(f"unshuffle must be >= 1 and divide image_size "
+                             f"{self.image_size}, got {self.unshuffle}")
+        if self.inner_size % 2 ** (levels - 1):
+            raise ValueError(f"image_size {self.image_size} / unshuffle {self.unshuffle} must "
+                             f"be divisible by 2**{levels - 1} for {levels} levels")
         if self.nf % 32:
             raise ValueError(f"nf must be a multiple of 32 (the encoder's group norm has 32 "
                              f"groups), got {self.nf}")
 
     @property
+    def inner_size(self) -> int:
+        """The size the network runs at: ``image_size / unshuffle``."""
+        return self.image_size // self.unshuffle
+
+    @property
     def resolutions(self) -> list[int]:
-        """The feature-map size at each level."""
-        return [self.image_size // 2**i for i in range(len(self.ch_mult))]
+        """The feature-map size at each level (of the inner, unshuffled maps)."""
+        return [self.inner_size // 2**i for i in range(len(self.ch_mult))]
 
     def check_size(self, h: int, w: int) -> None:
         """Raise a ValueError unless ``(h, w)`` is the configured square size."""
@@ -307,6 +327,7 @@ class NCSNppGenerator(nn.Module):
         super().__init__()
         self.config = cfg = config
         nf, temb_dim = cfg.nf, 4 * cfg.nf
+        u2 = cfg.unshuffle**2
         mods: list[nn.Module] = [nn.Linear(nf, temb_dim), nn.Linear(temb_dim, temb_dim)]
 
         def res(in_ch: int, out_ch: int | None = None, **kw: Any) -> ResBlockAdaGN:
@@ -317,16 +338,17 @@ class NCSNppGenerator(nn.Module):
             return AttnBlock(ch, cfg.skip_rescale)
 
         # image encoder
-        self.encoder: list[nn.Module] = [nn.Conv2d(cfg.image_channels, nf, 3, padding=1)]
+        self.encoder: list[nn.Module] = [nn.Conv2d(cfg.image_channels * u2, nf, 3,
+                                                    padding=1)]
         for _ in range(cfg.cond_enc_layers * cfg.cond_enc_num_res_blocks):
             self.encoder.append(nn.Sequential(EncoderBlock(nf, cfg.dropout)))
         mods += self.encoder
         # down path: per level, (res block, optional attention) pairs; then downsampling
-        self.conv_in = nn.Conv2d(cfg.mask_channels, nf, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.mask_channels * u2, nf, 3, padding=1)
         mods.append(self.conv_in)
         self.down: list[tuple[list[tuple[nn.Module, nn.Module | None]], Any]] = []
         skips = [nf]
-        in_ch, pyramid_ch = nf, cfg.mask_channels
+        in_ch, pyramid_ch = nf, cfg.mask_channels * u2
         levels = len(cfg.ch_mult)
         for level, mult in enumerate(cfg.ch_mult):
             blocks = []
@@ -367,7 +389,7 @@ class NCSNppGenerator(nn.Module):
                 mods.append(upsampler)
             self.up.append((blocks, a, upsampler))
         self.norm_out = nn.GroupNorm(min(in_ch // 4, 32), in_ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(in_ch, cfg.mask_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(in_ch, cfg.mask_channels * u2, 3, padding=1)
         mods += [self.norm_out, self.conv_out]
         self.all_modules = nn.ModuleList(mods)
         # the latent's mapping network: PixelNorm, then (Linear, SiLU) × (1 + n_mlp)
@@ -396,9 +418,12 @@ class NCSNppGenerator(nn.Module):
         return self.config.nz
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """The image encoder's feature map (B, nf, H, W), added to the first feature map."""
+        """The image encoder's feature map (B, nf, H/u, W/u), added to the first feature
+        map (``u`` = ``config.unshuffle``)."""
         self.config.check_size(*image.shape[-2:])
         h = image.to(self.conv_in.weight.dtype)
+        if self.config.unshuffle > 1:
+            h = F.pixel_unshuffle(h, self.config.unshuffle)
         for layer in self.encoder:
             h = layer(h)
         return h
@@ -418,6 +443,8 @@ class NCSNppGenerator(nn.Module):
             x_t = 2 * x_t - 1
         if cond.shape[0] != x_t.shape[0]:
             cond = cond.expand(x_t.shape[0], *cond.shape[1:])
+        if cfg.unshuffle > 1:
+            x_t = F.pixel_unshuffle(x_t, cfg.unshuffle)
         pyramid = x_t
         hs = [self.conv_in(x_t) + cond]
         for blocks, sampler in self.down:
@@ -445,6 +472,8 @@ class NCSNppGenerator(nn.Module):
             if upsampler is not None:
                 h = upsampler(h, temb, zemb)
         h = self.conv_out(F.silu(self.norm_out(h)))
+        if cfg.unshuffle > 1:
+            h = F.pixel_shuffle(h, cfg.unshuffle)
         return torch.tanh(h) if cfg.use_tanh else h
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor,
@@ -453,8 +482,10 @@ class NCSNppGenerator(nn.Module):
         return self.predict(x_t, t, self.encode(image), z)
 
     def activation_bytes(self, h: int, w: int) -> int:
-        """Rough float32 activation memory of one sample's forward pass (for chunking)."""
+        """Rough float32 activation memory of one sample's forward pass (for chunking); with
+        ``unshuffle`` u the features are those of an (h/u, w/u) map."""
         cfg = self.config
+        h, w = h / cfg.unshuffle, w / cfg.unshuffle
         floats = 6.0 * cfg.nf * h * w
         attn = 0.0
         for level, mult in enumerate(cfg.ch_mult):

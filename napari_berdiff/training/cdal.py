@@ -75,7 +75,8 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
     cfg, saved = begin_run(config, state_file, resume)
     dev = select_device(cfg.device)
     net_cfg = cfg.network_config()
-    data = training_arrays(cfg, dataset, net_cfg.image_channels, 2 ** (len(net_cfg.ch_mult) - 1))
+    data = training_arrays(cfg, dataset, net_cfg.image_channels,
+                           net_cfg.unshuffle * 2 ** (len(net_cfg.ch_mult) - 1))
     net_cfg.check_size(*data.images.shape[-2:])
     data_desc = data.description
     kernel = CDALKernel(cfg.diffusion_config())
