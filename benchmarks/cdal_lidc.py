@@ -116,8 +116,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         f"(discriminator), R1 γ = {rec.get('r1_gamma')}, generator loss MSE on x̂0 + "
         f"{rec.get('adv_weight')} × adversarial, EMA {rec.get('ema_decay')} (the EMA weights "
         f"are bundled); steps done {(meta.get('training') or {}).get('steps_done', '?')} in "
-        f"{(meta.get('training') or {}).get('train_time_s', 0) / 60:.0f} min (stopped by its "
-        "time budget on the shared 2-core CPU).", "",
+        f"{(meta.get('training') or {}).get('train_time_s', 0) / 60:.0f} min of the "
+        f"{rec.get('steps')} planned, on the shared 2-core CPU.", "",
     ]
     if args.notes:
         lines += [Path(args.notes).read_text().strip(), ""]
