@@ -61,25 +61,27 @@ class BackendUnavailable(ImportError):
     """A backend's package is not installed."""
 
 
-def _require_onnxruntime() -> Any:
+def _require(modules: tuple[str, ...], what: str, hint: str) -> Any:
+    """Import ``modules`` and return the last one, or raise :class:`BackendUnavailable`
+    naming the missing package and what to install."""
+    import importlib
+
     try:
-        import onnx  # noqa: F401  (torch.onnx.export needs it)
-        import onnxruntime
+        return [importlib.import_module(m) for m in modules][-1]
     except ImportError as e:
-        raise BackendUnavailable(
-            f"the ONNX Runtime backends need the packages onnxruntime and onnx ({e.name} is "
-            f"missing): {INSTALL_HINT}, or choose the eager or jit backend") from None
-    return onnxruntime
+        raise BackendUnavailable(f"{what} ({e.name} is missing): {hint}, or choose the eager "
+                                 f"or jit backend") from None
+
+
+def _require_onnxruntime() -> Any:
+    # torch.onnx.export needs onnx
+    return _require(("onnx", "onnxruntime"), "the ONNX Runtime backends need the packages "
+                    "onnxruntime and onnx", INSTALL_HINT)
 
 
 def _require_openvino() -> Any:
-    try:
-        import openvino
-    except ImportError as e:
-        raise BackendUnavailable(
-            f"the OpenVINO backend needs the package openvino ({e.name} is missing): "
-            f"{OPENVINO_HINT}, or choose the eager or jit backend") from None
-    return openvino
+    return _require(("openvino",), "the OpenVINO backend needs the package openvino",
+                    OPENVINO_HINT)
 
 
 def check_backend(name: str, device: torch.device | str = "cpu") -> str:
