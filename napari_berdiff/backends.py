@@ -90,23 +90,19 @@ def check_backend(name: str, device: torch.device | str = "cpu") -> str:
     Raises
     ------
     ValueError
-        For an unknown name, or an ONNX Runtime backend on a device other than the CPU.
+        For an unknown name, or an ONNX Runtime or OpenVINO backend on a device other
+        than the CPU.
     BackendUnavailable
         (an ``ImportError``) when the backend's packages are missing, saying what to install.
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown inference backend {name!r}; choose one of "
                          f"{', '.join(BACKENDS)}")
-    if name.startswith("onnxruntime"):
+    if name in ("onnxruntime", "openvino"):
         if torch.device(device).type != "cpu":
             raise ValueError(f"the {name} backend runs on the CPU only; give --device cpu "
                              f"or use the eager or jit backend on {torch.device(device).type}")
-        _require_onnxruntime()
-    if name == "openvino":
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"the openvino backend runs on the CPU only; give --device cpu "
-                             f"or use the eager or jit backend on {torch.device(device).type}")
-        _require_openvino()
+        _require_onnxruntime() if name == "onnxruntime" else _require_openvino()
     if name == "bf16" and torch.device(device).type == "cpu" \
             and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("the bf16 backend needs a CPU with bfloat16 support (AVX512-BF16 or "
@@ -249,16 +245,6 @@ def _build_jit(step: _Step, example: list[torch.Tensor]
     return run
 
 
-def _onnx_bytes(step: _Step, example: list[torch.Tensor], names: list[str],
-                dynamic: dict[str, dict[int, str]] | None) -> bytes:
-    """The step exported to ONNX (TorchScript exporter, opset 17), in memory."""
-    buf = io.BytesIO()
-    torch.onnx.export(step, tuple(example), buf, input_names=names, output_names=["out"],
-                      dynamic_axes=dynamic, opset_version=17, dynamo=False,
-                      do_constant_folding=True)
-    return buf.getvalue()
-
-
 def _build_openvino(step: _Step, example: list[torch.Tensor]
                     ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     ov = _require_openvino()
@@ -282,7 +268,11 @@ def _build_onnxruntime(step: _Step, example: list[torch.Tensor], batched: list[b
     names = [f"in{i}" for i in range(len(example))]
     dynamic = {name: {0: "n"} for name, b in zip(names, batched) if b}
     dynamic["out"] = {0: "n"}
-    model_bytes = _onnx_bytes(step, example, names, dynamic)
+    buf = io.BytesIO()
+    torch.onnx.export(step, tuple(example), buf, input_names=names, output_names=["out"],
+                      dynamic_axes=dynamic, opset_version=17, dynamo=False,
+                      do_constant_folding=True)
+    model_bytes = buf.getvalue()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1

@@ -6,8 +6,9 @@ widget) touches layers. It yields once per diffusion step so progress and cancel
 responsive, but only *some* updates carry arrays: at most one every ``interval_s`` seconds,
 plus the first and the last frame of every slice. Where showing a frame is slow (software
 OpenGL, a busy laptop), the gap also grows so that the main thread spends at most
-``max_busy`` of the run showing frames (:func:`push_due`). The host copies and the uncertainty maps
-of those frames are computed here, in the worker, so the event loop only copies arrays.
+``max_busy`` of the run showing frames (:func:`push_due`). The host copies and the
+uncertainty maps of those frames are computed here, in the worker, so the event loop only
+copies arrays.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 
 MAP_NAMES = ("frequency", "variance", "entropy")
+#: The default largest share of a run the main thread may spend showing frames.
+MAX_BUSY = 0.25
 
 
 class SamplingError(Exception):
@@ -47,7 +50,7 @@ class Job:
     consumed: threading.Event = field(default_factory=threading.Event)
     #: the largest fraction of the time the main thread may spend showing frames (0: no
     #: limit); with ``interval_s == 0`` every frame is shown regardless
-    max_busy: float = 0.25
+    max_busy: float = MAX_BUSY
     #: when the main thread last set ``consumed`` (``time.perf_counter``), see
     #: :meth:`mark_consumed`
     consumed_at: float = 0.0

@@ -38,7 +38,7 @@ from ._reader_preference import prefer_our_readers
 from ._reference_view import lay_out_reference
 from ._results_panel import KEY_ACCEPT, KEY_NEXT, KEY_PREV, TARGET_META, ResultsPanel
 from ..animation import ReverseRecorder
-from ._run import Job, Outcome, Update, run_job
+from ._run import MAX_BUSY, Job, Outcome, Update, run_job
 from ._sampling_panel import SamplingPanel
 from ._status import done_text
 
@@ -133,7 +133,7 @@ class DiffusionSegmentationWidget(QWidget):
         self._watcher: _CloseWatcher | None = None
         self._in_yield = 0
         #: the largest share of a run the main thread may spend showing frames (Job.max_busy)
-        self.stream_max_busy = 0.25
+        self.stream_max_busy = MAX_BUSY
         self._empty_armed: tuple[int, str] | None = None  # an empty accept awaiting a 2nd press
         self.preloading = preload()  # the first run's imports, off the main thread
         prefer_our_readers()  # NIfTI opens with our reader, without napari's dialog
