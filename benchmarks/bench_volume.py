@@ -29,6 +29,7 @@ from _common import (BUNDLED, base_parser, describe, load_bench_model, machine, 
                      write_json)
 
 from napari_berdiff.diffusion.volume import DEFAULT_MAX_SLICES
+from napari_berdiff.lazy import LazySequence
 
 
 def _volume(slices: int, size: int) -> list[np.ndarray]:
@@ -98,15 +99,18 @@ def _slice_by_slice(model, vol, n, seed, grid) -> dict:
 
 def _batched(model, vol, n, seed, max_slices, max_rows, grid) -> dict:
     tic = time.perf_counter()
-    vol, hows = grid.to_model(vol)
-    stream = model.sample_slices(vol, n, None, [seed + z for z in range(len(vol))],
+    # each slice resampled when its batch starts, as the widget's "All slices" does
+    on_grid = LazySequence(lambda z: grid.to_model([vol[z]]), len(vol))
+    stream = model.sample_slices(LazySequence(lambda z: on_grid[z][0][0], len(vol)), n, None,
+                                 [seed + z for z in range(len(vol))],
                                  max_slices=max_slices, max_rows=max_rows)
     first = None
     for _sf in stream:
         if first is None:
             first = time.perf_counter() - tic
     return {"total_s": time.perf_counter() - tic, "first_frame_s": first,
-            "probs": [grid.back(r.probs, h) for r, h in zip(stream.results, hows)],
+            "probs": [grid.back(r.probs, on_grid[z][1][0])
+                      for z, r in enumerate(stream.results)],
             "slices_per_batch": stream.plan.slices,
             "chunk": stream.plan.chunk, "memory": stream.plan.memory.describe()}
 

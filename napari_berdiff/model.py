@@ -22,6 +22,7 @@ from .diffusion.sampler import (
     sample_stream,
 )
 from .diffusion.volume import DEFAULT_MAX_SLICES, SliceStream
+from .lazy import LazySequence
 
 FORMAT = "napari-berdiff/1"
 KINDS = ("bernoulli", "gaussian", "refiner", "segmentor", "cdal")
@@ -348,15 +349,21 @@ class DiffusionModel:
         call (:func:`napari_berdiff.diffusion.volume.sample_slices`): slice ``i`` gets the
         samples ``sample(images[i], n, steps, seeds[i], ...)`` gives. Each slice is
         normalised by itself, as :meth:`sample` does; ``priors`` and ``constraints`` hold
-        one entry per slice (or are None).
+        one entry per slice (or are None). ``images`` and ``priors`` may be lazy sequences:
+        a slice is read and prepared only when its batch starts.
         """
         from .diffusion.volume import sample_slices
 
         kernel = self._sampling_kernel(draw_correlation, temperature)
         count = len(images)
-        prior_of = [None] * count if priors is None else list(priors)
-        conds = [self.prepare(img, pr, normalise, roi, units)
-                 for img, pr in zip(images, prior_of)]
+        prior_of = [None] * count if priors is None else priors
+        if len(prior_of) != count:
+            raise ValueError(f"priors must hold one entry per slice ({count}); "
+                             f"got {len(prior_of)}")
+        # each slice is prepared when its batch starts, so the first frame does not wait
+        # for the whole volume (DESIGN §8)
+        conds = LazySequence(lambda i: self.prepare(images[i], prior_of[i], normalise, roi,
+                                                    units), count)
         starts = prior_of if self.kind == "refiner" else None
         return sample_slices(
             self.net, kernel, conds, seeds=list(seeds), n=n, steps=steps, priors=starts,

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..lazy import LazySequence
+
 MAP_NAMES = ("frequency", "variance", "entropy")
 #: The default largest share of a run the main thread may spend showing frames.
 MAX_BUSY = 0.25
@@ -241,21 +243,20 @@ def _run_batched(job: Job) -> Generator[Update, None, Outcome]:
     of that slice alone with its seed."""
     t0 = time.perf_counter()
     n_slices = len(job.crops)
-    try:
-        prepared = [_slice_inputs(job, pos, crop) for pos, crop in enumerate(job.crops)]
+    try:  # each slice is resampled when its batch starts, not all before the first frame
+        prepared = LazySequence(lambda pos: _slice_inputs(job, pos, job.crops[pos]), n_slices)
         common = {k: v for k, v in prepared[0][1].items() if k in ("temperature", "units")}
-        priors = None if job.priors is None else [p[1]["prior"] for p in prepared]
-        constraints = ([p[1].get("constraints") for p in prepared]
-                       if any("constraints" in p[1] for p in prepared) else None)
+        priors = (None if job.priors is None
+                  else LazySequence(lambda pos: prepared[pos][1]["prior"], n_slices))
+        constraints = (None if job.constraints is None
+                       else LazySequence(lambda pos: prepared[pos][1].get("constraints"),
+                                         n_slices))
         stream = job.model.sample_slices(
-            [p[0] for p in prepared], job.n, job.steps,
+            LazySequence(lambda pos: prepared[pos][0], n_slices), job.n, job.steps,
             [job.seed + off for off in job.seed_offsets], priors=priors,
             constraints=constraints, cancel=job.cancel, **common)
     except Exception as exc:  # noqa: BLE001 - reported to the user
         raise SamplingError(str(exc)) from exc
-    if job.recorder is not None:
-        for pos, p in enumerate(prepared):
-            job.recorder.set_image(pos, p[0])
     last: dict[int, tuple[Any, bool]] = {}  # slice → (its last frame, whether it was pushed)
     pacer, burst = _Pacer(job), False
     n_steps = 0
@@ -269,6 +270,8 @@ def _run_batched(job: Job) -> Generator[Update, None, Outcome]:
         pos, frame = sf.slice_index, sf.frame
         n_steps = frame.n_steps
         if job.recorder is not None:
+            if pos not in job.recorder.images:
+                job.recorder.set_image(pos, prepared[pos][0])
             job.recorder.add(pos, frame)
         now = time.perf_counter()
         if pos == sf.batch[0]:  # a batch's frames of one step are pushed together, or not

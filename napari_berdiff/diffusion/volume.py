@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from ..lazy import LazySequence
 from .device import select_device
 from .sampler import (DEFAULT_MEMORY_BUDGET_MB, CancelLike, ConditionalNet, Frame, Kernel,
                       KeptReturnStream, MemoryBudgetError, MemoryPlan, Roi, SampleResult,
@@ -165,7 +166,10 @@ def sample_slices(
     SliceStream
         Yields a :class:`SliceFrame` per slice and step (a batch's slices in order, step
         by step); afterwards ``.results`` holds a :class:`SampleResult` per slice started.
-        Bad arguments raise ``ValueError`` (:class:`MemoryBudgetError` for memory) here.
+        Bad arguments raise ``ValueError`` (:class:`MemoryBudgetError` for memory) here;
+        ``images`` may be a lazy sequence: slice 0 is read and checked here, each other
+        slice only when its batch starts (a bad one raises ``ValueError`` from the stream
+        then, after the slices before it have streamed).
     """
     t_start = time.perf_counter()
     n, visited = check_run(net, kernel, n, steps)
@@ -176,16 +180,20 @@ def sample_slices(
         if seq is not None and len(seq) != count:
             raise ValueError(f"{name} must hold one entry per slice ({count}); "
                              f"got {len(seq)}")
-    inputs, box = [], None
-    for i, image in enumerate(images):
+
+    def check(i: int) -> SliceInput:
         img, box_i, prior_t, constraint_t = check_image(
-            net, kernel, image, roi, None if priors is None else priors[i],
+            net, kernel, images[i], roi, None if priors is None else priors[i],
             None if constraints is None else constraints[i], image_channels)
-        if inputs and img.shape != inputs[0].image.shape:
+        if i and img.shape != inputs[0].image.shape:
             raise ValueError(f"every slice must have one shape; slice {i} is "
                              f"{img.shape}, slice 0 {inputs[0].image.shape}")
-        inputs.append(SliceInput(img, check_seed(seeds[i]), prior_t, constraint_t))
-        box = box_i
+        if not i:
+            boxes.append(box_i)
+        return SliceInput(img, check_seed(seeds[i]), prior_t, constraint_t)
+
+    boxes: list[Roi] = []  # slice 0's region, the same for every slice
+    inputs = LazySequence(check, count)  # slice 0 now, the others when their batch starts
     c, h, w = inputs[0].image.shape
     dev = select_device(device)
     rows = default_max_rows(dev) if max_rows == "auto" else max_rows
@@ -194,12 +202,12 @@ def sample_slices(
     alone = plan.chunk if plan.slices == 1 else plan_memory(
         net, n, c, h, w, max_batch, memory_budget_mb, dev).chunk
     sizes = batch_sizes(count, plan.slices, first_alone)
-    gen = _run_batches(net, kernel, inputs, sizes, n, visited, box, dev, plan.chunk, alone,
+    gen = _run_batches(net, kernel, inputs, sizes, n, visited, boxes[0], dev, plan.chunk, alone,
                        cancel, profile, t_start)
     return SliceStream(gen, count, plan)
 
 
-def _run_batches(net: ConditionalNet, kernel: Kernel, inputs: list[SliceInput],
+def _run_batches(net: ConditionalNet, kernel: Kernel, inputs: Sequence[SliceInput],
                  sizes: list[int], n: int, visited: list[int], box: Roi, dev: torch.device,
                  chunk: int, alone_chunk: int, cancel: CancelLike, profile: bool,
                  t_start: float) -> Generator[SliceFrame, None, list[SampleResult]]:

@@ -204,8 +204,11 @@ def test_mismatched_slices_are_refused():
     with pytest.raises(ValueError, match="one entry per slice"):
         model.sample_slices(list(_volume(3)), n=2, seeds=[1, 2])
     vol = [np.zeros((16, 16), np.float32), np.zeros((16, 24), np.float32)]
+    stream = model.sample_slices(vol, n=2, steps=2, seeds=[1, 2])  # slice 1 is read lazily
+    first = [next(stream) for _ in range(2)]  # slice 0 alone streams its steps first
+    assert [f.slice_index for f in first] == [0, 0]
     with pytest.raises(ValueError, match="one shape"):
-        model.sample_slices(vol, n=2, seeds=[1, 2])
+        next(stream)
 
 
 def test_on_the_cpu_batches_stop_at_the_row_cap():
@@ -217,3 +220,29 @@ def test_on_the_cpu_batches_stop_at_the_row_cap():
                                max_rows=None).plan.slices == 4
     assert model.sample_slices(vol, n=8, steps=1, seeds=range(6), max_slices=4,
                                max_rows=8).plan.slices == 1
+
+
+def test_slices_are_prepared_when_their_batch_starts():
+    """The first frame does not wait for the whole volume to be prepared."""
+    model = tiny_model()
+    prepared = []
+    prepare = model.prepare
+
+    def counting_prepare(image, *args, **kwargs):
+        prepared.append(float(np.asarray(image).mean()))
+        return prepare(image, *args, **kwargs)
+
+    model.prepare = counting_prepare
+    vol = _volume(9)
+    stream = model.sample_slices(list(vol), n=2, steps=3, seeds=range(9), max_slices=4)
+    assert stream.plan.slices == 4
+    first = next(stream)
+    assert first.slice_index == 0 and len(prepared) == 1  # slice 0 runs alone first
+    for _ in range(2):
+        next(stream)  # slice 0's other steps
+    assert len(prepared) == 1
+    assert next(stream).batch == (1, 4) and len(prepared) == 5  # the next batch, prepared
+    rest = list(stream)
+    assert len(prepared) == 9 and len(rest) == 3 * 9 - 4
+    np.testing.assert_allclose(prepared, vol.reshape(9, -1).mean(1), rtol=1e-6)
+    assert len(stream.results) == 9

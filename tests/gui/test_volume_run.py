@@ -43,3 +43,38 @@ def test_a_cancelled_volume_run_stops_and_brings_each_started_slice_up_to_date()
         np.testing.assert_array_equal(u.states, frames[1].states)
     # slices 5 and 6 never started
     assert {u.slice_pos for u in updates + rest} == set(range(5))
+
+
+def test_a_volume_run_resamples_each_slice_when_its_batch_starts(monkeypatch):
+    """The first frames do not wait for every slice to be resampled to the model's grid."""
+    import napari_berdiff.spacing as spacing
+
+    model = tiny_unet_model(steps=2, size=16)
+    model.data["spacing"] = [1.0, 1.0]
+    resampled = []
+    real = spacing.to_model_spacing
+
+    def counting(model_, image, *args, **kwargs):
+        resampled.append(image)
+        return real(model_, image, *args, **kwargs)
+
+    monkeypatch.setattr(spacing, "to_model_spacing", counting)
+    crops = [blob(32, 32, seed=z)[None] for z in range(6)]
+    job = Job(model, crops, list(range(6)), n=2, steps=2, seed=1, interval_s=0.0, threads=1,
+              spacing=(0.5, 0.5))
+    gen = run_job(job)
+    first = next(gen)
+    assert first.slice_pos == 0 and len(resampled) == 1 and resampled[0] is crops[0]
+    assert first.states.shape[-2:] == (32, 32)  # mapped back to the crop's own grid
+    updates, outcome = _drain(gen)
+    assert len(resampled) == 6 and outcome.slices_done == 6
+    assert [id(r) for r in resampled] == [id(c) for c in crops]
+    # each slice's final arrays are those of that slice run alone (the same resampling)
+    last = {u.slice_pos: u for u in [first] + updates if u.final}
+    for z in (0, 3):
+        alone = Job(model, [crops[z]], [z], n=2, steps=2, seed=1, interval_s=0.0, threads=1,
+                    spacing=(0.5, 0.5))
+        ref = [u for u in _drain(run_job(alone))[0] if u.final][0]
+        assert last[z].states.shape == ref.states.shape == (2, 32, 32)
+        np.testing.assert_array_equal(last[z].states, ref.states)
+        np.testing.assert_allclose(last[z].probs, ref.probs, atol=1e-6)
