@@ -39,7 +39,7 @@ COLUMNS = [("size", "size", "d"), ("method", "method", ""), ("seconds", "run s",
            ("ms_per_sample_step", "ms/smp/step", ".1f"), ("ratio", "speed-up", ".3f"),
            ("build_s", "build s", ".1f"), ("max_dx0", "max|Δx̂0|", ".1e"),
            ("mask_changed", "mask px changed", ".2e")]
-OURS = ("eager", "jit", "onnxruntime", "openvino", "bf16")
+OURS = ("eager", "jit", "onnxruntime", "openvino", "openvino-bf16", "bf16")
 
 
 def randomise_zero_layers(net: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
@@ -95,6 +95,41 @@ def rows_for(size: int, n: int, n_steps: int, timed: dict[str, dict], methods: d
     return rows
 
 
+def lidc_quality(model: Any, backends: list[str], data: str, k: int, n: int) -> list[dict]:
+    """GED² and HM-IoU of ``model`` on each backend: ``n`` samples of the first ``k`` slices
+    of a LIDC-layout folder (seed 0, the same per slice for every backend), with the
+    difference from eager paired by slice and the share of mask pixels that differ."""
+    from napari_berdiff.data.layout import load_dataset
+    from napari_berdiff.training.evaluate import evaluate
+
+    items = load_dataset(data)[:k]
+    per, masks = {}, {}
+    for b in ["eager"] + [b for b in backends if b != "eager"]:
+        wrapped = copy.copy(model).use_backend(b)
+        tic = time.perf_counter()
+        rep = evaluate(wrapped, items, n=n, steps=STEPS, seed=0, baseline=None, oracle=False,
+                       annotators=False)
+        per[b] = {m: np.asarray(rep.per_item["model"][m]) for m in ("ged2", "hm_iou")}
+        masks[b] = [wrapped.sample_all(it.image, n=n, steps=STEPS, seed=i).masks
+                    for i, it in enumerate(items[:4])]
+        print(f"LIDC {k} slices, {b}: {time.perf_counter() - tic:.0f} s", flush=True)
+    rows = []
+    for b, m in per.items():
+        d = m["ged2"] - per["eager"]["ged2"]
+        changed = np.mean([(x != y).mean() for x, y in zip(masks[b], masks["eager"])])
+        row = {"method": f"LIDC quality {b}", "ged2": float(m["ged2"].mean()),
+               "ged2_sem": float(m["ged2"].std(ddof=1) / np.sqrt(len(d))),
+               "hm_iou": float(m["hm_iou"].mean()), "ged2_minus_eager": float(d.mean()),
+               "ged2_minus_eager_sem": float(d.std(ddof=1) / np.sqrt(len(d))),
+               "mask_changed": float(changed)}
+        rows.append(row)
+        print(f"{b}: GED² {row['ged2']:.4f} ± {row['ged2_sem']:.4f}, HM-IoU {row['hm_iou']:.4f};"
+              f" minus eager's {row['ged2_minus_eager']:+.4f} ± "
+              f"{row['ged2_minus_eager_sem']:.4f} (paired); mask px changed {changed:.2e} "
+              "(first 4 slices)", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = base_parser(__doc__, "bench_backends", repeats=2)
     ap.add_argument("--n", type=int, default=16)
@@ -107,7 +142,17 @@ def main() -> None:
     ap.add_argument("--quality", type=int, default=0, metavar="K",
                     help="with --bundled: GED² and HM-IoU of the default model on each "
                          "backend, N samples on K held-out phantoms (64², seed 0)")
+    ap.add_argument("--weights", default=None, metavar="FILE",
+                    help="trained weights in the berdiff-lidc-128 layout (a .safetensors "
+                         "from train_official_layout.py) instead of random ones")
+    ap.add_argument("--lidc-quality", type=int, default=0, metavar="K",
+                    help="with --weights: GED² and HM-IoU of those weights on each backend, "
+                         "N samples on the first K slices of --lidc-data, paired with eager")
+    ap.add_argument("--lidc-data", default=None, metavar="DIR",
+                    help="a LIDC-layout folder at the weights' size (validation slices)")
     args = ap.parse_args()
+    if args.lidc_quality and not (args.weights and args.lidc_data):
+        ap.error("--lidc-quality needs --weights and --lidc-data")
     set_threads(args.threads)
     from napari_berdiff.diffusion.schedules import timestep_subsequence
 
@@ -135,8 +180,13 @@ def main() -> None:
                       f"{q['hm_iou']:.4f} ± {q['hm_iou_sem']:.4f} ({args.quality} phantoms)",
                       flush=True)
 
-    ours = load_bench_model("lidc")
-    randomise_zero_layers(ours.net)
+    if args.weights:
+        ours = load_bench_model(args.weights)
+    else:
+        ours = load_bench_model("lidc")
+        randomise_zero_layers(ours.net)
+    print(f"berdiff-lidc-128 layout: {ours.name} ({'trained' if args.weights else 'random'} "
+          "weights)", flush=True)
     theirs = copy.deepcopy(ours.net).to(memory_format=torch.contiguous_format).eval()
     T = ours.diffusion.timesteps
     abar = np.array([ours.kernel.schedule.alpha_bar(i) for i in range(T)])
@@ -151,6 +201,8 @@ def main() -> None:
         rows = rows_for(size, args.n, len(sch.kept), timed, methods, "official loop")
         print_table(rows, COLUMNS)
         all_rows += rows
+    if args.lidc_quality:
+        all_rows += lidc_quality(ours, args.methods, args.lidc_data, args.lidc_quality, args.n)
     info["load_average_end"] = machine()["load_average"]
     print(f"load average at the end: {info['load_average_end']}")
     print_table(all_rows, COLUMNS)

@@ -19,6 +19,10 @@ Backends
     The step converted by OpenVINO's PyTorch front end and compiled for the CPU in float32
     (its CPU plugin would otherwise pick bfloat16 on CPUs that have it), one stream, torch's
     current thread count, a static graph per batch size.
+``openvino-bf16``
+    The same OpenVINO graph compiled with bfloat16 inference precision (its CPU plugin's own
+    choice on CPUs with AMX or AVX512-BF16). Not exact, as ``bf16``; measured faster than
+    ``bf16`` on the official network (``BENCHMARKS.md``).
 ``bf16``
     The torch module under CPU autocast to bfloat16 (GroupNorm and the softmax stay in
     float32). Fast only on CPUs with bfloat16 matrix units (AMX, AVX512-BF16), and not exact:
@@ -49,8 +53,8 @@ __all__ = ["BACKENDS", "EXACT_BACKENDS", "BackendUnavailable", "InferenceNet", "
            "wrap_network"]
 
 #: The backend names, the default first.
-BACKENDS = ("eager", "jit", "onnxruntime", "openvino", "bf16")
-#: The backends that reproduce eager float32 within 1e-4 (``bf16`` does not).
+BACKENDS = ("eager", "jit", "onnxruntime", "openvino", "openvino-bf16", "bf16")
+#: The backends that reproduce eager float32 within 1e-4 (the bfloat16 ones do not).
 EXACT_BACKENDS = ("eager", "jit", "onnxruntime", "openvino")
 #: What to install for a backend whose packages are missing.
 INSTALL_HINT = "pip install napari-berdiff[onnx]"
@@ -98,14 +102,14 @@ def check_backend(name: str, device: torch.device | str = "cpu") -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown inference backend {name!r}; choose one of "
                          f"{', '.join(BACKENDS)}")
-    if name in ("onnxruntime", "openvino"):
+    if name in ("onnxruntime", "openvino", "openvino-bf16"):
         if torch.device(device).type != "cpu":
             raise ValueError(f"the {name} backend runs on the CPU only; give --device cpu "
                              f"or use the eager or jit backend on {torch.device(device).type}")
         _require_onnxruntime() if name == "onnxruntime" else _require_openvino()
-    if name == "bf16" and torch.device(device).type == "cpu" \
+    if name in ("bf16", "openvino-bf16") and torch.device(device).type == "cpu" \
             and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise ValueError("the bf16 backend needs a CPU with bfloat16 support (AVX512-BF16 or "
+        raise ValueError(f"the {name} backend needs a CPU with bfloat16 support (AVX512-BF16 or "
                          "AMX); this one would run it slower than eager float32")
     return name
 
@@ -146,7 +150,7 @@ class InferenceNet:
         A network with ``encode``/``predict`` (the concatenation UNet or the condition-once
         network), in eval mode, on the CPU for the ONNX Runtime backends.
     backend
-        ``jit``, ``onnxruntime`` or ``bf16``.
+        Any of :data:`BACKENDS` but ``eager``.
     """
 
     def __init__(self, net: nn.Module, backend: str):
@@ -216,9 +220,10 @@ class InferenceNet:
         # batch-1 condition that larger batches need: batch 1 gets its own graph.
         shapes = tuple((tuple(x.shape[1:]) if b else tuple(x.shape), x.dtype)
                        for x, b in zip(inputs, batched))
-        threads = torch.get_num_threads() if self.backend in ("onnxruntime", "openvino") else 0
+        openvino = self.backend.startswith("openvino")
+        threads = torch.get_num_threads() if openvino or self.backend == "onnxruntime" else 0
         # OpenVINO compiles a static graph per batch size (faster than a dynamic one)
-        batch = inputs[0].shape[0] if self.backend == "openvino" else inputs[0].shape[0] == 1
+        batch = inputs[0].shape[0] if openvino else inputs[0].shape[0] == 1
         return (shapes, batch, n_cond, n_extra, tuple(names), threads)
 
     def _build(self, step: _Step, inputs: list[torch.Tensor], batched: list[bool]
@@ -229,8 +234,9 @@ class InferenceNet:
             example = [x.clone() for x in inputs]
             if self.backend == "jit":
                 return _build_jit(step, example)
-            if self.backend == "openvino":
-                return _build_openvino(step, example)
+            if self.backend.startswith("openvino"):
+                precision = "bf16" if self.backend == "openvino-bf16" else "f32"
+                return _build_openvino(step, example, precision)
             return _build_onnxruntime(step, example, batched)
 
 
@@ -245,13 +251,13 @@ def _build_jit(step: _Step, example: list[torch.Tensor]
     return run
 
 
-def _build_openvino(step: _Step, example: list[torch.Tensor]
+def _build_openvino(step: _Step, example: list[torch.Tensor], precision: str = "f32"
                     ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     ov = _require_openvino()
     # OpenVINO's PyTorch front end (its ONNX reader gave wrong outputs for this graph)
     model = ov.convert_model(step, example_input=tuple(example))
     compiled = ov.Core().compile_model(model, "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
 

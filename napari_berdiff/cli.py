@@ -26,7 +26,7 @@ PROG = "berdiff"
 #: The sampler's default memory budget (MB); kept here so ``--help`` needs no torch.
 DEFAULT_BUDGET_MB = 1536
 #: The inference backends (napari_berdiff.backends.BACKENDS; here so ``--help`` needs no torch).
-BACKENDS = ("eager", "jit", "onnxruntime", "openvino", "bf16")
+BACKENDS = ("eager", "jit", "onnxruntime", "openvino", "openvino-bf16", "bf16")
 #: Options whose value may start with a minus sign (argparse takes "-10,0,64,64" for an option).
 SIGNED_VALUE_OPTIONS = ("--roi",)
 MAPS = ("frequency", "variance", "entropy")
@@ -633,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="eager", choices=BACKENDS,
                    help="inference backend: eager PyTorch (default); jit (TorchScript frozen, "
                         "oneDNN); onnxruntime (pip install napari-berdiff[onnx]); openvino "
-                        "(pip install napari-berdiff[openvino]; float32); bf16 "
+                        "(pip install napari-berdiff[openvino]; float32); openvino-bf16 (the "
+                        "same in bfloat16, the fastest on CPUs with AMX); bf16 "
                         "(bfloat16 autocast: fast on CPUs with AMX/AVX512-BF16, output within "
                         "about 1e-2, so seeded masks differ in a few pixels)")
     add_run_options(p, "sample", "slice index of a 3D volume (first axis)")

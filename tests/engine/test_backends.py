@@ -120,13 +120,16 @@ def test_condition_once_model_with_a_presence_head_samples_the_same(backend):
 
 
 @BF16
-def test_bf16_stays_within_its_tolerance():
+@pytest.mark.parametrize("backend", ["bf16", pytest.param(
+    "openvino-bf16", marks=pytest.mark.skipif(
+        not _have("openvino"), reason="openvino not installed (pip install .[openvino])"))])
+def test_bf16_stays_within_its_tolerance(backend):
     net = tiny_model().net
     image = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     x, t = _states(4), torch.tensor([3, 30, 60, 90])
     with torch.inference_mode():
         ref = net.predict(x, t, image)
-        out = wrap_network(net, "bf16").predict(x, t, image)
+        out = wrap_network(net, backend).predict(x, t, image)
     assert out.dtype == torch.float32
     assert 0 < float((out - ref).abs().max()) < BF16_TOL
 
