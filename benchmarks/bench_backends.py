@@ -20,7 +20,14 @@ are reported apart.
 ``--bundled`` adds our default network (models/berdiff-phantom-64.safetensors) at 128²,
 N samples at its default steps, with our methods only.
 
+``--weights FILE`` replaces the random weights by trained ones in the same layout
+(``benchmarks/train_official_layout.py``); ``--lidc-quality K --lidc-data D/val64`` then
+scores those weights on each backend on K validation slices (GED² and HM-IoU against the
+readers, paired with eager by slice), which is what a reduced-precision backend is judged by.
+
     python benchmarks/bench_backends.py --threads 1 --sizes 64 128 --repeats 2
+    python benchmarks/bench_backends.py --threads 2 --sizes 64 --methods eager openvino-bf16 \
+        bf16 --weights W.safetensors --lidc-quality 40 --lidc-data D/val64 --n 8
 """
 
 from __future__ import annotations
