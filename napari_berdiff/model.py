@@ -204,7 +204,7 @@ class DiffusionModel:
         return self
 
     def use_backend(self, backend: str = "eager") -> "DiffusionModel":
-        """Sample with an inference backend (``eager``, ``jit``, ``onnxruntime``, ``bf16``;
+        """Sample with an inference backend (any of ``backends.BACKENDS``;
         see :mod:`napari_berdiff.backends`). ``.net`` stays the torch module.
 
         Raises
