@@ -60,6 +60,8 @@ __all__ = ["BACKENDS", "EXACT_BACKENDS", "BackendUnavailable", "InferenceNet", "
 
 #: The backend names, the default first.
 BACKENDS = ("eager", "jit", "onnxruntime", "openvino", "openvino-bf16", "bf16")
+#: The OpenVINO backends and the inference precision each compiles for.
+OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
 #: The backends that reproduce eager float32 within 1e-4 (the bfloat16 ones do not).
 EXACT_BACKENDS = ("eager", "jit", "onnxruntime", "openvino")
 #: What to install for a backend whose packages are missing.
@@ -108,7 +110,7 @@ def check_backend(name: str, device: torch.device | str = "cpu") -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown inference backend {name!r}; choose one of "
                          f"{', '.join(BACKENDS)}")
-    if name in ("onnxruntime", "openvino", "openvino-bf16"):
+    if name == "onnxruntime" or name in OPENVINO_PRECISION:
         if torch.device(device).type != "cpu":
             raise ValueError(f"the {name} backend runs on the CPU only; give --device cpu "
                              f"or use the eager or jit backend on {torch.device(device).type}")
@@ -226,7 +228,7 @@ class InferenceNet:
         # batch-1 condition that larger batches need: batch 1 gets its own graph.
         shapes = tuple((tuple(x.shape[1:]) if b else tuple(x.shape), x.dtype)
                        for x, b in zip(inputs, batched))
-        openvino = self.backend.startswith("openvino")
+        openvino = self.backend in OPENVINO_PRECISION
         threads = torch.get_num_threads() if openvino or self.backend == "onnxruntime" else 0
         # OpenVINO compiles a static graph per batch size (faster than a dynamic one)
         batch = inputs[0].shape[0] if openvino else inputs[0].shape[0] == 1
@@ -240,9 +242,8 @@ class InferenceNet:
             example = [x.clone() for x in inputs]
             if self.backend == "jit":
                 return _build_jit(step, example)
-            if self.backend.startswith("openvino"):
-                precision = "bf16" if self.backend == "openvino-bf16" else "f32"
-                return _build_openvino(step, example, precision)
+            if self.backend in OPENVINO_PRECISION:
+                return _build_openvino(step, example, OPENVINO_PRECISION[self.backend])
             return _build_onnxruntime(step, example, batched)
 
 

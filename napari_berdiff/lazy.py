@@ -49,8 +49,3 @@ class LazySequence(Sequence[T], Generic[T]):
         if i not in self._items:
             self._items[i] = self._make(i)
         return self._items[i]
-
-    @property
-    def made(self) -> list[int]:
-        """The indices computed so far, in order."""
-        return sorted(self._items)

@@ -245,14 +245,16 @@ def _run_batched(job: Job) -> Generator[Update, None, Outcome]:
     n_slices = len(job.crops)
     try:  # each slice is resampled when its batch starts, not all before the first frame
         prepared = LazySequence(lambda pos: _slice_inputs(job, pos, job.crops[pos]), n_slices)
+
+        def part(get: Any) -> LazySequence:
+            return LazySequence(lambda pos: get(prepared[pos]), n_slices)
+
         common = {k: v for k, v in prepared[0][1].items() if k in ("temperature", "units")}
-        priors = (None if job.priors is None
-                  else LazySequence(lambda pos: prepared[pos][1]["prior"], n_slices))
+        priors = None if job.priors is None else part(lambda p: p[1]["prior"])
         constraints = (None if job.constraints is None
-                       else LazySequence(lambda pos: prepared[pos][1].get("constraints"),
-                                         n_slices))
+                       else part(lambda p: p[1].get("constraints")))
         stream = job.model.sample_slices(
-            LazySequence(lambda pos: prepared[pos][0], n_slices), job.n, job.steps,
+            part(lambda p: p[0]), job.n, job.steps,
             [job.seed + off for off in job.seed_offsets], priors=priors,
             constraints=constraints, cancel=job.cancel, **common)
     except Exception as exc:  # noqa: BLE001 - reported to the user

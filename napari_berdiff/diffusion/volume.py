@@ -181,7 +181,10 @@ def sample_slices(
             raise ValueError(f"{name} must hold one entry per slice ({count}); "
                              f"got {len(seq)}")
 
+    box: Roi = None  # slice 0's region, the same for every slice
+
     def check(i: int) -> SliceInput:
+        nonlocal box
         img, box_i, prior_t, constraint_t = check_image(
             net, kernel, images[i], roi, None if priors is None else priors[i],
             None if constraints is None else constraints[i], image_channels)
@@ -189,10 +192,9 @@ def sample_slices(
             raise ValueError(f"every slice must have one shape; slice {i} is "
                              f"{img.shape}, slice 0 {inputs[0].image.shape}")
         if not i:
-            boxes.append(box_i)
+            box = box_i
         return SliceInput(img, check_seed(seeds[i]), prior_t, constraint_t)
 
-    boxes: list[Roi] = []  # slice 0's region, the same for every slice
     inputs = LazySequence(check, count)  # slice 0 now, the others when their batch starts
     c, h, w = inputs[0].image.shape
     dev = select_device(device)
@@ -202,7 +204,7 @@ def sample_slices(
     alone = plan.chunk if plan.slices == 1 else plan_memory(
         net, n, c, h, w, max_batch, memory_budget_mb, dev).chunk
     sizes = batch_sizes(count, plan.slices, first_alone)
-    gen = _run_batches(net, kernel, inputs, sizes, n, visited, boxes[0], dev, plan.chunk, alone,
+    gen = _run_batches(net, kernel, inputs, sizes, n, visited, box, dev, plan.chunk, alone,
                        cancel, profile, t_start)
     return SliceStream(gen, count, plan)
 

@@ -39,6 +39,8 @@ FLOAT32 = ["jit", pytest.param("onnxruntime", marks=pytest.mark.skipif(
         not _have("openvino"), reason="openvino not installed (pip install .[openvino])"))]
 BF16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                           reason="this CPU has no bfloat16 support")
+BF16_BACKENDS = ["bf16", pytest.param("openvino-bf16", marks=pytest.mark.skipif(
+    not _have("openvino"), reason="openvino not installed (pip install .[openvino])"))]
 
 
 def _states(n: int, size: int = 16, seed: int = 1) -> torch.Tensor:
@@ -120,9 +122,7 @@ def test_condition_once_model_with_a_presence_head_samples_the_same(backend):
 
 
 @BF16
-@pytest.mark.parametrize("backend", ["bf16", pytest.param(
-    "openvino-bf16", marks=pytest.mark.skipif(
-        not _have("openvino"), reason="openvino not installed (pip install .[openvino])"))])
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
 def test_bf16_stays_within_its_tolerance(backend):
     net = tiny_model().net
     image = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -177,9 +177,7 @@ def test_cli_backend_is_used_recorded_and_a_missing_one_is_an_error(capsys, tmp_
 
 
 @BF16
-@pytest.mark.parametrize("backend", ["bf16", pytest.param(
-    "openvino-bf16", marks=pytest.mark.skipif(
-        not _have("openvino"), reason="openvino not installed (pip install .[openvino])"))])
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
 def test_reduced_precision_keeps_a_trained_networks_masks(backend):
     """The stated tolerance of the bfloat16 backends (BENCHMARKS.md, issue 26): on trained
     weights, seeded masks differ from eager's in at most 0.1% of pixels."""
