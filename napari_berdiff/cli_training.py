@@ -244,7 +244,8 @@ def _cdal_train_config(args: argparse.Namespace, image_size: int, channels: int)
         normalisation=args.normalisation, checkpoint_every=args.checkpoint_every,
         max_minutes=args.minutes, seed=args.seed, threads=args.threads, device=args.device,
         lr_d=args.lr_d, r1_gamma=args.r1_gamma, disc_channels=args.disc_channels,
-        attn_scale=args.attn_scale, adv_weight=args.adv_weight,
+        attn_scale=args.attn_scale, adv_weight=args.adv_weight, gen_loss=args.gen_loss,
+        gen_samples=args.gen_samples, init_from=args.init_from or "",
     )
 
 
@@ -272,7 +273,8 @@ RECIPE_OPTIONS: dict[str, tuple[str, ...]] = {
     "base_channels": ("network", "model_channels"), "channel_mult": ("network", "channel_mult"),
     "res_blocks": ("network", "num_res_blocks"),
     "attention": ("network", "attention_resolutions"), "norm_groups": ("network", "norm_groups"),
-    "unshuffle": ("network", "unshuffle"),
+    "unshuffle": ("network", "unshuffle"), "gen_loss": ("gen_loss",),
+    "gen_samples": ("gen_samples",), "adv_weight": ("adv_weight",),
     "split": ("data", "split"), "val_fraction": ("data", "split_fractions", 1),
     "test_fraction": ("data", "split_fractions", 2), "split_seed": ("data", "split_seed"),
 }
@@ -520,6 +522,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--adv-weight", type=float, default=0.0,
                    help="cdal: weight of the generator's adversarial term (0: MSE only, as "
                         "the released code)")
+    p.add_argument("--gen-loss", choices=("mse", "energy"), default="mse",
+                   help="cdal: the generator's main loss: mse (on x̂0, as the released code) or "
+                        "energy (this project's: the energy score of --gen-samples samples "
+                        "against the annotator, with GED's 1 − IoU distance; rewards diverse "
+                        "samples)")
+    p.add_argument("--gen-samples", type=int, default=4,
+                   help="cdal, --gen-loss energy: samples (latents) per input (default 4)")
+    p.add_argument("--init-from",
+                   help="cdal: a cDAL model file of the same layout whose generator starts a "
+                        "fresh run")
     p.add_argument("--unshuffle", type=int, default=1,
                    help="cdal: run the whole generator at 1/U resolution on pixel-unshuffled "
                         "inputs (this project's CPU variant; default 1: the official layout; "

@@ -34,12 +34,13 @@ from ..diffusion.device import select_device
 from ..networks.cdal_discriminator import CDALDiscriminator
 from .config import TrainConfig
 from .ema import EMA
+from .energy import energy_score
 from .loop import (RunLog, begin_run, clip_gradients, draw_batch, log_path_for, lr_at,
                    restore_state, save_state, state_path_for, training_arrays)
 
-__all__ = ["train_cdal", "build_discriminator"]
+__all__ = ["train_cdal", "build_discriminator", "init_generator_from"]
 
-LOG_FIELDS = ("step", "loss", "mse", "loss_d", "lr", "grad_norm", "elapsed_s")
+LOG_FIELDS = ("step", "loss", "mse", "energy", "loss_d", "lr", "grad_norm", "elapsed_s")
 
 
 def build_discriminator(cfg: TrainConfig) -> CDALDiscriminator:
@@ -47,6 +48,26 @@ def build_discriminator(cfg: TrainConfig) -> CDALDiscriminator:
     net = cfg.network_config()
     levels = max(1, min(4, (net.image_size // 8).bit_length() - 1))
     return CDALDiscriminator(net.mask_channels, cfg.disc_channels, t_dim=64, levels=levels)
+
+
+def init_generator_from(path: str | Path, net: torch.nn.Module) -> None:
+    """Start ``net`` from the generator of a saved cDAL model file (same layout).
+
+    Raises
+    ------
+    ValueError
+        When the file is not a cDAL model or its tensors do not fit ``net``.
+    """
+    from ..checkpoints import load_model
+
+    model = load_model(path, device="cpu")
+    if model.diffusion.kind != "cdal":
+        raise ValueError(f"{path} is a {model.diffusion.kind!r} model, not a cDAL generator")
+    own, theirs = net.state_dict(), model.net.state_dict()
+    if set(own) != set(theirs) or any(own[k].shape != v.shape for k, v in theirs.items()):
+        raise ValueError(f"{path}: its generator has another layout than this recipe's "
+                         "network; give the same network options as the run that wrote it")
+    net.load_state_dict(theirs)
 
 
 def _set_lrs(cfg: TrainConfig, step: int, opt_g: torch.optim.Optimizer,
@@ -94,6 +115,9 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
     if saved is not None:
         step, elapsed_before = restore_state(saved, gen, net=net_g, disc=net_d, ema=ema,
                                              opt=opt_g, opt_d=opt_d)
+    elif cfg.init_from:
+        init_generator_from(cfg.init_from, net_g)
+        ema = EMA(net_g, cfg.ema_decay)
 
     log = RunLog(log_file, LOG_FIELDS, total=cfg.steps, step=step, resumed=saved is not None,
                  desc="train cdal", progress=progress, elapsed_before=elapsed_before)
@@ -114,6 +138,7 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
         return kernel.q_sample_pair(x0, t, n1.to(dev), n2.to(dev))
 
     b, nz = cfg.batch_size, net_cfg.nz
+    energy = cfg.gen_loss == "energy"
     stopped_by_time, start_step = False, step
     net_g.train()
     net_d.train()
@@ -153,9 +178,22 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
         post_noise = torch.randn(x0.shape, generator=gen).to(dev)
         for p in net_d.parameters():
             p.requires_grad_(False)
-        x0_pred = net_g(x_next_attn, t, img, z)
-        mse = (x0 - x0_pred).pow(2).flatten(1).mean(1).mean()
-        loss_g = mse
+        if energy:
+            # K latents for each input: the samples' spread is part of the loss.
+            k = cfg.gen_samples
+            z = torch.randn((b * k, nz), generator=gen).to(dev)
+            x0_all = net_g(x_next_attn.repeat_interleave(k, 0), t.repeat_interleave(k, 0),
+                           img.repeat_interleave(k, 0), z)
+            fg = ((kernel.sign * x0_all + 1) / 2).reshape(b, k, -1)
+            score = energy_score(fg, mask.to(dev).flatten(1)).mean()
+            x0_pred = x0_all[::k]
+            mse = (x0 - x0_pred).pow(2).flatten(1).mean(1).mean()
+            loss_g = score
+        else:
+            x0_pred = net_g(x_next_attn, t, img, z)
+            mse = (x0 - x0_pred).pow(2).flatten(1).mean(1).mean()
+            score = torch.zeros(())
+            loss_g = mse
         if cfg.adv_weight > 0:
             x_fake = kernel.posterior(x0_pred, x_next_attn, t, post_noise)
             loss_g = loss_g + cfg.adv_weight * F.softplus(-net_d(x_fake, t, x_next_attn)).mean()
@@ -170,8 +208,9 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
 
         lv, mv, dv = float(loss_g.detach()), float(mse.detach()), float(loss_d.detach())
         elapsed = log.elapsed
-        log.row(step, lv, [f"{lv:.6g}", f"{mv:.6g}", f"{dv:.6g}", f"{lr:.6g}", f"{gnorm:.4g}",
-                           f"{elapsed:.2f}"], cfg.steps)
+        log.row(step, lv, [f"{lv:.6g}", f"{mv:.6g}", f"{float(score.detach()):.6g}",
+                           f"{dv:.6g}", f"{lr:.6g}", f"{gnorm:.4g}", f"{elapsed:.2f}"],
+                cfg.steps)
         stop = log.after_step(step, elapsed, cfg, checkpoint, stop_after)
         if stop:
             stopped_by_time = stop == "time"

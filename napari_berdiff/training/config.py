@@ -17,6 +17,8 @@ from ..networks.registry import (
 )
 
 TRAIN_KINDS = ("bernoulli", "gaussian", "deterministic", "refiner", "cdal")
+#: The cDAL generator's main losses: the released MSE on x̂0, or the energy score.
+GEN_LOSSES = ("mse", "energy")
 T_SAMPLINGS = ("uniform", "visited")
 
 
@@ -174,16 +176,24 @@ class TrainConfig:
         Refiner only: weight of a soft-Dice term ``1 − Dice(x̂0, x0)`` added to the
         refiner's loss (as the segmentor's ``dice_weight``; 0: none).
     init_from
-        Refiner only: a refiner file (with its segmentor next to it) whose weights start a
+        Refiner: a refiner file (with its segmentor next to it) whose weights start a
         fresh run; a feature-conditioned network takes the old refiner's weights where the
         names match, its segmentor the segmentor's (its feature projections start at zero,
-        so it starts as the old pair). Empty: random initialisation.
+        so it starts as the old pair). cDAL: a cDAL model file of the same layout whose
+        generator starts the run (the discriminator starts afresh). Empty: random
+        initialisation.
     lr_d, r1_gamma, disc_channels, attn_scale, adv_weight
         cDAL only: the discriminator's learning rate (Adam with ``betas``; the generator
         uses ``lr``), the R1 penalty weight γ (``γ/2·‖∇_{x_t} D‖²`` on real pairs), the
         discriminator's base width, which of its feature maps gives the spatial attention,
         and the weight of the generator's non-saturating adversarial term (0: the released
         loss, MSE on x̂0 alone).
+    gen_loss, gen_samples
+        cDAL only: the generator's main loss, ``"mse"`` (the released loss, MSE on x̂0) or
+        ``"energy"`` (this project's departure: the energy score of ``gen_samples`` x̂0
+        drawn with different z for the same input, against the annotator's mask, with GED's
+        soft 1 − IoU distance; :mod:`napari_berdiff.training.energy`), which rewards
+        samples that differ as the readers do where MSE trains their mean.
     """
 
     kind: str = "bernoulli"
@@ -227,6 +237,8 @@ class TrainConfig:
     disc_channels: int = 16
     attn_scale: int = 2
     adv_weight: float = 0.0
+    gen_loss: str = "mse"
+    gen_samples: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in TRAIN_KINDS:
@@ -301,6 +313,11 @@ class TrainConfig:
             raise ValueError("lr_d must be > 0, r1_gamma and adv_weight >= 0")
         if self.disc_channels < 1 or self.attn_scale < 0:
             raise ValueError("disc_channels must be >= 1 and attn_scale >= 0")
+        if self.gen_loss not in GEN_LOSSES:
+            raise ValueError(f"gen_loss must be one of {GEN_LOSSES}, got {self.gen_loss!r}")
+        if self.gen_loss == "energy" and self.gen_samples < 2:
+            raise ValueError("the energy loss compares samples: gen_samples must be >= 2, got "
+                             f"{self.gen_samples}")
 
     def _check_refiner(self, net: Any, diff: DiffusionConfig) -> None:
         if diff.kind != "bernoulli":

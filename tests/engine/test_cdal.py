@@ -276,3 +276,58 @@ def test_a_foreign_safetensors_generator_is_named_for_what_it_looks_like(tmp_pat
     msg = str(err.value)
     assert "not written by napari-berdiff" in msg and "NCSN++ generator" in msg
     assert "nz=8" in msg
+
+
+def _tiny_cdal_run(tmp_path, name: str, **changes):
+    from napari_berdiff.data.dataset import SegDataset, SegItem
+    from napari_berdiff.data.phantoms import make_phantom
+    from napari_berdiff.networks import network_description
+    from napari_berdiff.training import TrainConfig, default_diffusion, train
+
+    items = [SegItem(p.image.astype(np.float32), p.masks, f"c{s}", "000")
+             for s, p in ((s, make_phantom(s, 16)) for s in range(6))]
+    ds = SegDataset(items, {"description": "tiny phantoms"})
+    net = NCSNppConfig(image_size=16, nf=32, ch_mult=(1, 2), num_res_blocks=1,
+                       attn_resolutions=(), nz=4, z_emb_dim=16, n_mlp=1, cond_enc_layers=1,
+                       cond_enc_num_res_blocks=1)
+    settings = dict(kind="cdal", network=network_description(net),
+                    diffusion=default_diffusion("cdal").to_dict(), steps=3, batch_size=2,
+                    lr=1e-3, betas=(0.5, 0.9), warmup=1, checkpoint_every=10, threads=1)
+    cfg = TrainConfig(**{**settings, **changes})
+    out = tmp_path / f"{name}.safetensors"
+    return train(cfg, ds, out, progress=False), out
+
+
+def test_energy_loss_trains_on_samples_of_several_latents(tmp_path):
+    res, out = _tiny_cdal_run(tmp_path, "e", gen_loss="energy", gen_samples=3)
+    rows = np.genfromtxt(tmp_path / "e.log.csv", delimiter=",", names=True)
+    assert len(rows) == 3 and np.isfinite(rows["energy"]).all()
+    # The logged loss is the energy score (no adversarial term here), not the MSE.
+    np.testing.assert_allclose(rows["loss"], rows["energy"], rtol=1e-5)
+    assert not np.allclose(rows["loss"], rows["mse"])
+    model = load_model(out)
+    assert model.sample_all(np.zeros((16, 16)), n=2, seed=0).masks.shape == (2, 16, 16)
+
+
+def test_init_from_starts_the_generator_from_a_cdal_file(tmp_path):
+    _, first = _tiny_cdal_run(tmp_path, "first")
+    _, second = _tiny_cdal_run(tmp_path, "second", steps=1, lr=1e-12, seed=5,
+                               init_from=str(first))
+    a, b = load_model(first).net.state_dict(), load_model(second).net.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_init_from_refuses_another_layout_and_a_single_energy_sample(tmp_path):
+    from napari_berdiff.networks import network_description
+    from napari_berdiff.training import TrainConfig
+
+    _, first = _tiny_cdal_run(tmp_path, "first")
+    other = NCSNppConfig(image_size=16, nf=32, ch_mult=(1, 2), num_res_blocks=2,
+                         attn_resolutions=(), nz=4, z_emb_dim=16, n_mlp=1, cond_enc_layers=1,
+                         cond_enc_num_res_blocks=1)
+    with pytest.raises(ValueError, match="another layout"):
+        _tiny_cdal_run(tmp_path, "bad", network=network_description(other),
+                       init_from=str(first))
+    with pytest.raises(ValueError, match="gen_samples must be >= 2"):
+        TrainConfig(kind="cdal", network=network_description(other), gen_loss="energy",
+                    gen_samples=1)
