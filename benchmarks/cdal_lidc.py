@@ -42,6 +42,15 @@ def paired(test: dict, default: dict | None, key: str) -> tuple[float, float, in
     return mean_sem(a - b)
 
 
+def _loss_words(rec: dict) -> str:
+    """The generator's main loss, in words, from a training recipe."""
+    if rec.get("gen_loss", "mse") == "energy":
+        start = f", started from `{Path(rec['init_from']).name}`" if rec.get("init_from") else ""
+        return (f"the energy score of {rec.get('gen_samples')} samples per input (soft "
+                f"1 − IoU; our departure from the released MSE){start}")
+    return "MSE on x̂0"
+
+
 def _pm(pair) -> str:
     return f"{pair[0]:.3f} ± {pair[1]:.3f}"
 
@@ -113,8 +122,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         f"Training record: batch {rec.get('batch_size')}, Adam(β = "
         f"{tuple(rec.get('betas', ()))}) lr {rec.get('lr')} (generator, warm-up "
         f"{rec.get('warmup')}, cosine over {rec.get('steps')} steps) / {rec.get('lr_d')} "
-        f"(discriminator), R1 γ = {rec.get('r1_gamma')}, generator loss MSE on x̂0 + "
-        f"{rec.get('adv_weight')} × adversarial, EMA {rec.get('ema_decay')} (the EMA weights "
+        f"(discriminator), R1 γ = {rec.get('r1_gamma')}, generator loss {_loss_words(rec)}"
+        f" + {rec.get('adv_weight')} × adversarial, EMA {rec.get('ema_decay')} (the EMA weights "
         f"are bundled); steps done {(meta.get('training') or {}).get('steps_done', '?')} in "
         f"{(meta.get('training') or {}).get('train_time_s', 0) / 60:.0f} min of the "
         f"{rec.get('steps')} planned, on the shared 2-core CPU.", "",

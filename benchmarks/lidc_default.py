@@ -268,7 +268,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     text = markdown(summary, groups, paired)
     print(text)
     per_item = {who: {k: [float(v) for v in rep.per_item[who][k]]
-                      for k in ("ged2", "hm_iou") if k in rep.per_item[who]}
+                      for k in ("ged2", "hm_iou", "soft_dice", "mv_dice")
+                      if k in rep.per_item[who]}
                 for who in ("model", best)}
     per_item["slices"] = [f"{it.case}/{it.slice}" for it in ds]
     doc = {"summary": summary, "breakdown": groups, "paired_model_minus_best_reader": paired,

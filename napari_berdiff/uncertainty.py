@@ -43,6 +43,7 @@ __all__ = [
     "hd95",
     "hm_iou",
     "iou",
+    "majority_vote_dice",
     "mutual_information",
     "pairwise_iou",
     "soft_dice",
@@ -336,6 +337,21 @@ def dice(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     if denom == 0:
         return 1.0
     return 2.0 * np.count_nonzero(ma & mb) / denom
+
+
+def majority_vote_dice(samples: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """Dice of the samples' majority vote (frequency > ½, cDAL's consensus) with each label,
+    averaged over the labels (1 for two empty masks).
+
+    Parameters
+    ----------
+    samples
+        Binary sample masks, shape ``(N, ...)``.
+    labels
+        Binary reference annotations, shape ``(K, ...)``.
+    """
+    vote = (np.asarray(samples) > 0).mean(0) > 0.5
+    return float(np.mean([dice(vote, lab) for lab in np.asarray(labels) > 0]))
 
 
 def _pairwise_intersections(A: np.ndarray, B: np.ndarray) -> np.ndarray:

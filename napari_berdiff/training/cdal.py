@@ -10,7 +10,14 @@ Each step, as the released ``train_cDal_monu_and_lung.py`` does:
    channel mean of its feature map ``attn_scale``, upsampled bilinearly) multiplies ``x0``,
    and ``x_{t+1}`` is drawn from that: ``G`` learns ``x̂0`` from ``(x_{t+1}^{attn}, t, image,
    z)`` under ``MSE(x0, x̂0)``, plus ``adv_weight · softplus(−D(x_t', t, x_{t+1}))`` when
-   ``adv_weight > 0`` (the released loss has none).
+   ``adv_weight > 0`` (the released loss has none). With ``gen_loss = "energy"`` (this
+   project's departure, :mod:`.energy`) the generator instead draws ``gen_samples`` x̂0
+   per input with different z and minimises their energy score against the annotator's
+   mask, so that z comes to carry the readers' disagreement; the adversarial term then
+   scores the first of them.
+
+``init_from`` starts the generator from a cDAL model file (a fresh run: new discriminator,
+optimisers and step count).
 
 Every draw (items, annotators, augmentation, t, noise, z) comes from one seeded
 ``torch.Generator`` whose state the training state keeps, so ``resume`` continues exactly.

@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 
 from ..data.dataset import SegDataset
-from ..uncertainty import ged2, hm_iou, soft_dice
+from ..uncertainty import ged2, hm_iou, majority_vote_dice, soft_dice
 
 __all__ = ["Method", "EvalReport", "evaluate", "evaluate_methods", "model_method",
            "segmentor_method", "constant_method", "format_table", "item_metrics",
            "hm_iou_leave_one_out", "default_baseline_path", "METRICS"]
 
-METRICS = ("ged2", "hm_iou", "soft_dice", "dice")
+METRICS = ("ged2", "hm_iou", "soft_dice", "dice", "mv_dice")
 #: Every per-item figure of a report: :data:`METRICS` and ``hm_iou_loo``.
 REPORTED = METRICS + ("hm_iou_loo",)
 #: A method maps (image (C,H,W) float32 as loaded, n, seed) to (n, H, W) binary masks.
@@ -65,7 +65,7 @@ def mean_pair_dice(samples: np.ndarray, labels: np.ndarray) -> float:
 
 
 def item_metrics(samples: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The four metrics of N binary samples against K labels."""
+    """The five metrics of N binary samples against K labels."""
     samples = (np.asarray(samples) > 0).astype(np.uint8)
     labels = (np.asarray(labels) > 0).astype(np.uint8)
     return {
@@ -73,6 +73,7 @@ def item_metrics(samples: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "hm_iou": hm_iou(samples, labels),
         "soft_dice": soft_dice(samples.astype(np.float32), labels),
         "dice": mean_pair_dice(samples, labels),
+        "mv_dice": majority_vote_dice(samples, labels),
     }
 
 

@@ -34,12 +34,23 @@ def test_item_metrics_extremes():
     assert same["ged2"] == pytest.approx(0.0, abs=1e-12)
     assert same["hm_iou"] == pytest.approx(1.0)
     assert same["soft_dice"] == pytest.approx(1.0)
-    assert same["dice"] == pytest.approx(1.0)
+    assert same["dice"] == pytest.approx(1.0) and same["mv_dice"] == pytest.approx(1.0)
     empty = item_metrics(np.zeros((8, 8, 8), np.uint8), y)
     assert empty["ged2"] == pytest.approx(2.0)
-    assert empty["hm_iou"] == 0.0 and empty["dice"] == 0.0
+    assert empty["hm_iou"] == 0.0 and empty["dice"] == 0.0 and empty["mv_dice"] == 0.0
     # Dice of two empty masks is 1
     assert mean_pair_dice(np.zeros((2, 4, 4)), np.zeros((3, 4, 4))) == 1.0
+
+
+def test_majority_vote_dice_scores_the_vote_against_each_label():
+    """3 of 5 samples cover a 4x4 square, 2 cover a 2x2 corner of it: the vote is the square."""
+    s = np.zeros((5, 8, 8), np.uint8)
+    s[:3, 2:6, 2:6] = 1
+    s[3:, 2:4, 2:4] = 1
+    y = np.zeros((2, 8, 8), np.uint8)
+    y[0, 2:6, 2:6] = 1  # the square: Dice 1
+    y[1, 2:6, 2:4] = 1  # half of it: Dice 2*8/(16+8)
+    assert item_metrics(s, y)["mv_dice"] == pytest.approx((1 + 16 / 24) / 2)
 
 
 def test_oracle_beats_a_constant_mask_and_json_is_keyed_by_method(tmp_path):
