@@ -4,6 +4,8 @@ the BENCHMARKS.md figures.
     python benchmarks/cdal_lidc.py bundle --model M --test-json T.json --speed-json S.json \
         --default-speed-json DS.json [--default-test-json B.json] [--notes N.md] \
         --recipe "CMD 1" "CMD 2" ...
+    python benchmarks/cdal_lidc.py compare --rows default:B.json:DS.json cdal:T.json:S.json \
+        gaussian:G.json:GS.json
 
 ``T.json`` and ``B.json`` are ``benchmarks/lidc_default.py test`` outputs of the cDAL model and
 of the BerDiff default on the same test slices (with per-slice figures, for the paired
@@ -189,6 +191,40 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The issue-22 table: each model's test file and speed file, paired against the first."""
+    rows = []
+    for spec in args.rows:
+        try:
+            name, test_json, speed_json = spec.split(":")
+        except ValueError:
+            raise SystemExit(f"--rows takes NAME:TEST_JSON:SPEED_JSON, got {spec!r}") from None
+        rows.append((name, json.loads(Path(test_json).read_text()),
+                     json.loads(Path(speed_json).read_text())))
+    base_name, base, base_speed = rows[0]
+    lines = [f"| model | steps | GED² | HM-IoU | majority-vote Dice | soft Dice | GED² − "
+             f"{base_name} (paired) | majority-vote Dice − {base_name} (paired) | 16 × 128² (s) "
+             "| × time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, test, speed in rows:
+        per = {k: mean_sem(test["per_item"]["model"][k])
+               for k in ("ged2", "hm_iou", "mv_dice", "soft_dice")}
+        pg, pd = paired(test, base, "ged2"), paired(test, base, "mv_dice")
+        same = name == base_name
+        lines.append(
+            f"| {name} | {test['settings'].get('steps') or speed.get('steps', '?')} | "
+            + " | ".join(_pm(per[k]) for k in ("ged2", "hm_iou", "mv_dice", "soft_dice"))
+            + f" | {'–' if same else _pm(pg)} | {'–' if same else _pm(pd)} | "
+            f"{speed['total_s']:.3f} | {speed['total_s'] / base_speed['total_s']:.2f} |")
+    st = base["settings"]
+    lines += ["", f"Test split: {st['items']} slices, N = {st['n']}, seed {st['seed']}; mean ± "
+              "s.e.m. over slices; paired differences by slice. Time: `lidc_default.py speed` "
+              f"(median of {base_speed['repeats']}, torch threads {base_speed['threads']}), "
+              "one model after the other; load average "
+              + " / ".join(f"{sp['load']:.1f}" for _, _, sp in rows) + "."]
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -200,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--default-test-json")
     b.add_argument("--notes", help="a markdown file of notes for the card")
     b.add_argument("--recipe", nargs="+", required=True, help="the exact commands, one each")
+    c = sub.add_parser("compare", help="the same-run table of issue 22")
+    c.add_argument("--rows", nargs="+", required=True,
+                   help="NAME:TEST_JSON:SPEED_JSON per model, the reference first")
     args = ap.parse_args(argv)
-    return {"bundle": cmd_bundle}[args.cmd](args)
+    return {"bundle": cmd_bundle, "compare": cmd_compare}[args.cmd](args)
 
 
 if __name__ == "__main__":
