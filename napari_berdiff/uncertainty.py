@@ -340,16 +340,8 @@ def dice(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
 
 
 def majority_vote_dice(samples: npt.ArrayLike, labels: npt.ArrayLike) -> float:
-    """Dice of the samples' majority vote (frequency > ½, cDAL's consensus) with each label,
-    averaged over the labels (1 for two empty masks).
-
-    Parameters
-    ----------
-    samples
-        Binary sample masks, shape ``(N, ...)``.
-    labels
-        Binary reference annotations, shape ``(K, ...)``.
-    """
+    """Dice of the majority vote (frequency > ½, cDAL's consensus) of binary ``samples``
+    (N, ...) with each of the binary ``labels`` (K, ...), averaged (1 for two empty masks)."""
     vote = (np.asarray(samples) > 0).mean(0) > 0.5
     return float(np.mean([dice(vote, lab) for lab in np.asarray(labels) > 0]))
 

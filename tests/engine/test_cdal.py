@@ -243,25 +243,14 @@ def test_train_kind_cdal_lowers_the_loss_and_writes_a_loadable_model(tmp_path, c
 
 
 def test_cdal_training_resumes_exactly(tmp_path):
-    from napari_berdiff.data.dataset import SegDataset, SegItem
-    from napari_berdiff.data.phantoms import make_phantom
-    from napari_berdiff.networks import network_description
-    from napari_berdiff.training import TrainConfig, default_diffusion, train
+    from napari_berdiff.training import train
 
-    items = [SegItem(p.image.astype(np.float32), p.masks, f"c{s}", "000")
-             for s, p in ((s, make_phantom(s, 16)) for s in range(6))]
-    ds = SegDataset(items, {"description": "tiny phantoms"})
-    net = NCSNppConfig(image_size=16, nf=32, ch_mult=(1, 2), num_res_blocks=1,
-                       attn_resolutions=(), nz=4, z_emb_dim=16, n_mlp=1, cond_enc_layers=1,
-                       cond_enc_num_res_blocks=1)
-    cfg = TrainConfig(kind="cdal", network=network_description(net),
-                      diffusion=default_diffusion("cdal").to_dict(), steps=3, batch_size=2,
-                      lr=1e-3, betas=(0.5, 0.9), warmup=1, checkpoint_every=10, threads=1)
-    whole = train(cfg, ds, tmp_path / "a.safetensors", progress=False)
+    whole, a_file = _tiny_cdal_run(tmp_path, "a")
+    cfg, ds = _tiny_cdal_setup()
     train(cfg, ds, tmp_path / "b.safetensors", progress=False, stop_after=1)
     rest = train(cfg, ds, tmp_path / "b.safetensors", progress=False, resume=True)
     assert rest.step == 3 and rest.losses == pytest.approx(whole.losses[1:], rel=1e-5)
-    a = load_model(tmp_path / "a.safetensors").net.state_dict()
+    a = load_model(a_file).net.state_dict()
     b = load_model(tmp_path / "b.safetensors").net.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -278,11 +267,12 @@ def test_a_foreign_safetensors_generator_is_named_for_what_it_looks_like(tmp_pat
     assert "nz=8" in msg
 
 
-def _tiny_cdal_run(tmp_path, name: str, **changes):
+def _tiny_cdal_setup(**changes):
+    """A 3-step cDAL recipe on six 16×16 phantoms (changed as given), and that data."""
     from napari_berdiff.data.dataset import SegDataset, SegItem
     from napari_berdiff.data.phantoms import make_phantom
     from napari_berdiff.networks import network_description
-    from napari_berdiff.training import TrainConfig, default_diffusion, train
+    from napari_berdiff.training import TrainConfig, default_diffusion
 
     items = [SegItem(p.image.astype(np.float32), p.masks, f"c{s}", "000")
              for s, p in ((s, make_phantom(s, 16)) for s in range(6))]
@@ -293,7 +283,13 @@ def _tiny_cdal_run(tmp_path, name: str, **changes):
     settings = dict(kind="cdal", network=network_description(net),
                     diffusion=default_diffusion("cdal").to_dict(), steps=3, batch_size=2,
                     lr=1e-3, betas=(0.5, 0.9), warmup=1, checkpoint_every=10, threads=1)
-    cfg = TrainConfig(**{**settings, **changes})
+    return TrainConfig(**{**settings, **changes}), ds
+
+
+def _tiny_cdal_run(tmp_path, name: str, **changes):
+    from napari_berdiff.training import train
+
+    cfg, ds = _tiny_cdal_setup(**changes)
     out = tmp_path / f"{name}.safetensors"
     return train(cfg, ds, out, progress=False), out
 
