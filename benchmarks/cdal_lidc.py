@@ -136,11 +136,15 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         lines += [f"## Checkpoint (validation: the first {chosen.get('items')} slices of the "
                   f"validation split, N = {chosen.get('n')}; chosen by lowest GED²)",
                   "A cDAL model takes exactly its T steps and has no temperature, so the "
-                  "one choice made on validation is which checkpoint of the run to bundle "
-                  "(`benchmarks/lidc_default.py pick`):"]
+                  "choices made on validation are which checkpoint of the run to bundle and "
+                  "how its latents are drawn (`benchmarks/lidc_default.py pick`):"]
         for r in chosen.get("candidates", []):
-            mark = " **(chosen)**" if r["model"] == chosen.get("chosen") else ""
-            lines.append(f"- step {r['step']}: GED² {r['ged2']:.3f} ± {r['ged2_sem']:.3f}, "
+            mark = (" **(chosen)**" if r["model"] == chosen.get("chosen") and r.get(
+                "latent_draw", "independent") == chosen.get("chosen_latent_draw",
+                                                            "independent") else "")
+            lines.append(f"- `{Path(r['model']).name}` (step {r['step']}), "
+                         f"{r.get('latent_draw', 'independent')} latents: GED² "
+                         f"{r['ged2']:.3f} ± {r['ged2_sem']:.3f}, "
                          f"HM-IoU {r['hm_iou']:.3f} ± {r['hm_iou_sem']:.3f} (paired GED² "
                          f"difference from the first: {r['ged2_minus_first']:+.4f} ± "
                          f"{r['ged2_minus_first_sem']:.4f}){mark}")

@@ -152,9 +152,11 @@ def cmd_pick(args: argparse.Namespace) -> int:
     """Score several model files (e.g. a run's checkpoints) on validation slices at their own
     default settings, and copy the one of lowest mean GED² to ``--out``, recording the choice.
 
-    For models with nothing to tune at sampling time (a cDAL model takes exactly its T steps,
-    at temperature 1)."""
+    For models with nothing to tune but the latents (a cDAL model takes exactly its T steps,
+    at temperature 1): each file is scored with each of ``--latent-draws`` (cDAL's z drawn
+    independently or stratified), and the chosen pair is written."""
     from napari_berdiff.checkpoints import load_model, save_model
+    from napari_berdiff.model import DiffusionModel
     from napari_berdiff.training.evaluate import evaluate
 
     desc = json.loads((Path(args.data) / "dataset.json").read_text())
@@ -163,16 +165,20 @@ def cmd_pick(args: argparse.Namespace) -> int:
                          f"{desc.get('split')!r}")
     ds = _load_split(args.data, args.items)
     rows, first = [], None
-    for path in args.models:
+    candidates = [(p, d) for p in args.models for d in args.latent_draws]
+    for path, draw in candidates:
         model = load_model(path)
+        if draw != model.diffusion.latent_draw:
+            model = DiffusionModel(model.net, model.diffusion.replace(latent_draw=draw),
+                                   model.metadata)
         rep = evaluate(model, ds, n=args.n, seed=args.seed, progress=False)
         ged = np.asarray(rep.per_item["model"]["ged2"])
         first = ged if first is None else first
         g, gs, k = mean_sem(ged)
         h, hs, _ = mean_sem(rep.per_item["model"]["hm_iou"])
         d, ds_, _ = mean_sem(ged - first)
-        row = {"model": str(path), "step": (model.metadata.get("training") or {}).get(
-            "steps_done"), "ged2": g, "ged2_sem": gs, "hm_iou": h, "hm_iou_sem": hs,
+        row = {"model": str(path), "latent_draw": draw, "step": (
+            model.metadata.get("training") or {}).get("steps_done"), "ged2": g, "ged2_sem": gs, "hm_iou": h, "hm_iou_sem": hs,
             "ged2_minus_first": d, "ged2_minus_first_sem": ds_, "n_items": k}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -180,8 +186,12 @@ def cmd_pick(args: argparse.Namespace) -> int:
     chosen = {"data": desc.get("description", args.data), "split": "val", "items": args.items,
               "n": args.n, "candidates": rows, "chosen_by": "lowest mean GED²",
               "chosen": best["model"]}
-    save_model(load_model(best["model"]), args.out, metadata={"checkpoint_chosen": chosen})
-    print(f"chose {best['model']} (step {best['step']}); wrote {args.out}")
+    chosen["chosen_latent_draw"] = best["latent_draw"]
+    model = load_model(best["model"])
+    save_model(model, args.out, diffusion=model.diffusion.replace(latent_draw=best["latent_draw"]),
+               metadata={"checkpoint_chosen": chosen})
+    print(f"chose {best['model']} (step {best['step']}, {best['latent_draw']} latents); wrote "
+          f"{args.out}")
     return 0
 
 
@@ -457,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     pk = sub.choices["pick"]
     pk.add_argument("--models", nargs="+", required=True, help="candidate model files")
     pk.add_argument("--out", required=True, help="where to write the chosen one")
+    pk.add_argument("--latent-draws", nargs="+", default=["independent"],
+                    choices=["independent", "stratified"],
+                    help="cDAL: score each file with each way of drawing z")
     s = sub.choices["test"]
     s.add_argument("--baseline", help="the deterministic U-Net file")
     s.add_argument("--json", required=True)

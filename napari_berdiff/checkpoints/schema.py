@@ -171,6 +171,7 @@ class DiffusionSection(_Section):
                                                  allow_inf_nan=False)]] = None
     inverted_masks: Optional[bool] = None
     presence_draw: Optional[Literal["independent", "stratified"]] = None
+    latent_draw: Optional[Literal["independent", "stratified"]] = None
     presence_temperature: Optional[Annotated[float, Field(gt=0.0, le=_L["temperature"],
                                                           allow_inf_nan=False)]] = None
 

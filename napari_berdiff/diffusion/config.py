@@ -10,6 +10,8 @@ KINDS = ("bernoulli", "gaussian", "cdal")
 SCHEDULES = ("cosine", "linear", "alpha_bar_linear", "vp")
 #: How presence-head decisions are drawn (``DiffusionConfig.presence_draw``).
 PRESENCE_DRAWS = ("independent", "stratified")
+#: How a latent-conditioned network's z are drawn (``DiffusionConfig.latent_draw``).
+LATENT_DRAWS = ("independent", "stratified")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,12 @@ class DiffusionConfig(ConfigMixin):
     presence_temperature
         For networks with a presence head, > 0: the head's logit is divided by it before the
         sigmoid (above 1 the head is less sure, below 1 surer). 1 is the head as trained.
+    latent_draw
+        cDAL only: how the N samples' latents z are drawn at each step: ``"independent"``
+        (the default) or ``"stratified"`` (a Latin hypercube over the N samples: in every
+        dimension each sample takes one of N equiprobable strata of N(0, 1), in a random
+        order, at a uniform place inside it). Each sample's z is still exactly N(0, I); only
+        the N samples are spread more evenly, as ``presence_draw`` does for a presence head.
     inverted_masks
         cDAL only: the chain stores foreground as −1 (the official lung data does; the
         hippocampus' one-hot background channel reads the same way), so a sample's mask is
@@ -79,6 +87,7 @@ class DiffusionConfig(ConfigMixin):
     inverted_masks: bool = False
     presence_draw: str = "independent"
     presence_temperature: float = 1.0
+    latent_draw: str = "independent"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -115,6 +124,11 @@ class DiffusionConfig(ConfigMixin):
         if self.presence_draw not in PRESENCE_DRAWS:
             raise ValueError(f"presence_draw must be one of {PRESENCE_DRAWS}, got "
                              f"{self.presence_draw!r}")
+        if self.latent_draw not in LATENT_DRAWS:
+            raise ValueError(f"latent_draw must be one of {LATENT_DRAWS}, got "
+                             f"{self.latent_draw!r}")
+        if self.kind != "cdal" and self.latent_draw != "independent":
+            raise ValueError("latent_draw applies to the cDAL kernel only")
         if not 0.0 < self.presence_temperature < float("inf"):
             raise ValueError(f"presence_temperature must be a positive number, got "
                              f"{self.presence_temperature}")

@@ -597,6 +597,19 @@ def check_image(
     return img, box, prior_t, constraint_t
 
 
+def draw_latents(n: int, dim: int, gen: torch.Generator, how: str = "independent"
+                 ) -> torch.Tensor:
+    """``n`` latents z ~ N(0, I_dim) for one step of one image's run: independent, or
+    ``"stratified"`` (a Latin hypercube: in each dimension the n samples take the n
+    equiprobable strata of N(0, 1) in a random order, each at a uniform place inside its
+    stratum; every z is still exactly N(0, I))."""
+    if how != "stratified":
+        return torch.randn((n, dim), generator=gen)
+    strata = torch.argsort(torch.rand((n, dim), generator=gen), dim=0).float()
+    u = (strata + torch.rand((n, dim), generator=gen)) / n
+    return torch.special.ndtri(u.clamp(1e-7, 1 - 1e-7))
+
+
 def _draw_presence(net: Any, cond: Any, n: int, gen: torch.Generator, dev: torch.device,
                    config: Any = None) -> tuple[float | None, torch.Tensor | None]:
     """For a network with a presence head: its probability ``p`` that an annotation is not
@@ -788,8 +801,8 @@ def stream_images(
         if _is_cancelled(cancel):
             break
         s = order[step + 1] if step + 1 < len(order) else -1
-        z = _per_image(lambda g: torch.randn((n, latent_dim), generator=g)).to(dev) \
-            if latent_dim else None
+        z = _per_image(lambda g: draw_latents(n, latent_dim, g, kernel.config.latent_draw)
+                       ).to(dev) if latent_dim else None
         noise = _per_image(lambda g: kernel.noise(shape, g)).to(dev) if s >= 0 else None
         with torch.inference_mode():
             tb_all = torch.full((chunk,), t, dtype=torch.long, device=dev)

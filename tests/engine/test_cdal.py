@@ -159,6 +159,45 @@ def test_streams_one_frame_per_step_and_same_seed_same_samples():
     assert np.array_equal(first.masks, (first.probs > 0.5).astype(np.uint8))
 
 
+def test_stratified_latents_cover_every_stratum_once_and_stay_standard_normal():
+    """A Latin hypercube: per dimension, Φ(z)·n falls once in each of the n strata; over
+    seeds each row is N(0, 1) (Kolmogorov-Smirnov against the normal, fixed seeds)."""
+    from scipy import stats
+
+    from napari_berdiff.diffusion.sampler import draw_latents
+
+    z = draw_latents(16, 50, torch.Generator().manual_seed(0), "stratified")
+    cells = np.floor(stats.norm.cdf(z.numpy()) * 16).astype(int)
+    assert all(sorted(cells[:, j]) == list(range(16)) for j in range(50))
+    rows = np.concatenate([draw_latents(8, 4, torch.Generator().manual_seed(s), "stratified")
+                           [3].numpy() for s in range(500)])
+    assert stats.kstest(rows, "norm").pvalue > 0.01
+    independent = draw_latents(16, 50, torch.Generator().manual_seed(0))
+    assert not all(sorted(np.floor(stats.norm.cdf(independent[:, j].numpy()) * 16)
+                          .astype(int)) == list(range(16)) for j in range(50))
+
+
+def test_a_stratified_run_draws_its_latents_so_and_repeats_with_its_seed():
+    model = DiffusionModel(_tiny_net(), _config(2).replace(latent_draw="stratified"),
+                           {"kind": "cdal", "name": "tiny-cdal"})
+    seen_z: list[torch.Tensor] = []
+    predict = model.net.predict
+
+    def spy(x, t, cond, z=None):
+        seen_z.append(z.clone())
+        return predict(x, t, cond, z)
+
+    model.net.predict = spy
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    first = model.sample_all(img, n=8, seed=3)
+    from scipy import stats
+    cells = np.floor(stats.norm.cdf(seen_z[0].numpy()) * 8).astype(int)
+    assert all(sorted(cells[:, j]) == list(range(8)) for j in range(cells.shape[1]))
+    assert np.array_equal(first.masks, model.sample_all(img, n=8, seed=3).masks)
+    with pytest.raises(ValueError, match="cDAL kernel only"):
+        DiffusionConfig(kind="bernoulli", latent_draw="stratified")
+
+
 def test_cancel_stops_at_the_next_step():
     model = _model(T=4)
     cancel = threading.Event()

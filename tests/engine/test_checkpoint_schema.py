@@ -80,6 +80,7 @@ BAD = [
     ("diffusion.temperature", True, "diffusion.temperature"),
     ("diffusion.temperature", math.nan, "diffusion.temperature"),
     ("diffusion.presence_draw", "sorted", "diffusion.presence_draw"),
+    ("diffusion.latent_draw", "sobol", "diffusion.latent_draw"),
     ("diffusion.presence_temperature", 0.0, "diffusion.presence_temperature"),
     ("data.image_size", 1e18, "data.image_size"),
     ("data.image_size", 10**18, "data.image_size"),
