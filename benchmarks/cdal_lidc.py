@@ -47,9 +47,8 @@ def paired(test: dict, default: dict | None, key: str) -> tuple[float, float, in
 def _loss_words(rec: dict) -> str:
     """The generator's main loss, in words, from a training recipe."""
     if rec.get("gen_loss", "mse") == "energy":
-        start = f", started from `{Path(rec['init_from']).name}`" if rec.get("init_from") else ""
         return (f"the energy score of {rec.get('gen_samples')} samples per input (soft "
-                f"1 − IoU; our departure from the released MSE){start}")
+                f"1 − IoU; our departure from the released MSE)")
     return "MSE on x̂0"
 
 
@@ -115,7 +114,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         f"{net['image_size'] // net.get('unshuffle', 1)} and its output is pixel-shuffled back "
         "to 64×64 before tanh. It takes 64×64 images (at 1 mm) only.",
         f"- Diffusion: T = {d.timesteps} (cDAL's VP schedule, β 0.1..20), x0 prediction, "
-        "Gaussian posterior steps, a fresh z per step; a sample's mask is x̂0 > 0; the "
+        f"Gaussian posterior steps, a fresh z per step (drawn {d.latent_draw}"
+        + (": a Latin hypercube over the N samples, each z still N(0, I)"
+           if d.latent_draw == "stratified" else "") + "); a sample's mask is x̂0 > 0; the "
         "consensus is the majority vote.", "",
         "## Recipe",
         "Exact commands (data: `benchmarks/lidc_default.py` documents the data steps; run "
@@ -125,7 +126,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         f"{tuple(rec.get('betas', ()))}) lr {rec.get('lr')} (generator, warm-up "
         f"{rec.get('warmup')}, cosine over {rec.get('steps')} steps) / {rec.get('lr_d')} "
         f"(discriminator), R1 γ = {rec.get('r1_gamma')}, generator loss {_loss_words(rec)}"
-        f" + {rec.get('adv_weight')} × adversarial, EMA {rec.get('ema_decay')} (the EMA weights "
+        f" + {rec.get('adv_weight')} × adversarial"
+        + ("; the generator started from another cDAL file's weights (`--init-from`, see the "
+           "recipe)" if rec.get("init_from") else "")
+        + f", EMA {rec.get('ema_decay')} (the EMA weights "
         f"are bundled); steps done {(meta.get('training') or {}).get('steps_done', '?')} in "
         f"{(meta.get('training') or {}).get('train_time_s', 0) / 60:.0f} min of the "
         f"{rec.get('steps')} planned, on the shared 2-core CPU.", "",

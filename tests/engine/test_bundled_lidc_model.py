@@ -85,26 +85,37 @@ def test_the_default_beats_the_best_single_reader():
 
 CDAL = MODELS / "cdal-lidc-semireal-64.safetensors"
 
-# Measured when it was bundled (torch 2.13 CPU, N = 16): the cDAL model's GED² on the subset
-# is 0.371 / 0.374 / 0.367 with seeds 0 / 1 / 2 (the U-Net's 0.203: this cDAL model is worse
-# than the U-Net here, see its card); 16 empty masks score 1.615. The limit 0.5 leaves room
-# for platforms whose floating point moves a Gaussian chain, and fails a model that has not
-# learnt to find the nodule.
-CDAL_GED2_LIMIT = 0.5
+# Measured when it was bundled (session 17, torch 2.13 CPU, N = 16, seed i for nodule i): the
+# cDAL model's GED² on the subset is 0.200, its samples' mean per-pixel spread (std over the
+# 16 masks) 0.0248, and on all 30 slices some of its samples are empty and some not. The
+# model it replaced (the released MSE loss, samples nearly identical) scored 0.37 and 0.0022,
+# with mixed samples on 1 slice; the U-Net scores 0.203 (evaluate, seed 0), the best reader
+# 0.176. Over seeds 0-4 (evaluate) the GED² moved between 0.186 and 0.200. The limits sit
+# between the two models with room for another platform's floating point.
+CDAL_GED2_LIMIT = 0.25
+CDAL_SPREAD_MIN = 0.01
 
 
 @pytest.mark.skipif(not CDAL.exists(), reason="the LIDC cDAL model is not bundled")
-def test_the_lidc_cdal_model_is_described_and_segments_the_nodules():
+def test_the_lidc_cdal_model_is_described_and_its_samples_differ_as_readers_do():
     """The bundled LIDC cDAL model (issue 22): our unshuffled NCSN++ at the default's 1 mm,
-    offered in the bundled list after the default, and on the same 30 test nodules (0.5 mm,
-    resampled) its GED² is far below that of empty masks."""
+    offered in the bundled list after the default; on the same 30 test nodules (0.5 mm,
+    resampled) its GED² is low and its samples are not one mask repeated."""
     from napari_berdiff.checkpoints import list_bundled_models, load_model
-    from napari_berdiff.training.evaluate import evaluate
+    from napari_berdiff.spacing import sample_at_spacing
+    from napari_berdiff.uncertainty import ged2
 
     model = load_model(CDAL)
     cfg = model.net.config
     assert model.kind == "cdal" and (cfg.unshuffle, cfg.image_size) == (4, 64)
+    assert model.diffusion.latent_draw == "stratified"
     assert tuple(model.data["spacing"]) == (1.0, 1.0) and "LIDC" in model.data["description"]
     assert CDAL in list_bundled_models() and list_bundled_models()[0] == MODEL
-    rep = evaluate(model, _subset(), n=16, seed=0, spacing=[0.5, 0.5])
-    assert rep.summary()["model"]["ged2"] < CDAL_GED2_LIMIT
+    geds, spreads, mixed = [], [], 0
+    for i, item in enumerate(_subset()):
+        masks = sample_at_spacing(model, item.image, [0.5, 0.5], n=16, seed=i).masks > 0
+        geds.append(ged2(masks, item.masks))
+        spreads.append(masks.std(0).mean())
+        mixed += 0 < masks.reshape(16, -1).any(1).sum() < 16
+    assert np.mean(geds) < CDAL_GED2_LIMIT, np.mean(geds)
+    assert np.mean(spreads) > CDAL_SPREAD_MIN and mixed >= len(geds) // 2, (spreads, mixed)
