@@ -154,8 +154,9 @@ def summary_html(model: Any, label: str = "") -> str:
         f"{d.get('schedule', '')} · {d.get('prediction', '')} · "
         f"{d.get('default_steps', '?')} "
         + (f"{str(d.get('sampler', '')).upper()} " if s.get("kind") == "gaussian" else "")
-        + ("steps, all of its chain (a fresh latent z each step; consensus: majority vote)"
-           if s.get("kind") == "cdal" else "steps by default")
+        + ("steps, all of its chain (a fresh latent z each step"
+           + (", stratified over the samples" if d.get("latent_draw") == "stratified" else "")
+           + "; consensus: majority vote)" if s.get("kind") == "cdal" else "steps by default")
         + (f" · correlated draws (ρ = {d['draw_correlation']:g})"
            if d.get("draw_correlation") else "")
         + (f" · sharpened steps (temperature {d['temperature']:g})"

@@ -799,6 +799,10 @@ def test_a_cdal_run_streams_its_few_steps_and_offers_the_majority_vote(docked, q
     steps = widget.sampling.steps_spin
     assert (steps.minimum(), steps.maximum(), steps.value()) == (3, 3, 3)
     assert "all of its chain" in summary_html(model) and "majority vote" in summary_html(model)
+    assert "stratified" not in summary_html(model)
+    stratified = DiffusionModel(net, diffusion.replace(latent_draw="stratified"),
+                                {"kind": "cdal", "name": "tiny-cdal"})
+    assert "stratified over the samples" in summary_html(stratified)
     _settings(widget, n=4, seed=3)
     frames = []
     widget.frame_pushed.connect(lambda u: frames.append(u.step))
