@@ -131,16 +131,22 @@ def _model(T: int = 2) -> DiffusionModel:
     return DiffusionModel(_tiny_net(), _config(T), {"kind": "cdal", "name": "tiny-cdal"})
 
 
-def test_streams_one_frame_per_step_and_same_seed_same_samples():
-    model = _model(T=4)
-    seen_z: list[torch.Tensor] = []
+def _record_latents(model: DiffusionModel) -> list[torch.Tensor]:
+    """Wrap the model's network so that each call's z is appended to the returned list."""
+    seen: list[torch.Tensor] = []
     predict = model.net.predict
 
     def spy(x, t, cond, z=None):
-        seen_z.append(z.clone())
+        seen.append(z.clone())
         return predict(x, t, cond, z)
 
     model.net.predict = spy
+    return seen
+
+
+def test_streams_one_frame_per_step_and_same_seed_same_samples():
+    model = _model(T=4)
+    seen_z = _record_latents(model)
     img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
     stream = model.sample(img, n=3, seed=5)
     frames = list(stream)
@@ -180,14 +186,7 @@ def test_stratified_latents_cover_every_stratum_once_and_stay_standard_normal():
 def test_a_stratified_run_draws_its_latents_so_and_repeats_with_its_seed():
     model = DiffusionModel(_tiny_net(), _config(2).replace(latent_draw="stratified"),
                            {"kind": "cdal", "name": "tiny-cdal"})
-    seen_z: list[torch.Tensor] = []
-    predict = model.net.predict
-
-    def spy(x, t, cond, z=None):
-        seen_z.append(z.clone())
-        return predict(x, t, cond, z)
-
-    model.net.predict = spy
+    seen_z = _record_latents(model)
     img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
     first = model.sample_all(img, n=8, seed=3)
     from scipy import stats
