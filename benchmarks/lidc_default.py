@@ -165,9 +165,8 @@ def cmd_pick(args: argparse.Namespace) -> int:
                          f"{desc.get('split')!r}")
     ds = _load_split(args.data, args.items)
     rows, first = [], None
-    candidates = [(p, d) for p in args.models for d in args.latent_draws]
-    for path, draw in candidates:
-        model = load_model(path)
+    loaded = {p: load_model(p) for p in args.models}  # each file read once
+    for path, model, draw in [(p, m, d) for p, m in loaded.items() for d in args.latent_draws]:
         if draw != model.diffusion.latent_draw:
             model = DiffusionModel(model.net, model.diffusion.replace(latent_draw=draw),
                                    model.metadata)
@@ -177,17 +176,17 @@ def cmd_pick(args: argparse.Namespace) -> int:
         g, gs, k = mean_sem(ged)
         h, hs, _ = mean_sem(rep.per_item["model"]["hm_iou"])
         d, ds_, _ = mean_sem(ged - first)
-        row = {"model": str(path), "latent_draw": draw, "step": (
-            model.metadata.get("training") or {}).get("steps_done"), "ged2": g, "ged2_sem": gs, "hm_iou": h, "hm_iou_sem": hs,
-            "ged2_minus_first": d, "ged2_minus_first_sem": ds_, "n_items": k}
+        row = {"model": str(path), "latent_draw": draw,
+               "step": (model.metadata.get("training") or {}).get("steps_done"), "ged2": g,
+               "ged2_sem": gs, "hm_iou": h, "hm_iou_sem": hs, "ged2_minus_first": d,
+               "ged2_minus_first_sem": ds_, "n_items": k}
         print(json.dumps(row), flush=True)
         rows.append(row)
     best = min(rows, key=lambda r: r["ged2"])
     chosen = {"data": desc.get("description", args.data), "split": "val", "items": args.items,
               "n": args.n, "candidates": rows, "chosen_by": "lowest mean GED²",
-              "chosen": best["model"]}
-    chosen["chosen_latent_draw"] = best["latent_draw"]
-    model = load_model(best["model"])
+              "chosen": best["model"], "chosen_latent_draw": best["latent_draw"]}
+    model = loaded[best["model"]]
     save_model(model, args.out, diffusion=model.diffusion.replace(latent_draw=best["latent_draw"]),
                metadata={"checkpoint_chosen": chosen})
     print(f"chose {best['model']} (step {best['step']}, {best['latent_draw']} latents); wrote "

@@ -149,14 +149,15 @@ def summary_html(model: Any, label: str = "") -> str:
     name = s.get("name") or label or "model"
     readers = getattr(model, "n_readers", 0)
     lines = [f"<b>{html.escape(str(name))}</b> — {html.escape(str(s.get('kind', '')))}"]
+    latents = ("a fresh latent z each step"
+               + (", stratified over the samples" if d.get("latent_draw") == "stratified" else ""))
     lines.append(
         f"{_fmt_count(int(s.get('parameters', 0)))} parameters · T={d.get('timesteps', '?')} "
         f"{d.get('schedule', '')} · {d.get('prediction', '')} · "
         f"{d.get('default_steps', '?')} "
         + (f"{str(d.get('sampler', '')).upper()} " if s.get("kind") == "gaussian" else "")
-        + ("steps, all of its chain (a fresh latent z each step"
-           + (", stratified over the samples" if d.get("latent_draw") == "stratified" else "")
-           + "; consensus: majority vote)" if s.get("kind") == "cdal" else "steps by default")
+        + (f"steps, all of its chain ({latents}; consensus: majority vote)"
+           if s.get("kind") == "cdal" else "steps by default")
         + (f" · correlated draws (ρ = {d['draw_correlation']:g})"
            if d.get("draw_correlation") else "")
         + (f" · sharpened steps (temperature {d['temperature']:g})"

@@ -113,6 +113,8 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
     torch.manual_seed(cfg.seed)
     net_g = cfg.build_network().to(dev)
     net_d = build_discriminator(cfg).to(dev)
+    if saved is None and cfg.init_from:
+        init_generator_from(cfg.init_from, net_g)
     ema = EMA(net_g, cfg.ema_decay)
     betas = tuple(cfg.betas)
     opt_g = torch.optim.Adam(net_g.parameters(), lr=cfg.lr, betas=betas)
@@ -122,9 +124,6 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
     if saved is not None:
         step, elapsed_before = restore_state(saved, gen, net=net_g, disc=net_d, ema=ema,
                                              opt=opt_g, opt_d=opt_d)
-    elif cfg.init_from:
-        init_generator_from(cfg.init_from, net_g)
-        ema = EMA(net_g, cfg.ema_decay)
 
     log = RunLog(log_file, LOG_FIELDS, total=cfg.steps, step=step, resumed=saved is not None,
                  desc="train cdal", progress=progress, elapsed_before=elapsed_before)
@@ -194,13 +193,11 @@ def train_cdal(config: TrainConfig, dataset: SegDataset, out: str | Path, *,
             fg = ((kernel.sign * x0_all + 1) / 2).reshape(b, k, -1)
             score = energy_score(fg, mask.to(dev).flatten(1)).mean()
             x0_pred = x0_all[::k]
-            mse = (x0 - x0_pred).pow(2).flatten(1).mean(1).mean()
-            loss_g = score
         else:
             x0_pred = net_g(x_next_attn, t, img, z)
-            mse = (x0 - x0_pred).pow(2).flatten(1).mean(1).mean()
             score = torch.zeros(())
-            loss_g = mse
+        mse = (x0 - x0_pred).pow(2).flatten(1).mean(1).mean()
+        loss_g = score if energy else mse
         if cfg.adv_weight > 0:
             x_fake = kernel.posterior(x0_pred, x_next_attn, t, post_noise)
             loss_g = loss_g + cfg.adv_weight * F.softplus(-net_d(x_fake, t, x_next_attn)).mean()
